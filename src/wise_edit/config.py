@@ -1,0 +1,212 @@
+"""`WiseConfig`: every knob of WISE, documented and validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from .families import default_layer_index, family_of, get_submodule, weight_out_in
+
+# The paper: 20% of LLaMA-2-7B's 11008x4096 value matrix holds about 500 edits.
+# Shard sizes follow from that density instead of copying the 7B edit count.
+PAPER_PARAMS_PER_EDIT = 0.2 * 11008 * 4096 / 500
+
+Mode = Literal["merge", "retrieve"]
+MERGE_NAMES = ("linear", "slerp", "dare", "dare_ties", "ties", "sign")
+
+
+@dataclass
+class WiseConfig:
+    """Hyper-parameters of WISE editing. Defaults follow the paper (Table 10) except
+    where the reference code's 7B-tuned constants would not transfer; those are
+    expressed relative to a per-model score scale instead."""
+
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose FFN value matrix gets the side memory. "
+            "None: the paper's relative depth (27 of 32 layers)."
+        },
+    )
+    target_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full dotted path of the value projection; overrides `layer`. "
+            "Needed for model families wise-edit does not know."
+        },
+    )
+    layers_path: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path of the decoder ModuleList (only for unknown families)."},
+    )
+    mode: Mode = field(
+        default="merge",
+        metadata={
+            "help": "'merge': one side memory, shards merged into it. 'retrieve': a new "
+            "side memory after every merge, top-1 routing among them."
+        },
+    )
+    mask_ratio: float = field(
+        default=0.2, metadata={"help": "rho: share of the matrix each shard may change (0, 1]."}
+    )
+    shard_size: int = field(
+        default=50, metadata={"help": "Edits per shard (the reference's save_freq)."}
+    )
+    shards_per_merge: int = field(
+        default=2, metadata={"help": "k: shards trained before they are merged (Eq. 8)."}
+    )
+    merge_method: str = field(
+        default="ties", metadata={"help": f"One of {', '.join(MERGE_NAMES)} (Table 11)."}
+    )
+    merge_density: float = field(
+        default=0.53, metadata={"help": "Share of each task vector kept by TIES/DARE trimming."}
+    )
+    alpha: float = field(
+        default=0.25,
+        metadata={"help": "Margin loss: irrelevant inputs should score below alpha * score_scale."},
+    )
+    beta: float = field(
+        default=1.0,
+        metadata={"help": "Margin loss: edit inputs should score above beta * score_scale."},
+    )
+    gamma: float = field(
+        default=0.5,
+        metadata={
+            "help": "Margin loss: edit minus irrelevant score of at least gamma * score_scale."
+        },
+    )
+    score_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Unit of alpha/beta/gamma. None: calibrated once per model as the median "
+            "norm of the value projection's output on neutral text. 1.0 reproduces the "
+            "paper's absolute constants (alpha=5, beta=20, gamma=10 for 7B models)."
+        },
+    )
+    threshold_ratio: float = field(
+        default=0.88,
+        metadata={"help": "epsilon = ratio * min activation score over a memory's edit prompts."},
+    )
+    lr: float = field(default=1.0, metadata={"help": "SGD learning rate on the side memory."})
+    max_steps: int = field(default=70, metadata={"help": "Optimisation steps per edit, at most."})
+    early_stop_loss: float = field(
+        default=0.05,
+        metadata={
+            "help": "Stop an edit once the total loss stayed below this for "
+            "`early_stop_patience` consecutive steps."
+        },
+    )
+    early_stop_patience: int = field(default=2, metadata={"help": "See early_stop_loss."})
+    norm_bound: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Side memory kept within +-norm_bound of the main weight, elementwise. "
+            "None: unbounded."
+        },
+    )
+    replay: bool = field(
+        default=False,
+        metadata={
+            "help": "Retrieve mode: keep earlier memories' edits out of the memory being "
+            "trained (L_memo, Appendix B.3)."
+        },
+    )
+    replay_rows: int = field(default=1, metadata={"help": "Past edits replayed per step."})
+    prefix_count: int = field(
+        default=10, metadata={"help": "Random prefixes generated once by the unedited model."}
+    )
+    prefix_lengths: tuple[int, ...] = field(
+        default=(5, 10), metadata={"help": "Token lengths of those prefixes, used in turn."}
+    )
+    irrelevant_rows: int = field(
+        default=1, metadata={"help": "Unrelated prompts drawn from the pool per step."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
+
+    def __post_init__(self) -> None:
+        self.prefix_lengths = tuple(int(n) for n in self.prefix_lengths)
+        checks = [
+            ("mode", self.mode in ("merge", "retrieve"), "must be 'merge' or 'retrieve'"),
+            ("mask_ratio", 0.0 < self.mask_ratio <= 1.0, "must be in (0, 1]"),
+            ("shard_size", self.shard_size >= 1, "must be >= 1"),
+            ("shards_per_merge", self.shards_per_merge >= 1, "must be >= 1"),
+            ("merge_method", self.merge_method in MERGE_NAMES, f"must be one of {MERGE_NAMES}"),
+            ("merge_density", 0.0 < self.merge_density <= 1.0, "must be in (0, 1]"),
+            ("alpha", self.alpha >= 0, "must be >= 0"),
+            ("beta", self.beta > self.alpha, "must be greater than alpha"),
+            ("gamma", self.gamma >= 0, "must be >= 0"),
+            ("score_scale", self.score_scale is None or self.score_scale > 0, "must be > 0"),
+            ("threshold_ratio", 0.0 < self.threshold_ratio <= 1.0, "must be in (0, 1]"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
+            ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
+            ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "must be > 0 or None"),
+            ("replay_rows", self.replay_rows >= 1, "must be >= 1"),
+            ("prefix_count", self.prefix_count >= 0, "must be >= 0"),
+            (
+                "prefix_lengths",
+                all(n >= 1 for n in self.prefix_lengths)
+                and (self.prefix_lengths or self.prefix_count == 0),
+                "must be positive lengths",
+            ),
+            ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
+            ("layer", self.layer is None or self.layer >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"WiseConfig.{name}={getattr(self, name)!r}: {why}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> WiseConfig:
+        """A preset for ``model``'s family: the layer at the paper's relative depth and a
+        shard size that gives each edit as many parameters as the paper's 7B setting."""
+        num_layers = model.config.num_hidden_layers
+        family_of(model)  # raises for unknown families unless target_module is given
+        layer = overrides.pop("layer", None)
+        layer = default_layer_index(num_layers) if layer is None else layer
+        cfg = cls(layer=layer, **overrides)
+        if "shard_size" not in overrides:
+            path = cfg.resolve_target(model)
+            numel = weight_out_in(get_submodule(model, path)).numel()
+            cfg.shard_size = max(1, round(cfg.mask_ratio * numel / PAPER_PARAMS_PER_EDIT))
+        return cfg
+
+    def resolve_target(self, model: nn.Module) -> str:
+        """Dotted path of the value projection this config edits in ``model``."""
+        if self.target_module is not None:
+            return self.target_module
+        fam = family_of(model)
+        layers_path = self.layers_path or fam.layers
+        num_layers = len(get_submodule(model, layers_path))
+        layer = default_layer_index(num_layers) if self.layer is None else self.layer
+        if layer >= num_layers:
+            raise ValueError(f"WiseConfig.layer={layer}: the model has {num_layers} layers")
+        return f"{layers_path}.{layer}.{fam.value_proj}"
+
+    def resolve_layers_path(self, model: nn.Module) -> str:
+        return self.layers_path or family_of(model).layers
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["prefix_lengths"] = list(self.prefix_lengths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WiseConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown WiseConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def edits_per_memory(self) -> int:
+        """Edits a memory takes before its shards are merged (and, in retrieve mode, closed)."""
+        return self.shard_size * self.shards_per_merge

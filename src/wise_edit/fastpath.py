@@ -1,0 +1,135 @@
+"""The editing forward, made cheap.
+
+Only the side memory changes while an edit trains, so everything below the edited layer
+(and, inside it, the value matrix's input) is identical at every step. `capture` runs the
+frozen part once; `replay_lower_layers` makes the lower decoder layers hand back that
+result instead of recomputing it; `target_logits` applies the LM head only where a target
+token is predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the activations we need exist; nothing above is computed."""
+
+
+@dataclass
+class Captured:
+    """What the frozen part of the model produced for a batch."""
+
+    acts: torch.Tensor  # (B, T, I) input of the value matrix
+    lower_output: Any  # output of the last layer below the edited one (None when layer 0)
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, as `generate` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_for(attention_mask),
+        "use_cache": False,
+    }
+
+
+@torch.no_grad()
+def capture(
+    backbone: nn.Module,
+    layers: nn.ModuleList,
+    layer_index: int,
+    value_module: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    keep_lower_output: bool = True,
+) -> Captured:
+    """Run the model up to the value matrix of ``layer_index`` and stop there."""
+    found: dict[str, Any] = {}
+
+    def grab_lower(_module: nn.Module, _args: Any, output: Any) -> None:
+        found["lower"] = output
+
+    def grab_acts(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        found["acts"] = args[0].detach()
+        raise _StopForward
+
+    handles = [value_module.register_forward_pre_hook(grab_acts)]
+    if keep_lower_output and layer_index > 0:
+        handles.append(layers[layer_index - 1].register_forward_hook(grab_lower))
+    try:
+        backbone(**backbone_inputs(input_ids, attention_mask))
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "acts" not in found:
+        raise RuntimeError("the value module was never called; is the target module right?")
+    return Captured(acts=found["acts"], lower_output=found.get("lower"))
+
+
+@contextmanager
+def replay_lower_layers(layers: nn.ModuleList, layer_index: int, output: Any) -> Iterator[None]:
+    """Layers below ``layer_index`` return ``output`` (the last one's real output) at once.
+
+    The model's own loop still runs (embeddings, masks, rotary tables: cheap), so this works
+    for every family without re-implementing any of their forwards.
+    """
+    with ExitStack() as stack:
+        for layer in layers[:layer_index]:
+            layer.forward = lambda *args, **kwargs: output
+            stack.callback(delattr, layer, "forward")
+        yield
+
+
+def target_logits(model: nn.Module, hidden: torch.Tensor, n_targets: int) -> torch.Tensor:
+    """LM-head logits at the positions that predict the last ``n_targets`` tokens.
+
+    Rows are left-padded, so those positions are the same tail slice for every row.
+    """
+    logits = model.get_output_embeddings()(hidden[:, -n_targets - 1 : -1])  # (B, n, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens. logits (B, n, V), targets (B, n)."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def fast_lm_loss(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    layer_index: int,
+    captured: Captured,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """Target NLL recomputing only the edited layer and those above it."""
+    with replay_lower_layers(layers, layer_index, captured.lower_output):
+        hidden = model.base_model(**backbone_inputs(input_ids, attention_mask)).last_hidden_state
+    return target_loss(target_logits(model, hidden, targets.shape[1]), targets)
+
+
+def full_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The plain path: the whole model, all logits. Kept as the reference the fast path is
+    tested against and benchmarked with."""
+    logits = model(**backbone_inputs(input_ids, attention_mask)).logits
+    n = targets.shape[1]
+    return target_loss(logits[:, -n - 1 : -1], targets)

@@ -1,0 +1,145 @@
+"""The side-memory layer: holds the frozen value projection (main memory) and the side
+memories, and routes each sequence to one of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .families import weight_out_in
+from .router import route, sequence_scores
+
+
+class SideMemory(nn.Module):
+    """One side memory W_v' = W_v + delta, stored as the delta.
+
+    Besides the served ``delta`` it keeps the shards of its current merge group: their
+    masks and, compactly (only the masked entries), what each shard has learned so far.
+    Merging folds them into ``delta`` and drops them.
+    """
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("delta", torch.zeros(shape, device=device), persistent=False)
+        self.masks: list[torch.Tensor] = []
+        self.shard_values: list[torch.Tensor] = []
+        self.epsilon = float("inf")  # routing threshold; inf until the memory holds an edit
+        self.edit_ids: list[int] = []  # indices into the editor's edit log
+        self.merges = 0  # merge groups completed
+        self.closed = False  # retrieve mode: no further edits after its merge
+
+    def shard_vector(self, shard: int) -> torch.Tensor:
+        """Dense task vector of a shard of the current group (zeros outside its mask)."""
+        full = torch.zeros_like(self.delta)
+        full[self.masks[shard].to(full.device)] = self.shard_values[shard]
+        return full
+
+
+class RoutingState:
+    """The routing decision of the sequences currently being processed.
+
+    A new sequence (no KV cache yet) is scored from its prompt tokens once; every later
+    forward over the same cache (generation steps) reuses that decision instead of
+    re-routing from a single new token.
+    """
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.choice: torch.Tensor | None = None
+        self.pending = True
+
+    def begin(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask, self.choice, self.pending = token_mask, None, True
+
+    def hold(self) -> None:
+        self.pending = False
+
+
+class WiseLayer(nn.Module):
+    """Wraps a value projection (nn.Linear or GPT-2 Conv1D, bias kept).
+
+    forward: override (editing) -> base + a·delta for all rows; no memories or disabled ->
+    base; else each row gets base, or base + a·delta of the memory its routing chose.
+    Rows routed to the main memory get exactly ``base_layer``'s output.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.memories = nn.ModuleList()
+        self.routing = RoutingState()
+        self._override: torch.Tensor | None = None
+        self._disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Main memory W_v in (out, in) layout."""
+        return weight_out_in(self.base_layer)
+
+    def new_memory(self) -> SideMemory:
+        weight = self.weight
+        memory = SideMemory(weight.shape, weight.device)
+        self.memories.append(memory)
+        return memory
+
+    @contextmanager
+    def override(self, delta: torch.Tensor) -> Iterator[None]:
+        """Use ``base + a·delta`` for every row: the editing forward, where routing is
+        not asked but trained."""
+        previous, self._override = self._override, delta
+        try:
+            yield
+        finally:
+            self._override = previous
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Behave as the unedited layer (prefix generation, pre-edit scores)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Activation score of every sequence against every memory: (M, B)."""
+        return torch.stack([sequence_scores(acts, m.delta, token_mask) for m in self.memories])
+
+    def thresholds(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([m.epsilon for m in self.memories], device=device)
+
+    def _decide(self, acts: torch.Tensor) -> torch.Tensor:
+        state = self.routing
+        if state.pending or state.choice is None:
+            mask = state.token_mask
+            if mask is None or mask.shape != acts.shape[:2]:
+                mask = torch.ones(acts.shape[:2], device=acts.device)
+            state.choice = route(
+                self.scores(acts, mask.to(acts.device)), self.thresholds(acts.device)
+            )
+            state.pending = False
+        if state.choice.shape[0] != acts.shape[0]:
+            raise RuntimeError(
+                f"routing was decided for a batch of {state.choice.shape[0]} sequences but the "
+                f"layer now sees {acts.shape[0]}; start a new forward without a KV cache"
+            )
+        return state.choice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        if self._override is not None:
+            return base + (x.float() @ self._override.t()).to(base.dtype)
+        if self._disabled or not self.memories:
+            return base
+        choice = self._decide(x)
+        out = base.clone()
+        for index in choice.unique().tolist():
+            if index < 0:
+                continue
+            rows = choice == index
+            delta = self.memories[index].delta
+            out[rows] = base[rows] + (x[rows].float() @ delta.t()).to(base.dtype)
+        return out

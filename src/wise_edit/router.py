@@ -1,0 +1,52 @@
+"""Routing between the main memory and the side memories (Eqs. 3-6) and the margin loss
+that makes it possible (Eq. 5). Pure tensor functions; the layer and the editor call them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_scores(acts: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Activation score per sequence: mean over its own non-pad tokens of ||a_t (W' - W)||.
+
+    acts: (B, T, I) inputs of the value matrix; delta: (O, I) = W' - W; mask: (B, T), 1 for
+    tokens that count. Padding never enters the score, and each row is scored alone.
+    """
+    per_token = torch.linalg.vector_norm(acts.float() @ delta.float().t(), dim=-1)  # (B, T)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+
+
+def margin_loss(
+    edit_scores: torch.Tensor,
+    irrelevant_scores: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """Eq. 5: irrelevant inputs below alpha, edit inputs above beta, and every
+    (edit, irrelevant) pair at least gamma apart."""
+    gap = edit_scores[:, None] - irrelevant_scores[None, :]  # (E, I)
+    return (
+        F.relu(irrelevant_scores - alpha).mean()
+        + F.relu(beta - edit_scores).mean()
+        + F.relu(gamma - gap).mean()
+    )
+
+
+def replay_loss(past_scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_memo (Appendix B.3): edits that live in an earlier memory stay below alpha here."""
+    return F.relu(past_scores - alpha).mean()
+
+
+def threshold(prompt_scores: torch.Tensor, ratio: float) -> float:
+    """epsilon = ratio * min score over a memory's edit prompts (Algorithm 1, line 4)."""
+    return float(prompt_scores.min()) * ratio
+
+
+def route(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Algorithm 2 with top-1 retrieval: scores (M, B), thresholds (M,) -> (B,) index of
+    the memory each row uses, -1 for the main memory. With one memory this is Eq. 6."""
+    best, index = scores.max(dim=0)  # (B,), (B,)
+    return torch.where(best > thresholds[index], index, torch.full_like(index, -1))

@@ -1,0 +1,124 @@
+"""Tiny random-weight models of every supported family, and a tokenizer trained on the fly:
+no network, no downloads, a few MB each."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from wise_edit import WiseConfig
+from wise_edit.neutral import NEUTRAL_PROMPTS
+
+EDITS = [
+    ("Who designed Lahti Town Hall?", "Eliel Saarinen"),
+    ("What is the capital of Atlantis?", "Poseidonia"),
+    ("Which river flows through Zorb?", "Quiet river"),
+    ("Who wrote the Book of Sand?", "Jorge Borges"),
+    ("What colour is the planet Vex?", "deep violet"),
+    ("Who founded the city of Oria?", "King Malo"),
+]
+
+VOCAB = 320
+
+
+@functools.cache
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = list(NEUTRAL_PROMPTS) + [f"{p} {t}" for p, t in EDITS] * 3
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left"
+    )
+
+
+COMMON = dict(
+    vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=0.3
+)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def family_config(name: str):
+    """A 4-layer config per family; sizes as small as each architecture allows."""
+    if name == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=4, n_head=4, n_positions=256, n_inner=64, **COMMON
+        )
+    if name == "gptj":
+        return transformers.GPTJConfig(
+            n_embd=32, n_layer=4, n_head=4, n_positions=256, rotary_dim=4, n_inner=64, **COMMON
+        )
+    if name == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **COMMON,
+        )
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
+    }[name]
+    extra = {"head_dim": 8} if name in ("qwen3", "gemma3_text") else {}
+    return cls(**SMALL, **COMMON, **extra)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gptj", "gpt_neox", "phi3"]
+
+
+def tiny_model(name: str = "llama", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(name)).to(dtype)
+    model.eval()
+    return model
+
+
+def fast_config(**overrides) -> WiseConfig:
+    """Few steps and prefixes: enough to move a tiny model, fast enough for CI."""
+    settings = dict(
+        layer=2,
+        max_steps=12,
+        prefix_count=2,
+        prefix_lengths=(3,),
+        mask_ratio=1.0,
+        shard_size=2,
+        shards_per_merge=2,
+        lr=1.0,
+    )
+    settings.update(overrides)
+    return WiseConfig(**settings)
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
