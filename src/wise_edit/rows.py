@@ -67,7 +67,7 @@ def build_rows(tokenizer, prompt: str, target: str, prefixes: list[str]) -> Edit
     if not target.strip():
         raise ValueError("edit target is empty")
     tgt = target_ids(tokenizer, target)
-    if not tgt:
+    if not tgt or not tokenizer.decode(tgt, skip_special_tokens=True).strip():
         raise ValueError(f"edit target {target!r} tokenizes to no tokens")
     texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
     prompts = [tokenizer(t)["input_ids"] for t in texts]

@@ -1,0 +1,372 @@
+"""The editing loop: shards and merges, state that survives, detach, and bad input that
+leaves nothing half-applied."""
+
+import copy
+
+import pytest
+import torch
+from conftest import EDITS, fast_config, tiny_model
+
+from wise_edit import WiseConfig, WiseEditor
+from wise_edit.merging import ties
+
+
+def _snapshot(editor):
+    return {
+        "edits": editor.num_edits,
+        "log": copy.deepcopy(editor.edit_log),
+        "memories": [
+            (
+                m.delta.clone(),
+                [v.clone() for v in m.shard_values],
+                m.epsilon,
+                list(m.edit_ids),
+                m.merges,
+                m.closed,
+            )
+            for m in editor.memories
+        ],
+    }
+
+
+def _same(a, b):
+    assert a["edits"] == b["edits"] and a["log"] == b["log"]
+    assert len(a["memories"]) == len(b["memories"])
+    for (d1, v1, e1, i1, m1, c1), (d2, v2, e2, i2, m2, c2) in zip(a["memories"], b["memories"]):
+        assert torch.equal(d1, d2) and len(v1) == len(v2)
+        assert all(torch.equal(x, y) for x, y in zip(v1, v2))
+        assert (e1, i1, m1, c1) == (e2, i2, m2, c2)
+
+
+def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
+    model = tiny_model(family)
+    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=2.0))
+    prompt, target = EDITS[0]
+    batch = tokenizer([prompt + " " + target], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+    result = editor.edit(prompt, target)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert result.lm_loss < 5.0 and editor.route([prompt]) == [0]
+    assert not torch.allclose(before, after)
+
+
+def test_mask_invariants(tokenizer):
+    editor = WiseEditor(
+        tiny_model(), tokenizer, fast_config(mask_ratio=0.3, shard_size=2, shards_per_merge=3)
+    )
+    for prompt, target in EDITS[:4]:
+        editor.edit(prompt, target)
+    memory = editor.memories[0]
+    masks = memory.masks
+    assert len(masks) == 3 and all(m.dtype == torch.bool for m in masks)
+    share = [m.float().mean().item() for m in masks]
+    assert all(0.2 < s < 0.4 for s in share)
+    touched = masks[0] | masks[1]
+    assert torch.all(memory.delta[~touched] == 0)  # nothing outside the shards' masks moved
+    for shard, values in enumerate(memory.shard_values):
+        vector = memory.shard_vector(shard)
+        assert torch.all(vector[~masks[shard]] == 0) and values.numel() == masks[shard].sum()
+    assert memory.delta.abs().max() <= editor.config.norm_bound
+
+
+def test_norm_bound_holds(tokenizer):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(norm_bound=1e-3, lr=50.0))
+    editor.edit(*EDITS[0])
+    assert editor.memories[0].delta.abs().max() <= 1e-3 + 1e-9
+
+
+def test_merge_mode_across_shard_boundaries(tokenizer):
+    editor = WiseEditor(
+        tiny_model(), tokenizer, fast_config(mask_ratio=0.5, shard_size=1, shards_per_merge=2)
+    )
+    editor.edit(*EDITS[0])
+    memory = editor.memories[0]
+    assert len(memory.shard_values) == 1 and memory.merges == 0
+    before_merge = memory.delta.clone()
+    first = memory.shard_vector(0)
+    editor.edit(*EDITS[1])
+    # the merge folds both shards into the memory (Eq. 8) and drops the shards
+    assert memory.merges == 1 and memory.masks == [] and memory.shard_values == []
+    assert len(editor.memories) == 1 and not memory.closed
+    second_step = editor.edit_log[1]
+    assert second_step["shard"] == 1
+    editor.edit(*EDITS[2])
+    editor.edit(*EDITS[3])  # second group merges on top of the first merged memory
+    assert memory.merges == 2 and len(editor.memories) == 1
+    assert [r["memory"] for r in editor.edit_log] == [0, 0, 0, 0]
+    assert not torch.equal(before_merge, memory.delta) and first.abs().sum() > 0
+
+
+def test_merge_is_ties_of_the_shard_vectors(tokenizer, monkeypatch):
+    editor = WiseEditor(
+        tiny_model(),
+        tokenizer,
+        fast_config(mask_ratio=0.5, shard_size=1, shards_per_merge=2, merge_density=0.6),
+    )
+    editor.edit(*EDITS[0])
+    captured = {}
+    real_merge = editor._merge
+
+    def spy(index, memory):
+        captured["vectors"] = [memory.shard_vector(i) for i in range(len(memory.shard_values))]
+        captured["earlier"] = memory.delta - torch.stack(captured["vectors"]).sum(0)
+        real_merge(index, memory)
+
+    monkeypatch.setattr(editor, "_merge", spy)
+    editor.edit(*EDITS[1])
+    expected = captured["earlier"] + ties(captured["vectors"], [0.5, 0.5], density=0.6)
+    torch.testing.assert_close(editor.memories[0].delta, expected.clamp(-1, 1))
+
+
+def test_retrieve_mode_opens_a_memory_per_merge(tokenizer):
+    for family in ("llama", "gpt2"):  # gpt2: Conv1D in the retrieve path
+        editor = WiseEditor(
+            tiny_model(family),
+            tokenizer,
+            fast_config(mode="retrieve", shard_size=1, shards_per_merge=2),
+        )
+        for prompt, target in EDITS[:5]:
+            editor.edit(prompt, target)
+        memories = editor.memories
+        assert len(memories) == 3
+        assert [m.closed for m in memories] == [True, True, False]
+        assert [len(m.edit_ids) for m in memories] == [2, 2, 1]
+        assert len({m.epsilon for m in memories}) == 3  # each memory its own threshold
+        assert [r["memory"] for r in editor.edit_log] == [0, 0, 1, 1, 2]
+
+
+def test_threshold_is_ratio_of_min_score_over_current_edits(tokenizer):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(threshold_ratio=0.5))
+    for prompt, target in EDITS[:3]:
+        editor.edit(prompt, target)
+    scores = editor.activation_scores([p for p, _ in EDITS[:3]])[0]
+    assert editor.memories[0].epsilon == pytest.approx(0.5 * scores.min().item(), rel=1e-4)
+
+
+def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
+    config = fast_config(mask_ratio=0.5, shard_size=2, shards_per_merge=2)
+    straight = WiseEditor(tiny_model(), tokenizer, config)
+    for prompt, target in EDITS[:5]:
+        straight.edit(prompt, target)
+
+    first = WiseEditor(tiny_model(), tokenizer, config)
+    for prompt, target in EDITS[:3]:
+        first.edit(prompt, target)
+    first.save(tmp_path / "edits")
+    assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == [
+        "wise_config.json",
+        "wise_memories.safetensors",
+        "wise_state.json",
+    ]
+
+    resumed = WiseEditor.load(tiny_model(), tokenizer, tmp_path / "edits")
+    saved = _snapshot(first)
+    loaded = _snapshot(resumed)
+    _same(saved, loaded)
+    assert [
+        torch.equal(a, b) for a, b in zip(first.memories[0].masks, resumed.memories[0].masks)
+    ] == [True, True]
+    assert resumed.prefixes == first.prefixes and resumed.score_scale == first.score_scale
+    for prompt, target in EDITS[3:5]:
+        resumed.edit(prompt, target)
+    for a, b in zip(straight.memories, resumed.memories):
+        assert torch.equal(a.delta, b.delta)
+        assert a.epsilon == pytest.approx(b.epsilon, rel=1e-5)
+    assert [r["memory"] for r in straight.edit_log] == [r["memory"] for r in resumed.edit_log]
+
+
+def test_load_refuses_another_model_or_layer(tokenizer, tmp_path):
+    editor = WiseEditor(tiny_model(seed=0), tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    editor.save(tmp_path / "edits")
+    other = tiny_model(seed=1)
+    with pytest.raises(ValueError, match="different model or layer: sha256"):
+        WiseEditor.load(other, tokenizer, tmp_path / "edits")
+    assert type(other.model.layers[2].mlp.down_proj).__name__ == "Linear"  # nothing attached
+    with pytest.raises(ValueError, match="model_type"):
+        WiseEditor.load(tiny_model("mistral"), tokenizer, tmp_path / "edits")
+    with pytest.raises(FileNotFoundError, match="not a wise-edit save"):
+        WiseEditor.load(tiny_model(), tokenizer, tmp_path / "nothing")
+
+
+def test_detach_restores_the_original_module(tokenizer):
+    model = tiny_model()
+    original = model.model.layers[2].mlp.down_proj
+    weight = original.weight.clone()
+    batch = tokenizer([EDITS[0][0]], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+    editor = WiseEditor(model, tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    editor.detach()
+    assert model.model.layers[2].mlp.down_proj is original
+    assert torch.equal(original.weight, weight)
+    assert not model.model.base_model._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    with pytest.raises(RuntimeError, match="detached"):
+        editor.edit(*EDITS[1])
+    WiseEditor(model, tokenizer, fast_config())  # the model can be edited again
+
+
+@pytest.mark.parametrize(
+    "prompt, target, error, match",
+    [
+        ("", "x", ValueError, "prompt is empty"),
+        ("   ", "x", ValueError, "prompt is empty"),
+        ("Who?", "", ValueError, "target is empty"),
+        ("Who?", " \n", ValueError, "target is empty"),
+        ("word " * 300, "x", ValueError, "longer than the model's context"),
+        (None, "x", TypeError, "strings"),
+    ],
+)
+def test_bad_input_leaves_state_untouched(tokenizer, prompt, target, error, match):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    before = _snapshot(editor)
+    with pytest.raises(error, match=match):
+        editor.edit(prompt, target)
+    _same(before, _snapshot(editor))
+
+
+def test_target_that_tokenizes_to_nothing(tokenizer):
+    class Dropping:
+        """A tokenizer that, like many, drops characters it has no token for."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, text, *args, **kwargs):
+            return self.inner(text.replace("\u2603", ""), *args, **kwargs)
+
+    editor = WiseEditor(tiny_model(), Dropping(tokenizer), fast_config())
+    with pytest.raises(ValueError, match="tokenizes to no tokens"):
+        editor.edit("Who?", "\u2603")
+    assert editor.num_edits == 0 and not editor.memories
+
+
+def test_nan_loss_leaves_state_untouched(tokenizer, monkeypatch):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    before = _snapshot(editor)
+    import wise_edit.editor as editor_module
+
+    real = editor_module.fast_lm_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(editor_module, "fast_lm_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="not applied"):
+        editor.edit(*EDITS[1])
+    _same(before, _snapshot(editor))
+    # a failed first edit of a new memory creates no memory either
+    fresh = WiseEditor(tiny_model("gpt2"), tokenizer, fast_config())
+    calls["n"] = 0
+    with pytest.raises(FloatingPointError):
+        fresh.edit(*EDITS[0])
+    assert fresh.num_edits == 0 and not fresh.memories
+
+
+def test_model_parameters_keep_their_flags_and_stay_unchanged(tokenizer):
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    model.train()
+    editor = WiseEditor(model, tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    assert model.training
+    assert flags == {
+        k.replace(".base_layer", ""): p.requires_grad for k, p in model.named_parameters()
+    }
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key.replace(".base_layer", "")])
+
+
+def test_half_precision_model_edits_without_nan(tokenizer):
+    model = tiny_model(dtype=torch.bfloat16)
+    editor = WiseEditor(model, tokenizer, fast_config())
+    result = editor.edit(*EDITS[0])
+    assert torch.isfinite(torch.tensor(result.loss))
+    assert torch.isfinite(editor.memories[0].delta).all()
+    batch = tokenizer([EDITS[0][0]], return_tensors="pt")
+    out = editor.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_biased_value_projection_keeps_its_bias(tokenizer):
+    model = tiny_model("gptj")
+    layer_module = model.transformer.h[2].mlp.fc_out
+    assert layer_module.bias is not None
+    torch.nn.init.normal_(layer_module.bias, std=1.0)
+    editor = WiseEditor(model, tokenizer, fast_config())
+    acts = torch.randn(2, 3, layer_module.in_features)
+    assert torch.equal(editor.layer(acts), layer_module(acts))  # no memory yet: base, bias
+    delta = torch.randn(layer_module.weight.shape) * 0.1
+    with editor.layer.override(delta):
+        torch.testing.assert_close(editor.layer(acts), layer_module(acts) + acts @ delta.t())
+
+
+def test_edit_many_accepts_mappings_and_pairs(tokenizer):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=3))
+    results = editor.edit_many([{"prompt": EDITS[0][0], "target": EDITS[0][1]}, EDITS[1]])
+    assert [r.index for r in results] == [0, 1] and editor.num_edits == 2
+    with pytest.raises(ValueError, match="'prompt' and 'target'"):
+        editor.edit_many([{"src": "x"}])
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"mask_ratio": 0.0}, "mask_ratio"),
+        ({"mask_ratio": 1.5}, "mask_ratio"),
+        ({"mode": "both"}, "mode"),
+        ({"merge_method": "average"}, "merge_method"),
+        ({"beta": 0.1, "alpha": 0.2}, "beta"),
+        ({"threshold_ratio": 0}, "threshold_ratio"),
+        ({"shard_size": 0}, "shard_size"),
+        ({"norm_bound": -1.0}, "norm_bound"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"WiseConfig.{field}="):
+        WiseConfig(**kwargs)
+
+
+def test_bad_target_module(tokenizer):
+    with pytest.raises(ValueError, match="target_module: 'model.layers.2.mlp.nope'"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.nope"))
+    with pytest.raises(ValueError, match="target_module: .*act_fn.*linear value projection"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.act_fn"))
+    with pytest.raises(ValueError, match="WiseConfig.layer=9"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(layer=9))
+
+
+def test_presets_follow_the_paper_depth(family):
+    model = tiny_model(family)
+    config = WiseConfig.for_model(model)
+    assert config.layer == 3  # int(4 * 27 / 32)
+    assert config.shard_size >= 1
+    assert config.resolve_target(model).split(".")[-1] in (
+        "down_proj",
+        "c_proj",
+        "fc_out",
+        "dense_4h_to_h",
+    )
+    assert WiseConfig.for_model(model, layer=1).layer == 1
+
+
+def test_unknown_family_needs_an_explicit_target():
+    class Fake(torch.nn.Module):
+        config = type("C", (), {"model_type": "mamba", "num_hidden_layers": 2})()
+
+    with pytest.raises(ValueError, match="'mamba' is not a supported family"):
+        WiseConfig.for_model(Fake())

@@ -1,0 +1,116 @@
+"""Routing: edited prompts use the side memory, everything else is the unedited model bit
+for bit, per row of any batch, and generation keeps the prompt's decision."""
+
+import pytest
+import torch
+from conftest import EDITS, fast_config, tiny_model
+
+from wise_edit import WiseEditor
+from wise_edit.neutral import NEUTRAL_PROMPTS
+
+UNRELATED = [
+    "Tomorrow we will paint the fence in the garden.",
+    "The bakery on the corner sells warm croissants.",
+]
+
+
+@pytest.fixture(scope="module")
+def edited(request):
+    from conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    editor = WiseEditor(model, tokenizer, fast_config(max_steps=25))
+    for prompt, target in EDITS[:3]:
+        editor.edit(prompt, target)
+    return editor
+
+
+def _batch(editor, prompts):
+    return editor.tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+def _logits(editor, batch):
+    with torch.no_grad():
+        return editor(**batch).logits
+
+
+def test_edit_prompts_route_to_side_memory_and_unrelated_do_not(edited):
+    prompts = [p for p, _ in EDITS[:3]]
+    assert edited.route(prompts) == [0, 0, 0]
+    assert edited.route(UNRELATED) == [-1, -1]
+
+
+def test_out_of_scope_logits_equal_unedited_bit_for_bit(edited):
+    batch = _batch(edited, UNRELATED)
+    after = _logits(edited, batch)
+    with edited.layer.disabled():
+        before = _logits(edited, batch)
+    assert torch.equal(after, before)
+
+
+def test_mixed_batch_each_row_decides_alone(edited):
+    prompts = [EDITS[0][0], UNRELATED[0], EDITS[1][0], UNRELATED[1]]
+    batch = _batch(edited, prompts)
+    after = _logits(edited, batch)
+    with edited.layer.disabled():
+        before = _logits(edited, batch)
+    assert torch.equal(after[1], before[1]) and torch.equal(after[3], before[3])
+    assert not torch.allclose(after[0], before[0]) and not torch.allclose(after[2], before[2])
+    # the same rows alone, and in a batch of one, decide the same way
+    single = _logits(edited, _batch(edited, [UNRELATED[0]]))
+    with edited.layer.disabled():
+        single_before = _logits(edited, _batch(edited, [UNRELATED[0]]))
+    assert torch.equal(single, single_before)
+
+
+def test_padding_does_not_enter_the_score(edited):
+    alone = edited.activation_scores([EDITS[0][0]])
+    padded = edited.activation_scores([EDITS[0][0], NEUTRAL_PROMPTS[0] * 3])
+    torch.testing.assert_close(alone[:, 0], padded[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_keeps_the_prompt_decision(edited):
+    prompts = [EDITS[0][0], UNRELATED[0]]
+    batch = _batch(edited, prompts)
+    generated = edited.generate(**batch, max_new_tokens=6, do_sample=False)
+    memory = edited.memories[0]
+    with edited.layer.override(memory.delta):  # side memory for every token
+        forced = edited.generate(**batch, max_new_tokens=6, do_sample=False)
+    with edited.layer.disabled():  # main memory for every token
+        plain = edited.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated[0], forced[0])
+    assert torch.equal(generated[1], plain[1])
+
+
+def test_decode_steps_reuse_the_prefill_decision(edited):
+    """Count the routing decisions: one per generate call, not one per token."""
+    decisions = []
+    original = edited.layer._decide
+
+    def counting(acts):
+        if edited.layer.routing.pending:
+            decisions.append(acts.shape[1])
+        return original(acts)
+
+    edited.layer._decide = counting
+    try:
+        batch = _batch(edited, [EDITS[0][0]])
+        edited.generate(**batch, max_new_tokens=5, do_sample=False)
+    finally:
+        del edited.layer._decide
+    assert decisions == [batch["input_ids"].shape[1]]
+
+
+def test_routing_with_several_memories_is_top1(tokenizer):
+    model = tiny_model("llama", seed=3)
+    editor = WiseEditor(
+        model,
+        tokenizer,
+        fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=25, replay=True),
+    )
+    for prompt, target in EDITS[:3]:
+        editor.edit(prompt, target)
+    assert len(editor.memories) == 3 and all(m.closed for m in editor.memories)
+    assert editor.route([p for p, _ in EDITS[:3]]) == [0, 1, 2]
+    assert editor.route(UNRELATED) == [-1, -1]
