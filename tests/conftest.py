@@ -109,6 +109,7 @@ def fast_config(**overrides) -> WiseConfig:
         shard_size=2,
         shards_per_merge=2,
         lr=1.0,
+        irrelevant_rows=8,
     )
     settings.update(overrides)
     return WiseConfig(**settings)

@@ -115,7 +115,9 @@ class WiseConfig:
             "trained (L_memo, Appendix B.3)."
         },
     )
-    replay_rows: int = field(default=1, metadata={"help": "Past edits replayed per step."})
+    replay_rows: int = field(
+        default=4, metadata={"help": "Edits of earlier memories replayed in each new edit."}
+    )
     prefix_count: int = field(
         default=10, metadata={"help": "Random prefixes generated once by the unedited model."}
     )
@@ -123,7 +125,18 @@ class WiseConfig:
         default=(5, 10), metadata={"help": "Token lengths of those prefixes, used in turn."}
     )
     irrelevant_rows: int = field(
-        default=1, metadata={"help": "Unrelated prompts drawn from the pool per step."}
+        default=4,
+        metadata={
+            "help": "Unrelated prompts drawn from the pool for each edit; the margin loss "
+            "uses all of them at every step."
+        },
+    )
+    margin_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the routing (margin) loss against the LM loss. The paper "
+            "adds them unweighted with scores in a 7B model's units."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
 
@@ -155,6 +168,7 @@ class WiseConfig:
                 "must be positive lengths",
             ),
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
+            ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
             ("layer", self.layer is None or self.layer >= 0, "must be >= 0"),
         ]
         for name, ok, why in checks:

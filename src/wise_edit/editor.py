@@ -276,22 +276,18 @@ class WiseEditor:
                     rows.attention_mask,
                     rows.targets,
                 )
-            pick = slice((n - 1) * cfg.irrelevant_rows, n * cfg.irrelevant_rows)
             # scores in units of the model's scale, so the paper's margins mean the same
-            # thing on every model and the routing loss weighs like the LM loss
-            loss = lm + margin_loss(
+            # thing on every model; margin_weight sets the routing loss against the LM loss
+            loss = lm + cfg.margin_weight * margin_loss(
                 sequence_scores(lower.acts, delta, rows.prompt_mask) / scale,
-                sequence_scores(irr_acts[pick], delta, irr_mask[pick]) / scale,
+                sequence_scores(irr_acts, delta, irr_mask) / scale,
                 cfg.alpha,
                 cfg.beta,
                 cfg.gamma,
             )
             if replay is not None:
-                r_acts, r_mask = replay
-                r_pick = torch.arange(cfg.replay_rows) + (n - 1) * cfg.replay_rows
-                r_pick = r_pick % r_acts.shape[0]
-                past = sequence_scores(r_acts[r_pick], delta, r_mask[r_pick]) / scale
-                loss = loss + replay_loss(past, cfg.alpha)
+                past = sequence_scores(replay[0], delta, replay[1]) / scale
+                loss = loss + cfg.margin_weight * replay_loss(past, cfg.alpha)
             loss_value, lm_value = loss.item(), lm.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -308,11 +304,12 @@ class WiseEditor:
         return step.detach(), n, loss_value, lm_value
 
     def _irrelevant_acts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pool prompt per step, drawn by a generator seeded from the edit index."""
+        """Unrelated prompts for this edit's margin loss, drawn from the pool by a generator
+        seeded from the edit index (reproducible, and the same after save/load)."""
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + len(self.edit_log))
-        count = cfg.max_steps * cfg.irrelevant_rows
-        picks = torch.randint(len(self.irrelevant_prompts), (count,), generator=gen).tolist()
+        count = min(cfg.irrelevant_rows, len(self.irrelevant_prompts))
+        picks = torch.randperm(len(self.irrelevant_prompts), generator=gen)[:count].tolist()
         return self._prompt_batch_acts([self.irrelevant_prompts[i] for i in picks])
 
     def _replay_acts(self, memory: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -323,10 +320,9 @@ class WiseEditor:
         if not ids:
             return None
         gen = torch.Generator().manual_seed(self.config.seed * 104729 + len(self.edit_log))
-        count = self.config.max_steps * self.config.replay_rows
-        picks = torch.randint(len(ids), (count,), generator=gen).tolist()
-        acts = self._edit_prompt_acts([ids[i] for i in picks])
-        return _stack_ragged(acts, self.device)
+        picks = torch.randperm(len(ids), generator=gen)[: self.config.replay_rows].tolist()
+        acts, mask = _stack_ragged(self._edit_prompt_acts([ids[i] for i in picks]), self.device)
+        return acts, mask
 
     @torch.no_grad()
     def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,279 @@
+"""Edit datasets: the three WISE benchmark settings (ZsRE, hallucination, temporal) and
+user-written JSONL edits, all as `EditRecord`s.
+
+The benchmark files are read in place from the shared data folder (never copied into the
+project). Every loader validates what it reads and fails with the file and record/line
+number: a silently skipped or mangled edit would distort a benchmark without any sign.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("zsre", "hallucination", "temporal")
+"""Names `load_dataset` accepts."""
+
+SPLITS = ("edit", "train")
+"""`edit`: the records to edit; `train`: same layout, used as irrelevant prompts."""
+
+JSONL_REQUIRED = ("prompt", "target")
+JSONL_OPTIONAL = ("rephrase", "loc", "loc_ans")
+
+_DATA_DIR_HINT = "--data-dir (or $WISE_EDIT_DATA) should point at the `shared/data` folder"
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit: make the model answer `prompt` with `target`.
+
+    `rephrase` is a paraphrase that should also get `target` (generalisation), and
+    `loc`/`loc_ans` a probe whose answer must not change (locality). `extra` keeps the
+    source's other fields (e.g. `subject`, `ood_rephrase`, `locality_prompt`) for metrics
+    that need them; it is left out of hashing so records stay usable in sets."""
+
+    prompt: str
+    target: str
+    rephrase: str | None = None
+    loc: str | None = None
+    loc_ans: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+def default_data_dir() -> Path:
+    """Where the benchmark data is looked for when none is given: `$WISE_EDIT_DATA`, else
+    `../shared/data` or `shared/data` relative to the working directory (the project
+    root sits beside `shared/`), else `../shared/data` so the error names that path."""
+    explicit = os.environ.get("WISE_EDIT_DATA")
+    if explicit:
+        return Path(explicit).expanduser()
+    for candidate in (Path.cwd() / ".." / "shared" / "data", Path.cwd() / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return Path("../shared/data")
+
+
+def _check_limit(limit: int | None) -> None:
+    """Reject negative limits instead of letting Python slicing drop records from the end."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _data_file(data_dir: str | os.PathLike[str], relative: str) -> Path:
+    """Resolve a benchmark file, failing with the path and how to fix `--data-dir`."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist; {_DATA_DIR_HINT}")
+    path = root / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file {path} not found; {_DATA_DIR_HINT}")
+    return path
+
+
+def _read_records(path: Path, limit: int | None) -> list[Mapping[str, Any]]:
+    """Read a JSON array of objects, truncated to `limit` before validation."""
+    _check_limit(limit)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    records = data if limit is None else data[:limit]
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {index} is not a JSON object")
+    return records
+
+
+def _required_text(record: Mapping[str, Any], key: str, where: str) -> str:
+    """A field that must be a non-blank string: an edit without it is meaningless."""
+    value = record.get(key)
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"not a string ({type(value).__name__})"
+        raise ValueError(f"{where}: field {key!r} is {kind}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _optional_text(record: Mapping[str, Any], key: str | None, where: str) -> str | None:
+    """A field that may be absent or null, but is a string when given."""
+    value = None if key is None else record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} is not a string ({type(value).__name__})")
+    return value
+
+
+def _to_record(
+    raw: Mapping[str, Any],
+    where: str,
+    *,
+    prompt: str,
+    target: str,
+    rephrase: str | None = None,
+    loc: str | None = None,
+    loc_ans: str | None = None,
+) -> EditRecord:
+    """Map a source record's field names onto `EditRecord`; fields whose source name is
+    not already a core field name go to `extra`, so nothing from the source is lost."""
+    core = {prompt, target, "rephrase", "loc", "loc_ans"}
+    return EditRecord(
+        prompt=_required_text(raw, prompt, where),
+        target=_required_text(raw, target, where),
+        rephrase=_optional_text(raw, rephrase, where),
+        loc=_optional_text(raw, loc, where),
+        loc_ans=_optional_text(raw, loc_ans, where),
+        extra={k: v for k, v in raw.items() if k not in core},
+    )
+
+
+def load_zsre(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[EditRecord]:
+    """The ZsRE edit set (`zsre/zsre_edit.json`, 1037 records): prompt=`src`,
+    target=`alt`, paraphrase and locality probe as given.
+
+    `loc` keeps its raw text, including the "nq question: " prefix the WISE set carries:
+    the published WISE/EasyEdit evaluation feeds it to the model verbatim, so stripping it
+    would change locality numbers. `extra` holds `subject`, `pred`, `answers`, `cond`,
+    `portability`."""
+    path = _data_file(data_dir, "zsre/zsre_edit.json")
+    return [
+        _to_record(
+            raw,
+            f"{path}: record {i}",
+            prompt="src",
+            target="alt",
+            rephrase="rephrase",
+            loc="loc",
+            loc_ans="loc_ans",
+        )
+        for i, raw in enumerate(_read_records(path, limit), start=1)
+    ]
+
+
+def load_zsre_irrelevant(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[str]:
+    """Unrelated prompts for the router's margin loss (`zsre/zsre_loc_1k.json`): each is
+    `loc + " " + loc_ans`, an NQ question with its answer, as WISE builds them."""
+    path = _data_file(data_dir, "zsre/zsre_loc_1k.json")
+    prompts = []
+    for i, raw in enumerate(_read_records(path, limit), start=1):
+        where = f"{path}: record {i}"
+        question = _required_text(raw, "loc", where)
+        prompts.append(f"{question} {_required_text(raw, 'loc_ans', where)}")
+    return prompts
+
+
+def load_hallucination(
+    data_dir: str | os.PathLike[str], split: str = "edit", limit: int | None = None
+) -> list[EditRecord]:
+    """The hallucination set (`hallucination/hallucination-{split}.json`): long-form
+    edits; prompt and `target_new`, locality probe from `locality_prompt` /
+    `locality_ground_truth` (also kept in `extra` under those names). No paraphrase."""
+    _check_split(split)
+    path = _data_file(data_dir, f"hallucination/hallucination-{split}.json")
+    return [
+        _to_record(
+            raw,
+            f"{path}: record {i}",
+            prompt="prompt",
+            target="target_new",
+            loc="locality_prompt",
+            loc_ans="locality_ground_truth",
+        )
+        for i, raw in enumerate(_read_records(path, limit), start=1)
+    ]
+
+
+def load_temporal(
+    data_dir: str | os.PathLike[str], split: str = "edit", limit: int | None = None
+) -> list[EditRecord]:
+    """The temporal set (`temporal/temporal-{split}.json`): OOD generalisation. The
+    `ood_rephrase` is both `rephrase` and `extra["ood_rephrase"]` so generic metrics and
+    the temporal-specific one (loss of `ood_rephrase` below -log 0.8) both find it."""
+    _check_split(split)
+    path = _data_file(data_dir, f"temporal/temporal-{split}.json")
+    return [
+        _to_record(
+            raw,
+            f"{path}: record {i}",
+            prompt="prompt",
+            target="target_new",
+            rephrase="ood_rephrase",
+            loc="locality_prompt",
+            loc_ans="locality_ground_truth",
+        )
+        for i, raw in enumerate(_read_records(path, limit), start=1)
+    ]
+
+
+def _jsonl_record(line: str, where: str) -> tuple[EditRecord, list[str]]:
+    """Parse one JSONL line; returns the record and its unknown keys (kept in `extra`)."""
+    try:
+        raw = json.loads(line)
+    except ValueError as error:
+        raise ValueError(f"{where}: invalid JSON ({error.args[0]})") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(JSONL_REQUIRED) - set(JSONL_OPTIONAL))
+    record = EditRecord(
+        prompt=_required_text(raw, "prompt", where),
+        target=_required_text(raw, "target", where),
+        rephrase=_optional_text(raw, "rephrase", where),
+        loc=_optional_text(raw, "loc", where),
+        loc_ans=_optional_text(raw, "loc_ans", where),
+        extra={key: raw[key] for key in unknown},
+    )
+    return record, unknown
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
+    """User edits, one JSON object per line: "prompt" and "target" (non-empty strings)
+    required, "rephrase", "loc", "loc_ans" optional (string or null). Blank lines are
+    allowed. Any malformed line raises `ValueError` naming the file and its 1-based line
+    number; nothing is skipped. Other keys are kept in `extra`, with a warning, since
+    they are more often a typo ("rephase") than intended."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"edits file {file} not found")
+    records: list[EditRecord] = []
+    unknown: set[str] = set()
+    with file.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record, extra_keys = _jsonl_record(line, f"{file}: line {number}")
+            records.append(record)
+            unknown.update(extra_keys)
+    if unknown:
+        logger.warning(
+            "%s: unknown key(s) %s kept in `extra` (known: %s)",
+            file,
+            ", ".join(sorted(unknown)),
+            ", ".join(JSONL_REQUIRED + JSONL_OPTIONAL),
+        )
+    return records
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike[str], limit: int | None = None
+) -> list[EditRecord]:
+    """The edit split of a benchmark by name (see `DATASETS`)."""
+    if name == "zsre":
+        return load_zsre(data_dir, limit)
+    if name == "hallucination":
+        return load_hallucination(data_dir, "edit", limit)
+    if name == "temporal":
+        return load_temporal(data_dir, "edit", limit)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

