@@ -68,3 +68,13 @@ def test_replay_restores_layer_forward(tokenizer):
     rows = build_rows(tokenizer, *EDITS[0], [])
     _loss_and_grad(editor, rows, fast=True)
     assert all("forward" not in vars(layer) for layer in editor.layers)
+
+
+def test_editor_paths_give_the_same_edit(tokenizer):
+    """The config switch between the paths changes speed, not the result."""
+    deltas = []
+    for fast in (True, False):
+        editor = WiseEditor(tiny_model("gpt2"), tokenizer, fast_config(fast_path=fast))
+        editor.edit(*EDITS[0])
+        deltas.append(editor.memories[0].delta)
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)

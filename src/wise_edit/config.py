@@ -138,6 +138,14 @@ class WiseConfig:
             "adds them unweighted with scores in a 7B model's units."
         },
     )
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse everything below the edited layer across an edit's steps and "
+            "compute logits only at target positions. False runs the whole model every "
+            "step (same result within float error; for benchmarks and debugging)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
 
     def __post_init__(self) -> None:

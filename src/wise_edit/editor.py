@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import WiseConfig
 from .families import check_value_module, decoder_layers, get_submodule
-from .fastpath import Captured, capture, fast_lm_loss
+from .fastpath import Captured, capture, fast_lm_loss, full_lm_loss
 from .layer import SideMemory, WiseLayer
 from .masks import clamp_to_bound, mask_generator, masked_step, random_masks
 from .merging import get_merge
@@ -195,6 +195,7 @@ class WiseEditor:
                 self.layer,
                 rows.input_ids,
                 rows.attention_mask,
+                keep_lower_output=self.config.fast_path,
             )
             step, steps, loss, lm = self._train(rows, lower, plan)
         prompt_acts = lower.acts[0][rows.prompt_mask[0].bool()].cpu()
@@ -267,15 +268,7 @@ class WiseEditor:
         for n in range(1, cfg.max_steps + 1):
             delta = plan.base_delta + step
             with self.layer.override(delta):
-                lm = fast_lm_loss(
-                    self.model,
-                    self.layers,
-                    self.layer_index,
-                    lower,
-                    rows.input_ids,
-                    rows.attention_mask,
-                    rows.targets,
-                )
+                lm = self._lm_loss(rows, lower)
             # scores in units of the model's scale, so the paper's margins mean the same
             # thing on every model; margin_weight sets the routing loss against the LM loss
             loss = lm + cfg.margin_weight * margin_loss(
@@ -302,6 +295,19 @@ class WiseEditor:
                 new = masked_step(step, grad, mask, cfg.lr)
                 step.copy_(clamp_to_bound(new, plan.base_delta, cfg.norm_bound))
         return step.detach(), n, loss_value, lm_value
+
+    def _lm_loss(self, rows: EditRows, lower: Captured) -> torch.Tensor:
+        if self.config.fast_path:
+            return fast_lm_loss(
+                self.model,
+                self.layers,
+                self.layer_index,
+                lower,
+                rows.input_ids,
+                rows.attention_mask,
+                rows.targets,
+            )
+        return full_lm_loss(self.model, rows.input_ids, rows.attention_mask, rows.targets)
 
     def _irrelevant_acts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unrelated prompts for this edit's margin loss, drawn from the pool by a generator

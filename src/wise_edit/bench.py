@@ -1,0 +1,158 @@
+"""`wise-edit bench`: the evaluation protocol on a real model, written to results.json,
+results.md and routing.png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import models
+from .data import EditRecord, load_dataset, load_zsre_irrelevant
+from .evaluation import BenchResult, latency_ratio, run_protocol
+
+logger = logging.getLogger(__name__)
+
+
+def run_bench(args: argparse.Namespace) -> BenchResult:
+    from .cli import _config
+    from .editor import WiseEditor
+
+    data_dir = Path(args.data_dir)
+    records = load_dataset(args.data, data_dir, limit=args.edits)
+    if len(records) < args.edits:
+        raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
+    pool = _irrelevant_pool(args.data, data_dir)
+    model, tokenizer = models.load(args.model)
+    config = _config(model, args)
+    out = Path(args.out or f"runs/{args.data}-T{args.edits}-{config.mode}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def make_editor() -> WiseEditor:
+        return WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
+
+    result, editor = run_protocol(
+        model,
+        tokenizer,
+        records,
+        make_editor,
+        method="WISE",
+        mode=config.mode,
+        dataset=args.data,
+        chunk=args.chunk,
+    )
+    probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
+    result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
+    result.extra["config"] = config.to_dict()
+    result.extra["model"] = args.model
+    result.extra["memories"] = len(editor.memories)
+    result.extra["steps_per_edit"] = round(
+        sum(e["steps"] for e in editor.edit_log) / max(1, len(editor.edit_log)), 1
+    )
+    routing = routing_scores(editor, records)
+    result.extra["routing"] = routing["summary"]
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    (out / "results.md").write_text(markdown_table(result, args))
+    plot_routing(routing, out / "routing.png")
+    print(markdown_table(result, args))
+    print(f"wrote {out}/results.json, results.md, routing.png")
+    return result
+
+
+def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str] | None:
+    """The unrelated prompts the margin loss pushes away: the dataset's training split."""
+    if dataset == "zsre":
+        return load_zsre_irrelevant(data_dir)
+    train = load_dataset(dataset, data_dir) if dataset == "zsre" else None
+    if train is None:
+        from .data import load_hallucination, load_temporal
+
+        loader = load_hallucination if dataset == "hallucination" else load_temporal
+        train = loader(data_dir, split="train")
+    return [r.prompt for r in train]
+
+
+def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any]:
+    """The paper's Figure 3: activation scores of edit prompts, paraphrases and unrelated
+    prompts, each against the threshold of the memory it would use."""
+    groups = {
+        "edit prompts": [r.prompt for r in records],
+        "paraphrases": [r.rephrase for r in records if r.rephrase],
+        "unrelated": [r.loc for r in records if r.loc],
+    }
+    scores = {}
+    routed = {}
+    for name, prompts in groups.items():
+        if not prompts:
+            continue
+        table = editor.activation_scores(prompts)  # (M, N)
+        scores[name] = table.max(dim=0).values.tolist()
+        routed[name] = sum(int(i >= 0) for i in editor.route(prompts)) / len(prompts)
+    return {
+        "scores": scores,
+        "thresholds": editor.thresholds,
+        "summary": {"share_routed_to_side_memory": routed, "thresholds": editor.thresholds},
+    }
+
+
+def plot_routing(routing: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; skipping %s", path)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"edit prompts": "tab:red", "paraphrases": "tab:orange", "unrelated": "tab:blue"}
+    for name, values in routing["scores"].items():
+        ax.scatter(range(len(values)), values, s=14, label=name, color=colours.get(name))
+    for i, eps in enumerate(routing["thresholds"]):
+        ax.axhline(
+            eps, color="black", lw=1, ls="--", label="threshold ε" if i == 0 else None, alpha=0.7
+        )
+    ax.set_xlabel("record")
+    ax.set_ylabel("activation score Δact (best memory)")
+    ax.set_title("Routing: side memory used above the threshold")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
+    tf, gen = result.teacher_forced, result.generated
+    pre_tf, pre_gen = result.pre_edit["teacher_forced"], result.pre_edit["generated"]
+    lat = result.extra.get("latency", {})
+    lines = [
+        f"### {result.method}-{result.mode}, {result.dataset}, T = {result.edits}",
+        "",
+        "| | TF Rel | TF Gen | TF Loc | gen. EM Rel | gen. EM Gen | gen. Loc |",
+        "|---|---|---|---|---|---|---|",
+        f"| pre-edit | {_fmt(pre_tf.rel)} | {_fmt(pre_tf.gen)} | – | {_fmt(pre_gen.rel)} | "
+        f"{_fmt(pre_gen.gen)} | – |",
+        f"| edited | {_fmt(tf.rel)} | {_fmt(tf.gen)} | {_fmt(tf.loc)} | {_fmt(gen.rel)} | "
+        f"{_fmt(gen.gen)} | {_fmt(gen.loc)} |",
+        "",
+        f"- seconds per edit: {result.seconds_per_edit:.2f}; mean steps per edit: "
+        f"{result.extra.get('steps_per_edit')}; side memories: {result.extra.get('memories')}",
+        f"- peak memory: {result.peak_memory_mb:.0f} MB",
+    ]
+    if lat:
+        lines.append(
+            f"- forward latency edited / unedited: {lat['ratio']:.3f} "
+            f"({lat['edited_s'] * 1e3:.1f} ms vs {lat['unedited_s'] * 1e3:.1f} ms)"
+        )
+    routed = result.extra.get("routing", {}).get("share_routed_to_side_memory", {})
+    if routed:
+        lines.append(
+            "- routed to a side memory: " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items())
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,234 @@
+"""The `wise-edit` command line: demo, bench, edit, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import models
+from .config import WiseConfig
+from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("WISE settings (default: the model family's preset)")
+    group.add_argument("--mode", choices=["merge", "retrieve"], default=None)
+    group.add_argument("--layer", type=int, default=None)
+    group.add_argument(
+        "--set",
+        metavar="FIELD=VALUE",
+        action="append",
+        default=[],
+        help="any WiseConfig field, e.g. --set max_steps=40 (JSON values)",
+    )
+
+
+def _config(model: Any, args: argparse.Namespace) -> WiseConfig:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    if args.mode is not None:
+        overrides["mode"] = args.mode
+    if args.layer is not None:
+        overrides["layer"] = args.layer
+    try:
+        return WiseConfig.for_model(model, **overrides)
+    except TypeError as err:
+        raise SystemExit(f"unknown WiseConfig field in --set: {err}") from err
+
+
+def _pool(data_dir: Path) -> list[str] | None:
+    try:
+        return load_zsre_irrelevant(data_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _answer(editor: Any, prompt: str, max_new_tokens: int = 12) -> str:
+    batch = editor.tokenizer([prompt], return_tensors="pt").to(editor.device)
+    out = editor.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    text = editor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .editor import WiseEditor
+
+    data_dir = Path(args.data_dir)
+    print(f"Loading {args.model} ...")
+    model, tokenizer = models.load(args.model)
+    records = load_dataset("zsre", data_dir, limit=args.edits)
+    unrelated = [
+        "The Eiffel Tower is located in the city of",
+        "The capital of Japan is",
+        "Water freezes at a temperature of",
+    ]
+    editor = WiseEditor(model, tokenizer, _config(model, args), irrelevant_prompts=_pool(data_dir))
+    with editor.layer.disabled():
+        before = {r.prompt: _answer(editor, r.prompt) for r in records}
+        before_unrelated = {p: _answer(editor, p) for p in unrelated}
+    print("\nBefore editing:")
+    for r in records:
+        print(f"  Q: {r.prompt}\n     model: {before[r.prompt]!r}   (edit target: {r.target!r})")
+    print(f"\nEditing {len(records)} facts, one at a time ...")
+    started = time.perf_counter()
+    editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
+    elapsed = time.perf_counter() - started
+    print(f"done in {elapsed:.0f} s ({elapsed / len(records):.1f} s per edit)\n\nAfter editing:")
+    hits = 0
+    for r in records:
+        answer = _answer(editor, r.prompt)
+        ok = answer.lower().startswith(r.target.lower())
+        hits += ok
+        para = _answer(editor, r.rephrase) if r.rephrase else ""
+        print(f"  Q: {r.prompt}\n     model: {answer!r}  {'OK' if ok else 'MISS'}")
+        if r.rephrase:
+            print(f"  paraphrase: {r.rephrase}\n     model: {para!r}")
+    print("\nUnrelated prompts (should be unchanged):")
+    same = 0
+    for p in unrelated:
+        now = _answer(editor, p)
+        same += now == before_unrelated[p]
+        print(f"  {p!r} -> {now!r}  {'unchanged' if now == before_unrelated[p] else 'CHANGED'}")
+    print(
+        f"\n{hits}/{len(records)} edits answered by generation; "
+        f"{same}/{len(unrelated)} unrelated prompts unchanged."
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .editor import WiseEditor
+
+    records = load_jsonl(args.edits)
+    model, tokenizer = models.load(args.model)
+    if args.resume:
+        editor = WiseEditor.load(
+            model, tokenizer, args.out, irrelevant_prompts=_pool(args.data_dir)
+        )
+    else:
+        editor = WiseEditor(
+            model, tokenizer, _config(model, args), irrelevant_prompts=_pool(args.data_dir)
+        )
+    results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
+    editor.save(args.out)
+    steps = sum(r.steps for r in results)
+    print(
+        f"applied {len(results)} edits ({steps} steps); editor has {editor.num_edits} edits "
+        f"in {len(editor.memories)} side memories; saved to {args.out}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .editor import WiseEditor
+
+    model, tokenizer = models.load(args.model)
+    editor = WiseEditor.load(model, tokenizer, args.edits)
+    for prompt in args.prompt:
+        route = editor.route([prompt])[0]
+        where = "main memory (unedited)" if route < 0 else f"side memory {route}"
+        print(f"{prompt} -> {_answer(editor, prompt, args.max_new_tokens)!r}   [{where}]")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wise-edit",
+        description="Lifelong knowledge editing of Hugging Face causal LMs with WISE.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log editing details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="edit a few ZsRE facts into the bundled SmolLM2 and show answers before and after",
+    )
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--edits", type=int, default=4)
+    demo.add_argument("--data-dir", default=str(default_data_dir()))
+    _add_config_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="sequential editing benchmark: Rel/Gen/Loc, "
+        "teacher-forced and generated, speed and memory",
+    )
+    bench.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help=f"bundled name ({', '.join(models.BUNDLED)}) or a local HF folder",
+    )
+    bench.add_argument("--data", choices=DATASETS, default="zsre")
+    bench.add_argument("--data-dir", default=str(default_data_dir()))
+    bench.add_argument("--edits", type=int, default=10, help="T: records edited in sequence")
+    bench.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="edit and score CHUNK records at a time, rolling back in between",
+    )
+    bench.add_argument("--out", default=None, help="output folder (default runs/<data>-T-mode)")
+    bench.add_argument("--latency-repeats", type=int, default=5)
+    _add_config_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    edit = sub.add_parser("edit", help="apply a JSONL stream of edits and save the editor")
+    edit.add_argument("--model", default="smollm2-135m")
+    edit.add_argument("--edits", required=True, help='JSONL: {"prompt": ..., "target": ...}')
+    edit.add_argument("--out", required=True, help="folder to save the edits to")
+    edit.add_argument("--resume", action="store_true", help="continue the editor saved in --out")
+    edit.add_argument(
+        "--data-dir",
+        default=str(default_data_dir()),
+        help="for the unrelated-prompt pool (zsre_loc_1k); built-in when absent",
+    )
+    _add_config_args(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("prompt", nargs="+")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"wise-edit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
