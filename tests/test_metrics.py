@@ -66,7 +66,7 @@ def test_perplexity_and_ood(model, tokenizer):
         math.exp(nll), rel=1e-4
     )
     assert metrics.ood_success(model, tokenizer, prompt, target) == float(nll < -math.log(0.8))
-    assert metrics.OOD_LOSS_LIMIT == pytest.approx(0.2231, abs=1e-4)
+    assert pytest.approx(0.2231, abs=1e-4) == metrics.OOD_LOSS_LIMIT
 
 
 def test_generated_match_normalises_whitespace_and_case(monkeypatch, model, tokenizer):
