@@ -364,6 +364,31 @@ def test_presets_follow_the_paper_depth(family):
     assert WiseConfig.for_model(model, layer=1).layer == 1
 
 
+def test_matrix_size_presets():
+    from wise_edit.config import preset_for_matrix
+
+    seven_b = preset_for_matrix(11008 * 4096)
+    assert seven_b == {
+        "mask_ratio": 0.2,
+        "shards_per_merge": 2,
+        "merge_density": 0.53,
+        "shard_size": 500,
+    }
+    smol = preset_for_matrix(1536 * 576)
+    assert smol == {
+        "mask_ratio": 1.0,
+        "shards_per_merge": 1,
+        "merge_density": 1.0,
+        "shard_size": 49,
+    }
+    assert preset_for_matrix(4 * 11008 * 4096)["mask_ratio"] == 0.05
+
+
+def test_overrides_win_over_presets():
+    config = WiseConfig.for_model(tiny_model(), mask_ratio=0.3, shard_size=7, mode="retrieve")
+    assert (config.mask_ratio, config.shard_size, config.mode) == (0.3, 7, "retrieve")
+
+
 def test_unknown_family_needs_an_explicit_target():
     class Fake(torch.nn.Module):
         config = type("C", (), {"model_type": "mamba", "num_hidden_layers": 2})()

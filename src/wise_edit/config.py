@@ -15,6 +15,7 @@ from .families import default_layer_index, family_of, get_submodule, weight_out_
 # Shard sizes follow from that density instead of copying the 7B edit count.
 PAPER_PARAMS_PER_EDIT = 0.2 * 11008 * 4096 / 500
 
+PAPER_MATRIX = 11008 * 4096
 Mode = Literal["merge", "retrieve"]
 MERGE_NAMES = ("linear", "slerp", "dare", "dare_ties", "ties", "sign")
 
@@ -132,10 +133,12 @@ class WiseConfig:
         },
     )
     margin_weight: float = field(
-        default=1.0,
+        default=10.0,
         metadata={
             "help": "Weight of the routing (margin) loss against the LM loss. The paper "
-            "adds them unweighted with scores in a 7B model's units."
+            "adds them unweighted with raw scores of a 7B model; here scores are in "
+            "score_scale units, which shrinks their gradient, and at weight 1 unrelated "
+            "prompts stayed above the threshold on SmolLM2 (docs/RESULTS.md, sweep)."
         },
     )
     fast_path: bool = field(
@@ -185,18 +188,24 @@ class WiseConfig:
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> WiseConfig:
-        """A preset for ``model``'s family: the layer at the paper's relative depth and a
-        shard size that gives each edit as many parameters as the paper's 7B setting."""
-        num_layers = model.config.num_hidden_layers
+        """A preset for ``model``: the layer at the paper's relative depth, and subspaces
+        sized from the value matrix instead of copied from a 7B model.
+
+        The paper gives a shard rho = 20% of an 11008x4096 matrix for about 500 edits.
+        A smaller matrix gets a larger rho (up to the whole matrix) so each edit keeps a
+        workable number of parameters; when rho is above 1/2 two shards would overlap
+        almost entirely, so one shard per merge group is used and merging is the identity.
+        Anything given in ``overrides`` wins.
+        """
         family_of(model)  # raises for unknown families unless target_module is given
         layer = overrides.pop("layer", None)
-        layer = default_layer_index(num_layers) if layer is None else layer
-        cfg = cls(layer=layer, **overrides)
-        if "shard_size" not in overrides:
-            path = cfg.resolve_target(model)
-            numel = weight_out_in(get_submodule(model, path)).numel()
-            cfg.shard_size = max(1, round(cfg.mask_ratio * numel / PAPER_PARAMS_PER_EDIT))
-        return cfg
+        if layer is None:
+            layer = default_layer_index(model.config.num_hidden_layers)
+        probe = cls(layer=layer, **{k: v for k, v in overrides.items() if k == "target_module"})
+        numel = weight_out_in(get_submodule(model, probe.resolve_target(model))).numel()
+        preset = preset_for_matrix(numel)
+        preset.update(overrides)
+        return cls(layer=layer, **preset)
 
     def resolve_target(self, model: nn.Module) -> str:
         """Dotted path of the value projection this config edits in ``model``."""
@@ -232,3 +241,15 @@ class WiseConfig:
     def edits_per_memory(self) -> int:
         """Edits a memory takes before its shards are merged (and, in retrieve mode, closed)."""
         return self.shard_size * self.shards_per_merge
+
+
+def preset_for_matrix(numel: int) -> dict[str, Any]:
+    """Mask ratio, shards and shard size for a value matrix of ``numel`` entries."""
+    ratio = min(1.0, 0.2 * PAPER_MATRIX / numel)
+    shards = 2 if ratio <= 0.5 else 1
+    return {
+        "mask_ratio": round(ratio, 4),
+        "shards_per_merge": shards,
+        "merge_density": 0.53 if shards > 1 else 1.0,
+        "shard_size": max(1, round(ratio * numel / PAPER_PARAMS_PER_EDIT)),
+    }
