@@ -98,7 +98,11 @@ def target_logits(model: nn.Module, hidden: torch.Tensor, n_targets: int) -> tor
 
     Rows are left-padded, so those positions are the same tail slice for every row.
     """
-    logits = model.get_output_embeddings()(hidden[:, -n_targets - 1 : -1])  # (B, n, V)
+    picked = hidden[:, -n_targets - 1 : -1]  # (B, n, H), a strided view
+    # flattened to 2-D: a strided 3-D input makes matmul broadcast the LM head into a
+    # batched product, copying the (V, H) weight once per row
+    flat = picked.reshape(-1, picked.shape[-1])  # (B*n, H)
+    logits = model.get_output_embeddings()(flat).view(*picked.shape[:2], -1)  # (B, n, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
