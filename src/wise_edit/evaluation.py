@@ -53,81 +53,67 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
-@dataclass
-class Baseline:
-    """What the unedited model predicts on the locality probes, kept for comparison."""
+@dataclass(frozen=True)
+class MetricKind:
+    """One way of scoring: how a prompt's answer is scored (Rel/Gen), what is recorded on
+    a locality probe, and how a probe's before/after records compare (Loc)."""
 
-    tf_loc: list[list[int]]
-    gen_loc: list[list[int]]
+    name: str
+    answer: Callable[[nn.Module, Any, str, str], float]
+    probe: Callable[[nn.Module, Any, EditRecord], list[int]]
+    same: Callable[[list[int], list[int]], float]
 
 
 def loc_budget(tokenizer: Any, record: EditRecord) -> int:
     return len(target_ids(tokenizer, record.loc_ans or "x")) + 2
 
 
+TEACHER_FORCED = MetricKind(
+    "teacher_forced",
+    metrics.token_accuracy,
+    lambda model, tok, r: metrics.target_predictions(model, tok, r.loc, r.loc_ans),
+    metrics.agreement,
+)
+GENERATED = MetricKind(
+    "generated",
+    metrics.generated_match,
+    lambda model, tok, r: metrics.greedy_continuation(model, tok, r.loc, loc_budget(tok, r)),
+    lambda before, after: float(before == after),
+)
+KINDS = (TEACHER_FORCED, GENERATED)
+
+Baseline = dict[str, list[list[int]]]  # kind name -> the unedited model's probe records
+
+
+def _probed(records: Sequence[EditRecord]) -> list[EditRecord]:
+    return [r for r in records if r.loc and r.loc_ans]
+
+
 def locality_baseline(model: nn.Module, tokenizer: Any, records: Sequence[EditRecord]) -> Baseline:
-    with_loc = [r for r in records if r.loc and r.loc_ans]
-    return Baseline(
-        tf_loc=[metrics.target_predictions(model, tokenizer, r.loc, r.loc_ans) for r in with_loc],
-        gen_loc=[
-            metrics.greedy_continuation(model, tokenizer, r.loc, loc_budget(tokenizer, r))
-            for r in with_loc
-        ],
-    )
+    return {k.name: [k.probe(model, tokenizer, r) for r in _probed(records)] for k in KINDS}
 
 
-def teacher_forced(
-    model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], base: Baseline | None
+def score(
+    kind: MetricKind,
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[EditRecord],
+    base: Baseline | None,
 ) -> Scores:
-    with_loc = [r for r in records if r.loc and r.loc_ans]
+    """Rel on the prompts, Gen on the paraphrases, Loc against the unedited baseline."""
+    probed = _probed(records)
     loc = None
-    if base is not None and with_loc:
+    if base is not None and probed:
         loc = _mean(
             [
-                metrics.agreement(
-                    before, metrics.target_predictions(model, tokenizer, r.loc, r.loc_ans)
-                )
-                for before, r in zip(base.tf_loc, with_loc)
+                kind.same(before, kind.probe(model, tokenizer, r))
+                for before, r in zip(base[kind.name], probed)
             ]
         )
     return Scores(
-        rel=_mean([metrics.token_accuracy(model, tokenizer, r.prompt, r.target) for r in records]),
+        rel=_mean([kind.answer(model, tokenizer, r.prompt, r.target) for r in records]),
         gen=_mean(
-            [
-                metrics.token_accuracy(model, tokenizer, r.rephrase, r.target)
-                for r in records
-                if r.rephrase
-            ]
-        ),
-        loc=loc,
-    )
-
-
-def generated(
-    model: nn.Module, tokenizer: Any, records: Sequence[EditRecord], base: Baseline | None
-) -> Scores:
-    with_loc = [r for r in records if r.loc and r.loc_ans]
-    loc = None
-    if base is not None and with_loc:
-        loc = _mean(
-            [
-                float(
-                    before
-                    == metrics.greedy_continuation(
-                        model, tokenizer, r.loc, loc_budget(tokenizer, r)
-                    )
-                )
-                for before, r in zip(base.gen_loc, with_loc)
-            ]
-        )
-    return Scores(
-        rel=_mean([metrics.generated_match(model, tokenizer, r.prompt, r.target) for r in records]),
-        gen=_mean(
-            [
-                metrics.generated_match(model, tokenizer, r.rephrase, r.target)
-                for r in records
-                if r.rephrase
-            ]
+            [kind.answer(model, tokenizer, r.rephrase, r.target) for r in records if r.rephrase]
         ),
         loc=loc,
     )
@@ -166,10 +152,7 @@ def run_protocol(
     size = chunk or len(records)
     groups = [records[i : i + size] for i in range(0, len(records), size)]
     base = locality_baseline(model, tokenizer, records)
-    pre = {
-        "teacher_forced": teacher_forced(model, tokenizer, records, None),
-        "generated": generated(model, tokenizer, records, None),
-    }
+    pre = {k.name: score(k, model, tokenizer, records, None) for k in KINDS}
     tf_parts, gen_parts, times = [], [], []
     bar = tqdm(total=len(records), desc=f"{method} edits", unit="edit", disable=not progress)
     editor, offset = None, 0
@@ -184,8 +167,8 @@ def run_protocol(
             bar.update(1)
             bar.set_postfix(s_per_edit=f"{statistics.fmean(times):.2f}")
         part = _slice_baseline(base, records, offset, len(group))
-        tf_parts.append((len(group), teacher_forced(model, tokenizer, group, part)))
-        gen_parts.append((len(group), generated(model, tokenizer, group, part)))
+        tf_parts.append((len(group), score(TEACHER_FORCED, model, tokenizer, group, part)))
+        gen_parts.append((len(group), score(GENERATED, model, tokenizer, group, part)))
         offset += len(group)
     bar.close()
     result = BenchResult(
@@ -203,11 +186,10 @@ def run_protocol(
 
 
 def _slice_baseline(base: Baseline, records: list[EditRecord], start: int, count: int) -> Baseline:
-    """The baseline entries of records[start:start+count] (only records with a probe have one)."""
-    has = [bool(r.loc and r.loc_ans) for r in records]
-    first = sum(has[:start])
-    n = sum(has[start : start + count])
-    return Baseline(base.tf_loc[first : first + n], base.gen_loc[first : first + n])
+    """The baseline entries of records[start:start+count] (only probed records have one)."""
+    first = len(_probed(records[:start]))
+    n = len(_probed(records[start : start + count]))
+    return {name: values[first : first + n] for name, values in base.items()}
 
 
 def _weighted(parts: list[tuple[int, Scores]]) -> Scores:
