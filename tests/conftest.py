@@ -110,6 +110,7 @@ def fast_config(**overrides) -> WiseConfig:
         shards_per_merge=2,
         lr=1.0,
         irrelevant_rows=8,
+        margin_weight=1.0,
     )
     settings.update(overrides)
     return WiseConfig(**settings)

@@ -1,0 +1,86 @@
+"""The protocol on a tiny model: sequential edits, final-model scores, pre-edit scores,
+chunked rollback, and the bench outputs."""
+
+import json
+
+import pytest
+from conftest import EDITS, fast_config, tiny_model
+
+from wise_edit import WiseEditor
+from wise_edit.data import EditRecord
+from wise_edit.evaluation import KINDS, _slice_baseline, locality_baseline, run_protocol, score
+
+RECORDS = [
+    EditRecord(
+        p,
+        t,
+        rephrase=p.replace("?", " please?"),
+        loc="The bakery sells bread.",
+        loc_ans="every day",
+    )
+    for p, t in EDITS[:4]
+]
+
+
+def test_unedited_model_scores_locality_one(tokenizer):
+    model = tiny_model()
+    base = locality_baseline(model, tokenizer, RECORDS)
+    for kind in KINDS:
+        scores = score(kind, model, tokenizer, RECORDS, base)
+        assert scores.loc == 1.0 and 0 <= scores.rel <= 1 and 0 <= scores.gen <= 1
+
+
+def test_protocol_edits_then_scores_the_final_model(tokenizer):
+    model = tiny_model()
+    made = []
+
+    def make():
+        made.append(WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=2.0)))
+        return made[-1]
+
+    result, editor = run_protocol(
+        model, tokenizer, RECORDS, make, method="WISE", mode="merge", dataset="toy", progress=False
+    )
+    assert len(made) == 1 and editor.num_edits == 4
+    assert result.edits == 4 and result.seconds_per_edit > 0 and result.peak_memory_mb > 0
+    assert result.teacher_forced.rel > result.pre_edit["teacher_forced"].rel
+    assert set(result.pre_edit) == {"teacher_forced", "generated"}
+    data = json.loads(json.dumps(result.to_dict()))
+    for kind in ("teacher_forced", "generated"):
+        assert set(data[kind]) == {"rel", "gen", "loc"}
+
+
+def test_chunks_roll_back_between_groups(tokenizer):
+    model = tiny_model()
+    made = []
+
+    def make():
+        made.append(WiseEditor(model, tokenizer, fast_config(max_steps=3)))
+        return made[-1]
+
+    result, editor = run_protocol(
+        model,
+        tokenizer,
+        RECORDS,
+        make,
+        method="WISE",
+        mode="merge",
+        dataset="toy",
+        chunk=2,
+        progress=False,
+    )
+    assert len(made) == 2 and editor.num_edits == 2
+    assert not made[0]._attached and made[1]._attached
+
+
+def test_slice_baseline_skips_records_without_probe():
+    records = [RECORDS[0], EditRecord("q", "a"), RECORDS[1], RECORDS[2]]
+    base = {"teacher_forced": [[1], [2], [3]], "generated": [[4], [5], [6]]}
+    assert _slice_baseline(base, records, 1, 2) == {"teacher_forced": [[2]], "generated": [[5]]}
+
+
+def test_empty_records_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="no records"):
+        run_protocol(
+            tiny_model(), tokenizer, [], lambda: None, method="WISE", mode="merge", dataset="toy"
+        )
