@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from . import models
-from .data import EditRecord, load_dataset, load_zsre_irrelevant
+from .data import (
+    EditRecord,
+    load_dataset,
+    load_hallucination,
+    load_temporal,
+    load_zsre_irrelevant,
+)
 from .evaluation import BenchResult, latency_ratio, run_protocol
 
 logger = logging.getLogger(__name__)
@@ -61,17 +67,13 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     return result
 
 
-def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str] | None:
-    """The unrelated prompts the margin loss pushes away: the dataset's training split."""
+def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str]:
+    """The unrelated prompts the margin loss pushes away: ZsRE's NQ questions, or the
+    training split of the other sets (as the paper's D_irr)."""
     if dataset == "zsre":
         return load_zsre_irrelevant(data_dir)
-    train = load_dataset(dataset, data_dir) if dataset == "zsre" else None
-    if train is None:
-        from .data import load_hallucination, load_temporal
-
-        loader = load_hallucination if dataset == "hallucination" else load_temporal
-        train = loader(data_dir, split="train")
-    return [r.prompt for r in train]
+    loader = load_hallucination if dataset == "hallucination" else load_temporal
+    return [r.prompt for r in loader(data_dir, split="train")]
 
 
 def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any]:
