@@ -84,3 +84,17 @@ def test_empty_records_are_refused(tokenizer):
         run_protocol(
             tiny_model(), tokenizer, [], lambda: None, method="WISE", mode="merge", dataset="toy"
         )
+
+
+def test_dataset_metrics_hallucination_and_temporal(tokenizer):
+    from wise_edit.bench import dataset_metrics
+
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=20, lr=2.0))
+    prompt, target = EDITS[0]
+    editor.edit(prompt, target)
+    records = [EditRecord(prompt, target, extra={"ood_rephrase": prompt})]
+    perplexity = dataset_metrics("hallucination", editor, records)["perplexity"]
+    assert 1.0 <= perplexity["edited"] < perplexity["pre_edit"]
+    ood = dataset_metrics("temporal", editor, records)["ood_gen"]
+    assert ood["edited"] in (0.0, 1.0) and ood["pre_edit"] == 0.0
+    assert dataset_metrics("zsre", editor, records) == {}

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
-from . import models
+from . import metrics, models
 from .data import (
     EditRecord,
     load_dataset,
@@ -57,6 +58,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["steps_per_edit"] = round(
         sum(e["steps"] for e in editor.edit_log) / max(1, len(editor.edit_log)), 1
     )
+    if args.chunk is None:
+        result.extra.update(dataset_metrics(args.data, editor, records))
     routing = routing_scores(editor, records)
     result.extra["routing"] = routing["summary"]
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
@@ -74,6 +77,29 @@ def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str]:
         return load_zsre_irrelevant(data_dir)
     loader = load_hallucination if dataset == "hallucination" else load_temporal
     return [r.prompt for r in loader(data_dir, split="train")]
+
+
+def dataset_metrics(dataset: str, editor: Any, records: list[EditRecord]) -> dict[str, Any]:
+    """The set-specific metrics of the paper: Hallucination's perplexity of the target
+    (lower is better) and Temporal's OOD Gen, each edited and pre-edit."""
+    model, tokenizer = editor.model, editor.tokenizer
+    if dataset == "hallucination":
+        name, fn, pairs = "perplexity", metrics.perplexity, [(r.prompt, r.target) for r in records]
+    elif dataset == "temporal":
+        name, fn = "ood_gen", metrics.ood_success
+        pairs = [
+            (r.extra["ood_rephrase"], r.target) for r in records if r.extra.get("ood_rephrase")
+        ]
+    else:
+        return {}
+
+    def mean() -> float:
+        return round(statistics.fmean(fn(model, tokenizer, p, t) for p, t in pairs), 4)
+
+    edited = mean()
+    with editor.layer.disabled():
+        pre = mean()
+    return {name: {"edited": edited, "pre_edit": pre}}
 
 
 def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any]:
@@ -152,6 +178,12 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
             f"- forward latency edited / unedited: {lat['ratio']:.3f} "
             f"({lat['edited_s'] * 1e3:.1f} ms vs {lat['unedited_s'] * 1e3:.1f} ms)"
         )
+    for name in ("perplexity", "ood_gen"):
+        if name in result.extra:
+            value = result.extra[name]
+            lines.append(
+                f"- {name}: {value['edited']:.3f} edited, {value['pre_edit']:.3f} pre-edit"
+            )
     routed = result.extra.get("routing", {}).get("share_routed_to_side_memory", {})
     if routed:
         lines.append(
