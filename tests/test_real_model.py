@@ -62,3 +62,44 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
     assert {p: _answer(editor, p) for p in UNRELATED} == before
     assert editor.route(UNRELATED) == [-1, -1]
     editor.detach()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
+def test_small_zsre_benchmark_through_the_cli(tmp_path):
+    """`wise-edit bench` at small scale on the real model: 8 sequential ZsRE edits, the
+    reported metrics in range and unrelated prompts' outputs unchanged."""
+    import json
+
+    from wise_edit.cli import main
+
+    out = tmp_path / "bench"
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "smollm2-135m",
+                "--data",
+                "zsre",
+                "--data-dir",
+                str(DATA),
+                "--edits",
+                "8",
+                "--out",
+                str(out),
+                "--latency-repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "results.json").read_text())
+    for kind in ("teacher_forced", "generated"):
+        for name in ("rel", "gen", "loc"):
+            assert 0.0 <= result[kind][name] <= 1.0
+    assert result["teacher_forced"]["loc"] == 1.0 and result["generated"]["loc"] == 1.0
+    assert result["teacher_forced"]["rel"] >= 0.8 > result["pre_edit"]["teacher_forced"]["rel"]
+    assert result["generated"]["rel"] >= 0.5 > result["pre_edit"]["generated"]["rel"]
+    assert result["extra"]["routing"]["share_routed_to_side_memory"]["unrelated"] == 0.0
+    assert result["seconds_per_edit"] > 0 and result["peak_memory_mb"] > 0
+    assert (out / "routing.png").stat().st_size > 1000

@@ -149,18 +149,15 @@ def load_zsre(data_dir: str | os.PathLike[str], limit: int | None = None) -> lis
     would change locality numbers. `extra` holds `subject`, `pred`, `answers`, `cond`,
     `portability`."""
     path = _data_file(data_dir, "zsre/zsre_edit.json")
-    return [
-        _to_record(
-            raw,
-            f"{path}: record {i}",
-            prompt="src",
-            target="alt",
-            rephrase="rephrase",
-            loc="loc",
-            loc_ans="loc_ans",
-        )
-        for i, raw in enumerate(_read_records(path, limit), start=1)
-    ]
+    return _load_mapped(
+        path,
+        limit,
+        prompt="src",
+        target="alt",
+        rephrase="rephrase",
+        loc="loc",
+        loc_ans="loc_ans",
+    )
 
 
 def load_zsre_irrelevant(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[str]:
@@ -183,17 +180,14 @@ def load_hallucination(
     `locality_ground_truth` (also kept in `extra` under those names). No paraphrase."""
     _check_split(split)
     path = _data_file(data_dir, f"hallucination/hallucination-{split}.json")
-    return [
-        _to_record(
-            raw,
-            f"{path}: record {i}",
-            prompt="prompt",
-            target="target_new",
-            loc="locality_prompt",
-            loc_ans="locality_ground_truth",
-        )
-        for i, raw in enumerate(_read_records(path, limit), start=1)
-    ]
+    return _load_mapped(
+        path,
+        limit,
+        prompt="prompt",
+        target="target_new",
+        loc="locality_prompt",
+        loc_ans="locality_ground_truth",
+    )
 
 
 def load_temporal(
@@ -204,16 +198,21 @@ def load_temporal(
     the temporal-specific one (loss of `ood_rephrase` below -log 0.8) both find it."""
     _check_split(split)
     path = _data_file(data_dir, f"temporal/temporal-{split}.json")
+    return _load_mapped(
+        path,
+        limit,
+        prompt="prompt",
+        target="target_new",
+        rephrase="ood_rephrase",
+        loc="locality_prompt",
+        loc_ans="locality_ground_truth",
+    )
+
+
+def _load_mapped(path: Path, limit: int | None, **fields: str) -> list[EditRecord]:
+    """Records of a benchmark file, each mapped field by field (see `_to_record`)."""
     return [
-        _to_record(
-            raw,
-            f"{path}: record {i}",
-            prompt="prompt",
-            target="target_new",
-            rephrase="ood_rephrase",
-            loc="locality_prompt",
-            loc_ans="locality_ground_truth",
-        )
+        _to_record(raw, f"{path}: record {i}", **fields)
         for i, raw in enumerate(_read_records(path, limit), start=1)
     ]
 
