@@ -338,6 +338,7 @@ def test_edit_many_accepts_mappings_and_pairs(tokenizer):
         ({"threshold_ratio": 0}, "threshold_ratio"),
         ({"shard_size": 0}, "shard_size"),
         ({"norm_bound": -1.0}, "norm_bound"),
+        ({"replay": True, "mode": "merge"}, "replay"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):

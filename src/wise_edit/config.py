@@ -171,6 +171,7 @@ class WiseConfig:
             ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "must be > 0 or None"),
             ("replay_rows", self.replay_rows >= 1, "must be >= 1"),
+            ("replay", not (self.replay and self.mode == "merge"), "applies to mode='retrieve'"),
             ("prefix_count", self.prefix_count >= 0, "must be >= 0"),
             (
                 "prefix_lengths",

@@ -320,7 +320,7 @@ class WiseEditor:
 
     def _replay_acts(self, memory: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Prompt activations of edits held by earlier memories (retrieve mode, replay on)."""
-        if not (self.config.replay and self.config.mode == "retrieve"):
+        if not self.config.replay:  # validated: only in retrieve mode
             return None
         ids = [i for m in list(self.layer.memories)[:memory] for i in m.edit_ids]
         if not ids:
