@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -114,10 +112,3 @@ def generated_match(model: nn.Module, tokenizer: Any, prompt: str, target: str) 
         greedy_continuation(model, tokenizer, prompt, budget), skip_special_tokens=True
     )
     return float(normalise(text).startswith(normalise(target)))
-
-
-@contextmanager
-def unedited(editor: Any | None) -> Iterator[None]:
-    """Run a block as the unedited model (editor None: the model is unedited anyway)."""
-    with editor.layer.disabled() if editor is not None else nullcontext():
-        yield
