@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import metrics, models
 from .data import (
     EditRecord,
@@ -19,6 +21,7 @@ from .data import (
     load_zsre_irrelevant,
 )
 from .evaluation import BenchResult, latency_ratio, run_protocol
+from .router import route
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,8 @@ def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any]:
             continue
         table = editor.activation_scores(prompts)  # (M, N)
         scores[name] = table.max(dim=0).values.tolist()
-        routed[name] = sum(int(i >= 0) for i in editor.route(prompts)) / len(prompts)
+        choice = route(table, torch.tensor(editor.thresholds))  # from the same scores
+        routed[name] = (choice >= 0).float().mean().item()
     return {
         "scores": scores,
         "thresholds": editor.thresholds,
