@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import models
+from . import metrics, models
 from .config import WiseConfig
 from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
 
@@ -57,10 +57,9 @@ def _pool(data_dir: Path) -> list[str] | None:
 
 
 def _answer(editor: Any, prompt: str, max_new_tokens: int = 12) -> str:
-    batch = editor.tokenizer([prompt], return_tensors="pt").to(editor.device)
-    out = editor.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    text = editor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return " ".join(text.split())
+    ids = metrics.greedy_continuation(editor.model, editor.tokenizer, prompt, max_new_tokens)
+    text = editor.tokenizer.decode(ids, skip_special_tokens=True)
+    return " ".join(text.split()) or "<ends at once>"
 
 
 # ---------------------------------------------------------------------------- commands
