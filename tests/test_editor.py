@@ -258,7 +258,7 @@ def test_nan_loss_leaves_state_untouched(tokenizer, monkeypatch):
     editor = WiseEditor(tiny_model(), tokenizer, fast_config())
     editor.edit(*EDITS[0])
     before = _snapshot(editor)
-    import wise_edit.editor as editor_module
+    import wise_edit.editing as editor_module
 
     real = editor_module.fast_lm_loss
     calls = {"n": 0}

@@ -21,15 +21,13 @@ MERGE_NAMES = ("linear", "slerp", "dare", "dare_ties", "ties", "sign")
 
 
 @dataclass
-class WiseConfig:
-    """Hyper-parameters of WISE editing. Defaults follow the paper (Table 10) except
-    where the reference code's 7B-tuned constants would not transfer; those are
-    expressed relative to a per-model score scale instead."""
+class TargetConfig:
+    """Which linear module an editor wraps; the base of every method's config."""
 
     layer: int | None = field(
         default=None,
         metadata={
-            "help": "Decoder layer whose FFN value matrix gets the side memory. "
+            "help": "Decoder layer whose FFN value matrix the editor wraps. "
             "None: the paper's relative depth (27 of 32 layers)."
         },
     )
@@ -44,6 +42,62 @@ class WiseConfig:
         default=None,
         metadata={"help": "Dotted path of the decoder ModuleList (only for unknown families)."},
     )
+
+    def __post_init__(self) -> None:
+        self._validate([("layer", self.layer is None or self.layer >= 0, "must be >= 0")])
+
+    def _validate(self, checks: list[tuple[str, bool, str]]) -> None:
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> Any:
+        """The config for ``model`` with ``overrides``; methods with size-dependent
+        presets override this."""
+        if overrides.get("target_module") is None:
+            family_of(model)  # a clear error for families we have not mapped
+        return cls(**overrides)
+
+    def resolve_target(self, model: nn.Module) -> str:
+        """Dotted path of the value projection this config edits in ``model``."""
+        if self.target_module is not None:
+            return self.target_module
+        fam = family_of(model)
+        layers_path = self.layers_path or fam.layers
+        num_layers = len(get_submodule(model, layers_path))
+        layer = default_layer_index(num_layers) if self.layer is None else self.layer
+        if layer >= num_layers:
+            raise ValueError(
+                f"{type(self).__name__}.layer={layer}: the model has {num_layers} layers"
+            )
+        return f"{layers_path}.{layer}.{fam.value_proj}"
+
+    def resolve_layers_path(self, model: nn.Module) -> str:
+        return self.layers_path or family_of(model).layers
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class WiseConfig(TargetConfig):
+    """Hyper-parameters of WISE editing. Defaults follow the paper (Table 10) except
+    where the reference code's 7B-tuned constants would not transfer; those are
+    expressed relative to a per-model score scale instead."""
+
     mode: Mode = field(
         default="merge",
         metadata={
@@ -181,11 +235,9 @@ class WiseConfig:
             ),
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
-            ("layer", self.layer is None or self.layer >= 0, "must be >= 0"),
         ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"WiseConfig.{name}={getattr(self, name)!r}: {why}")
+        super().__post_init__()
+        self._validate(checks)
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> WiseConfig:
@@ -207,37 +259,6 @@ class WiseConfig:
         preset = preset_for_matrix(numel)
         preset.update(overrides)
         return cls(layer=layer, **preset)
-
-    def resolve_target(self, model: nn.Module) -> str:
-        """Dotted path of the value projection this config edits in ``model``."""
-        if self.target_module is not None:
-            return self.target_module
-        fam = family_of(model)
-        layers_path = self.layers_path or fam.layers
-        num_layers = len(get_submodule(model, layers_path))
-        layer = default_layer_index(num_layers) if self.layer is None else self.layer
-        if layer >= num_layers:
-            raise ValueError(f"WiseConfig.layer={layer}: the model has {num_layers} layers")
-        return f"{layers_path}.{layer}.{fam.value_proj}"
-
-    def resolve_layers_path(self, model: nn.Module) -> str:
-        return self.layers_path or family_of(model).layers
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["prefix_lengths"] = list(self.prefix_lengths)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WiseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown WiseConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def edits_per_memory(self) -> int:
         """Edits a memory takes before its shards are merged (and, in retrieve mode, closed)."""

@@ -4,50 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import WiseConfig
-from .families import check_value_module, decoder_layers, get_submodule
-from .fastpath import Captured, capture, fast_lm_loss, full_lm_loss
+from .editing import EditorBase, EditResult, Fitted, editing_mode, fit
+from .fastpath import Captured
 from .layer import SideMemory, WiseLayer
 from .masks import clamp_to_bound, mask_generator, masked_step, random_masks
 from .merging import get_merge
 from .neutral import NEUTRAL_PROMPTS
 from .router import margin_loss, replay_loss, sequence_scores, threshold
 from .router import route as route_rows
-from .rows import (
-    SEED_WORDS,
-    EditRows,
-    build_rows,
-    context_limit,
-    encode_prompts,
-    left_pad,
-    pad_id,
-)
+from .rows import SEED_WORDS, EditRows, left_pad, pad_id
+
+__all__ = ["EditResult", "WiseEditor"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EditResult:
-    """What one edit did: where it went and how its optimisation ended."""
-
-    index: int
-    prompt: str
-    target: str
-    memory: int
-    shard: int
-    steps: int
-    loss: float
-    lm_loss: float
-    seconds: float
 
 
 @dataclass
@@ -61,12 +38,16 @@ class _Plan:
     base_delta: torch.Tensor
 
 
-class WiseEditor:
+class WiseEditor(EditorBase):
     """Lifelong editing of one causal LM with WISE.
 
     The model is modified in place: its value projection is replaced by a `WiseLayer`
     until `detach()`. Editing state lives on this object and saves with `save()`.
     """
+
+    method = "WISE"
+    config_class = WiseConfig
+    save_files = ("wise_config.json", "wise_state.json", "wise_memories.safetensors")
 
     def __init__(
         self,
@@ -75,86 +56,19 @@ class WiseEditor:
         config: WiseConfig | None = None,
         irrelevant_prompts: Sequence[str] | None = None,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config if config is not None else WiseConfig.for_model(model)
-        self.target_path = self.config.resolve_target(model)
-        self.layers, self.layer_index = self._locate_layer(model)
-        module = get_submodule(model, self.target_path)
-        if isinstance(module, WiseLayer):
-            raise ValueError(f"{self.target_path} already has a WISE editor attached")
-        check_value_module(module, self.target_path)
-        self.irrelevant_prompts = list(irrelevant_prompts or NEUTRAL_PROMPTS)
-        if not self.irrelevant_prompts or not all(p.strip() for p in self.irrelevant_prompts):
-            raise ValueError("irrelevant_prompts must be non-empty strings")
-        self.fingerprint = weight_fingerprint(module, self.target_path, model)
+        config = config if config is not None else WiseConfig.for_model(model)
+        super().__init__(model, tokenizer, config, irrelevant_prompts)
         self.score_scale: float | None = self.config.score_scale
         self.prefixes: list[str] | None = None
-        self.edit_log: list[dict[str, Any]] = []
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
-        self.layer = WiseLayer(module)
-        _set_submodule(model, self.target_path, self.layer)
-        self._hook = model.base_model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        self._attached = True
 
-    # ------------------------------------------------------------------ attach / detach
-    def _locate_layer(self, model: nn.Module) -> tuple[nn.ModuleList, int]:
-        """The decoder stack and the index of the edited layer (for the fast path)."""
-        layers_path = self.config.resolve_layers_path(model)
-        prefix = layers_path + "."
-        rest = self.target_path[len(prefix) :] if self.target_path.startswith(prefix) else ""
-        head = rest.split(".", 1)[0]
-        if not head.isdigit():
-            raise ValueError(
-                f"target_module: {self.target_path!r} is not inside the decoder layers "
-                f"{layers_path!r}"
-            )
-        return decoder_layers(model, layers_path), int(head)
-
-    def detach(self) -> nn.Module:
-        """Put the original module back; the model is exactly the unedited one again."""
-        if self._attached:
-            self._hook.remove()
-            _set_submodule(self.model, self.target_path, self.layer.base_layer)
-            self._attached = False
-        return self.model
-
-    def _check_attached(self) -> None:
-        if not self._attached:
-            raise RuntimeError("this editor was detached; attach a new WiseEditor to edit again")
-
-    def _on_forward(self, _module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
-        """Every forward of the backbone: a new sequence is routed once, a forward that
-        continues a KV cache keeps the decision made at prefill."""
-        past = kwargs.get("past_key_values")
-        if past is not None and _cache_length(past) > 0:
-            self.layer.routing.hold()
-            return
-        mask = kwargs.get("attention_mask")
-        self.layer.routing.begin(
-            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        )
+    def _make_layer(self, module: nn.Module) -> WiseLayer:
+        return WiseLayer(module)
 
     # ------------------------------------------------------------------ serving
     @property
-    def device(self) -> torch.device:
-        return self.layer.weight.device
-
-    @property
-    def num_edits(self) -> int:
-        return len(self.edit_log)
-
-    @property
     def memories(self) -> list[SideMemory]:
         return list(self.layer.memories)
-
-    def __call__(self, **inputs: Any) -> Any:
-        return self.model(**inputs)
-
-    def generate(self, **inputs: Any) -> torch.Tensor:
-        """`model.generate` with the routing decision held from the prompt for every new token."""
-        inputs.setdefault("pad_token_id", pad_id(self.tokenizer))
-        return self.model.generate(**inputs)
 
     @torch.no_grad()
     def activation_scores(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -179,60 +93,16 @@ class WiseEditor:
     # ------------------------------------------------------------------ editing
     def edit(self, prompt: str, target: str) -> EditResult:
         """Apply one edit. On any error the editor is left exactly as before the call."""
-        self._check_attached()
-        if not isinstance(prompt, str) or not isinstance(target, str):
-            raise TypeError("prompt and target must be strings")
         started = time.perf_counter()
-        with _editing_mode(self.model):
-            rows = build_rows(self.tokenizer, prompt, target, self._ensure_prefixes())
-            self._check_length(rows)
-            rows = rows.to(self.device)
+        with editing_mode(self.model):
+            rows = self._edit_rows(prompt, target, self._ensure_prefixes())
             plan = self._plan()
-            lower = capture(
-                self.model.base_model,
-                self.layers,
-                self.layer_index,
-                self.layer,
-                rows.input_ids,
-                rows.attention_mask,
-                keep_lower_output=self.config.fast_path,
-            )
-            step, steps, loss, lm = self._train(rows, lower, plan)
+            lower = self._capture(rows, keep_lower_output=self.config.fast_path)
+            step, fitted = self._train(rows, lower, plan)
         prompt_acts = lower.acts[0][rows.prompt_mask[0].bool()].cpu()
-        result = EditResult(
-            len(self.edit_log),
-            prompt,
-            target,
-            plan.memory,
-            plan.shard,
-            steps,
-            loss,
-            lm,
-            time.perf_counter() - started,
-        )
+        result = self._result(prompt, target, fitted, started, memory=plan.memory, shard=plan.shard)
         self._commit(plan, step, prompt_acts, result)
         return result
-
-    def edit_many(
-        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
-    ) -> list[EditResult]:
-        """Edit a stream, one sequential edit at a time, continuing the same state."""
-        records = list(records)
-        results: list[EditResult] = []
-        bar = tqdm(records, desc="editing", unit="edit", disable=not progress)
-        for record in bar:
-            prompt, target = _prompt_target(record)
-            results.append(self.edit(prompt, target))
-            bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}", steps=results[-1].steps)
-        return results
-
-    def _check_length(self, rows: EditRows) -> None:
-        limit = context_limit(self.model.config)
-        if limit is not None and rows.input_ids.shape[1] > limit:
-            raise ValueError(
-                f"edit is {rows.input_ids.shape[1]} tokens with its prefix, longer than the "
-                f"model's context of {limit} tokens"
-            )
 
     def _plan(self) -> _Plan:
         cfg = self.config
@@ -255,20 +125,18 @@ class WiseEditor:
             self.layer.weight.shape, self.config.mask_ratio, self.config.shards_per_merge, gen
         )
 
-    def _train(
-        self, rows: EditRows, lower: Captured, plan: _Plan
-    ) -> tuple[torch.Tensor, int, float, float]:
+    def _train(self, rows: EditRows, lower: Captured, plan: _Plan) -> tuple[torch.Tensor, Fitted]:
         """SGD on the active side memory only, under the shard's mask."""
         cfg, scale = self.config, self._ensure_scale()
         irr_acts, irr_mask = self._irrelevant_acts()
         replay = self._replay_acts(plan.memory)
         mask = plan.masks[plan.shard].to(self.device, torch.float32)
         step = torch.zeros_like(plan.base_delta, requires_grad=True)
-        below, loss_value, lm_value, n = 0, float("nan"), float("nan"), 0
-        for n in range(1, cfg.max_steps + 1):
+
+        def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
             delta = plan.base_delta + step
             with self.layer.override(delta):
-                lm = self._lm_loss(rows, lower)
+                lm = self._lm_loss(rows, lower, cfg.fast_path)
             # scores in units of the model's scale, so the paper's margins mean the same
             # thing on every model; margin_weight sets the routing loss against the LM loss
             loss = lm + cfg.margin_weight * margin_loss(
@@ -281,42 +149,27 @@ class WiseEditor:
             if replay is not None:
                 past = sequence_scores(replay[0], delta, replay[1]) / scale
                 loss = loss + cfg.margin_weight * replay_loss(past, cfg.alpha)
-            loss_value, lm_value = loss.item(), lm.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"edit loss became {loss_value} at step {n}; the edit was not applied "
-                    "(try a smaller lr)"
-                )
-            below = below + 1 if loss_value < cfg.early_stop_loss else 0
-            if below >= cfg.early_stop_patience:
-                break
+            return loss, lm
+
+        def update(loss: torch.Tensor) -> None:
             (grad,) = torch.autograd.grad(loss, step)
             with torch.no_grad():
                 new = masked_step(step, grad, mask, cfg.lr)
                 step.copy_(clamp_to_bound(new, plan.base_delta, cfg.norm_bound))
-        return step.detach(), n, loss_value, lm_value
 
-    def _lm_loss(self, rows: EditRows, lower: Captured) -> torch.Tensor:
-        if self.config.fast_path:
-            return fast_lm_loss(
-                self.model,
-                self.layers,
-                self.layer_index,
-                lower,
-                rows.input_ids,
-                rows.attention_mask,
-                rows.targets,
-            )
-        return full_lm_loss(self.model, rows.input_ids, rows.attention_mask, rows.targets)
+        fitted = fit(
+            loss_fn,
+            update,
+            max_steps=cfg.max_steps,
+            early_stop_loss=cfg.early_stop_loss,
+            patience=cfg.early_stop_patience,
+        )
+        return step.detach(), fitted
 
     def _irrelevant_acts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unrelated prompts for this edit's margin loss, drawn from the pool by a generator
-        seeded from the edit index (reproducible, and the same after save/load)."""
-        cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + len(self.edit_log))
-        count = min(cfg.irrelevant_rows, len(self.irrelevant_prompts))
-        picks = torch.randperm(len(self.irrelevant_prompts), generator=gen)[:count].tolist()
-        return self._prompt_batch_acts([self.irrelevant_prompts[i] for i in picks])
+        return self._prompt_batch_acts(
+            self._irrelevant_sample(self.config.irrelevant_rows, self.config.seed)
+        )
 
     def _replay_acts(self, memory: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Prompt activations of edits held by earlier memories (retrieve mode, replay on)."""
@@ -328,23 +181,6 @@ class WiseEditor:
         gen = torch.Generator().manual_seed(self.config.seed * 104729 + len(self.edit_log))
         picks = torch.randperm(len(ids), generator=gen)[: self.config.replay_rows].tolist()
         acts, mask = _stack_ragged(self._edit_prompt_acts([ids[i] for i in picks]), self.device)
-        return acts, mask
-
-    @torch.no_grad()
-    def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Value-matrix inputs (B, T, I) and token mask (B, T) of a left-padded prompt batch."""
-        ids, mask = encode_prompts(self.tokenizer, prompts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        with _editing_mode(self.model):
-            acts = capture(
-                self.model.base_model,
-                self.layers,
-                self.layer_index,
-                self.layer,
-                ids,
-                mask,
-                keep_lower_output=False,
-            ).acts
         return acts, mask
 
     def _edit_prompt_acts(self, edit_ids: list[int]) -> list[torch.Tensor]:
@@ -370,7 +206,7 @@ class WiseEditor:
         memory.delta += step
         memory.shard_values[plan.shard] += step[memory.masks[plan.shard].to(self.device)]
         memory.edit_ids.append(result.index)
-        self.edit_log.append(asdict(result))
+        self._log(result)
         self._prompt_acts[result.index] = prompt_acts
         if len(memory.edit_ids) - memory.merges * cfg.edits_per_memory() == cfg.edits_per_memory():
             self._merge(plan.memory, memory)
@@ -454,54 +290,60 @@ class WiseEditor:
         return prefixes
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Write config, state and side memories (safetensors + JSON, no pickle)."""
-        from .persistence import save_editor
+    def _state(self) -> dict[str, Any]:
+        return {
+            "score_scale": self.score_scale,
+            "prefixes": self.prefixes,
+            "memories": [
+                {
+                    "epsilon": m.epsilon,
+                    "edit_ids": m.edit_ids,
+                    "merges": m.merges,
+                    "closed": m.closed,
+                    "masks": len(m.masks),
+                    "shards": len(m.shard_values),
+                }
+                for m in self.layer.memories
+            ],
+        }
 
-        save_editor(self, path)
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for i, memory in enumerate(self.layer.memories):
+            tensors[f"memory.{i}.delta"] = memory.delta
+            for j, mask in enumerate(memory.masks):
+                tensors[f"memory.{i}.mask.{j}"] = mask
+            for j, values in enumerate(memory.shard_values):
+                tensors[f"memory.{i}.shard.{j}"] = values
+        return tensors
 
-    @classmethod
-    def load(
-        cls,
-        model: nn.Module,
-        tokenizer: Any,
-        path: str,
-        irrelevant_prompts: Sequence[str] | None = None,
-    ) -> WiseEditor:
-        """Re-attach saved edits to ``model``; refuses a directory made for another model."""
-        from .persistence import load_editor
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.score_scale = state["score_scale"]
+        self.prefixes = state["prefixes"]
+        for i, meta in enumerate(state["memories"]):
+            memory = self.layer.new_memory()
+            memory.delta.copy_(tensors[f"memory.{i}.delta"])
+            memory.masks = [tensors[f"memory.{i}.mask.{j}"] for j in range(meta["masks"])]
+            memory.shard_values = [
+                tensors[f"memory.{i}.shard.{j}"].to(memory.delta.device)
+                for j in range(meta["shards"])
+            ]
+            memory.epsilon = float(meta["epsilon"])
+            memory.edit_ids = list(meta["edit_ids"])
+            memory.merges = int(meta["merges"])
+            memory.closed = bool(meta["closed"])
 
-        return load_editor(cls, model, tokenizer, path, irrelevant_prompts)
+    def summary(self) -> dict[str, Any]:
+        return {
+            "memories": len(self.layer.memories),
+            "thresholds": self.thresholds,
+            "steps_per_edit": round(
+                sum(e["steps"] for e in self.edit_log) / max(1, len(self.edit_log)), 1
+            ),
+        }
 
 
 # ---------------------------------------------------------------------- helpers
-def weight_fingerprint(module: nn.Module, path: str, model: nn.Module) -> dict[str, Any]:
-    """Identifies the main weight the edits were made against."""
-    import hashlib
-
-    weight = module.weight.detach().float().cpu().contiguous()
-    return {
-        "model_type": getattr(model.config, "model_type", None),
-        "target_module": path,
-        "shape": list(weight.shape),
-        "sha256": hashlib.sha256(weight.numpy().tobytes()).hexdigest(),
-    }
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
-
-
-def _cache_length(past: Any) -> int:
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:
-        return int(past[0][0].shape[-2])
-    return 0
-
-
 def _stack_ragged(
     acts: list[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,32 +355,3 @@ def _stack_ragged(
     for row, a in enumerate(acts):
         out[row, width - a.shape[0] :] = a
     return out.to(device), mask.to(device)
-
-
-def _prompt_target(record: Mapping[str, str] | tuple[str, str]) -> tuple[str, str]:
-    if isinstance(record, Mapping):
-        if "prompt" not in record or "target" not in record:
-            raise ValueError(
-                f"an edit record needs 'prompt' and 'target' keys, got {sorted(record)}"
-            )
-        return record["prompt"], record["target"]
-    if isinstance(record, (tuple, list)) and len(record) == 2:
-        return record[0], record[1]
-    raise ValueError(f"an edit record is a mapping or a (prompt, target) pair, got {record!r}")
-
-
-@contextmanager
-def _editing_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and frozen model parameters while an edit trains, restored
-    afterwards: gradients flow only into the side memory's step."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)

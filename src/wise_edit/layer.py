@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .families import weight_out_in
+from .editing import AttachedLayer
 from .router import route, sequence_scores
 
 
@@ -38,27 +38,7 @@ class SideMemory(nn.Module):
         return full
 
 
-class RoutingState:
-    """The routing decision of the sequences currently being processed.
-
-    A new sequence (no KV cache yet) is scored from its prompt tokens once; every later
-    forward over the same cache (generation steps) reuses that decision instead of
-    re-routing from a single new token.
-    """
-
-    def __init__(self) -> None:
-        self.token_mask: torch.Tensor | None = None
-        self.choice: torch.Tensor | None = None
-        self.pending = True
-
-    def begin(self, token_mask: torch.Tensor | None) -> None:
-        self.token_mask, self.choice, self.pending = token_mask, None, True
-
-    def hold(self) -> None:
-        self.pending = False
-
-
-class WiseLayer(nn.Module):
+class WiseLayer(AttachedLayer):
     """Wraps a value projection (nn.Linear or GPT-2 Conv1D, bias kept).
 
     forward: override (editing) -> base + a·delta for all rows; no memories or disabled ->
@@ -67,17 +47,9 @@ class WiseLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.memories = nn.ModuleList()
-        self.routing = RoutingState()
         self._override: torch.Tensor | None = None
-        self._disabled = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Main memory W_v in (out, in) layout."""
-        return weight_out_in(self.base_layer)
 
     def new_memory(self) -> SideMemory:
         weight = self.weight
@@ -95,15 +67,6 @@ class WiseLayer(nn.Module):
         finally:
             self._override = previous
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Behave as the unedited layer (prefix generation, pre-edit scores)."""
-        previous, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = previous
-
     def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Activation score of every sequence against every memory: (M, B)."""
         return torch.stack([sequence_scores(acts, m.delta, token_mask) for m in self.memories])
@@ -114,11 +77,8 @@ class WiseLayer(nn.Module):
     def _decide(self, acts: torch.Tensor) -> torch.Tensor:
         state = self.routing
         if state.pending or state.choice is None:
-            mask = state.token_mask
-            if mask is None or mask.shape != acts.shape[:2]:
-                mask = torch.ones(acts.shape[:2], device=acts.device)
             state.choice = route(
-                self.scores(acts, mask.to(acts.device)), self.thresholds(acts.device)
+                self.scores(acts, state.mask_for(acts)), self.thresholds(acts.device)
             )
             state.pending = False
         if state.choice.shape[0] != acts.shape[0]:

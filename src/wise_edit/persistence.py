@@ -1,5 +1,10 @@
 """Saving and loading an editor's state: JSON for everything readable, safetensors for
-tensors. Loading never unpickles anything."""
+tensors. Loading never unpickles anything.
+
+Every method writes the same three files (names per method, `EditorBase.save_files`):
+its config, a state JSON (format version, method, fingerprint of the wrapped weight,
+edit log, and what the method adds) and one safetensors file.
+"""
 
 from __future__ import annotations
 
@@ -13,66 +18,38 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import WiseConfig
-
 if TYPE_CHECKING:
-    from .editor import WiseEditor
+    from .editing import EditorBase
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "wise_config.json"
-STATE_FILE = "wise_state.json"
-TENSOR_FILE = "wise_memories.safetensors"
-
-
-def _memory_tensors(editor: WiseEditor) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for i, memory in enumerate(editor.layer.memories):
-        tensors[f"memory.{i}.delta"] = memory.delta
-        for j, mask in enumerate(memory.masks):
-            tensors[f"memory.{i}.mask.{j}"] = mask
-        for j, values in enumerate(memory.shard_values):
-            tensors[f"memory.{i}.shard.{j}"] = values
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _state(editor: WiseEditor) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": editor.fingerprint,
-        "score_scale": editor.score_scale,
-        "prefixes": editor.prefixes,
-        "memories": [
-            {
-                "epsilon": m.epsilon,
-                "edit_ids": m.edit_ids,
-                "merges": m.merges,
-                "closed": m.closed,
-                "masks": len(m.masks),
-                "shards": len(m.shard_values),
-            }
-            for m in editor.layer.memories
-        ],
-        "edit_log": editor.edit_log,
-    }
 
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
-def save_editor(editor: WiseEditor, path: str | os.PathLike[str]) -> None:
+def save_editor(editor: EditorBase, path: str | os.PathLike[str]) -> None:
     """Written to a sibling temp directory and renamed, so a crash never leaves a
     half-written save behind; an existing save at ``path`` is replaced."""
+    config_file, state_file, tensor_file = editor.save_files
+    state = {
+        "format_version": FORMAT_VERSION,
+        "method": editor.method,
+        "fingerprint": editor.fingerprint,
+        "edit_log": editor.edit_log,
+        **editor._state(),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in editor._tensors().items()}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_json(tmp / CONFIG_FILE, editor.config.to_dict())
-        _write_json(tmp / STATE_FILE, _state(editor))
+        _write_json(tmp / config_file, editor.config.to_dict())
+        _write_json(tmp / state_file, state)
         save_file(
-            _memory_tensors(editor),
-            str(tmp / TENSOR_FILE),
-            metadata={"format": "wise-edit", "version": str(FORMAT_VERSION)},
+            tensors,
+            str(tmp / tensor_file),
+            metadata={"format": "wise-edit", "method": editor.method, "version": "1"},
         )
         if target.exists():
             shutil.rmtree(target)
@@ -83,41 +60,34 @@ def save_editor(editor: WiseEditor, path: str | os.PathLike[str]) -> None:
 
 
 def read_saved(
-    path: str | os.PathLike[str],
-) -> tuple[WiseConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    cls: type[EditorBase], path: str | os.PathLike[str]
+) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """Config object, state and tensors of a save made by ``cls``."""
     folder = Path(path)
-    missing = [f for f in (CONFIG_FILE, STATE_FILE, TENSOR_FILE) if not (folder / f).is_file()]
+    missing = [f for f in cls.save_files if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a wise-edit save (missing {', '.join(missing)})")
-    config = WiseConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    state = json.loads((folder / STATE_FILE).read_text())
+        raise FileNotFoundError(
+            f"{folder} is not a wise-edit save for {cls.method} (missing {', '.join(missing)})"
+        )
+    config_file, state_file, tensor_file = cls.save_files
+    config = cls.config_class.from_dict(json.loads((folder / config_file).read_text()))
+    state = json.loads((folder / state_file).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unsupported format_version {state.get('format_version')}")
-    return config, state, load_file(str(folder / TENSOR_FILE))
+    if state.get("method", cls.method) != cls.method:
+        raise ValueError(f"{folder} holds {state['method']} edits, not {cls.method}")
+    return config, state, load_file(str(folder / tensor_file))
 
 
 def load_editor(
-    cls: type[WiseEditor], model, tokenizer, path, irrelevant_prompts=None
-) -> WiseEditor:
-    config, state, tensors = read_saved(path)
+    cls: type[EditorBase], model, tokenizer, path, irrelevant_prompts=None
+) -> EditorBase:
+    config, state, tensors = read_saved(cls, path)
     editor = cls(model, tokenizer, config, irrelevant_prompts)
     try:
         _check_fingerprint(editor.fingerprint, state["fingerprint"], path)
-        editor.score_scale = state["score_scale"]
-        editor.prefixes = state["prefixes"]
         editor.edit_log = state["edit_log"]
-        for i, meta in enumerate(state["memories"]):
-            memory = editor.layer.new_memory()
-            memory.delta.copy_(tensors[f"memory.{i}.delta"])
-            memory.masks = [tensors[f"memory.{i}.mask.{j}"] for j in range(meta["masks"])]
-            memory.shard_values = [
-                tensors[f"memory.{i}.shard.{j}"].to(memory.delta.device)
-                for j in range(meta["shards"])
-            ]
-            memory.epsilon = float(meta["epsilon"])
-            memory.edit_ids = list(meta["edit_ids"])
-            memory.merges = int(meta["merges"])
-            memory.closed = bool(meta["closed"])
+        editor._restore(state, tensors)
     except BaseException:
         editor.detach()
         raise
