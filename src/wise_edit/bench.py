@@ -28,28 +28,31 @@ logger = logging.getLogger(__name__)
 
 def run_bench(args: argparse.Namespace) -> BenchResult:
     from .cli import _config
-    from .editor import WiseEditor
+    from .methods import editor_class
 
+    cls = editor_class(args.method)
     data_dir = Path(args.data_dir)
     records = load_dataset(args.data, data_dir, limit=args.edits)
     if len(records) < args.edits:
         raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
     pool = _irrelevant_pool(args.data, data_dir)
     model, tokenizer = models.load(args.model)
-    config = _config(model, args)
-    out = Path(args.out or f"runs/{args.data}-T{args.edits}-{config.mode}")
+    config = _config(model, args, cls)
+    mode = getattr(config, "mode", "")
+    name = args.method.lower() + (f"-{mode}" if mode else "")
+    out = Path(args.out or f"runs/{args.data}-T{args.edits}-{name}")
     out.mkdir(parents=True, exist_ok=True)
 
-    def make_editor() -> WiseEditor:
-        return WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
+    def make_editor() -> Any:
+        return cls(model, tokenizer, config, irrelevant_prompts=pool)
 
     result, editor = run_protocol(
         model,
         tokenizer,
         records,
         make_editor,
-        method="WISE",
-        mode=config.mode,
+        method=cls.method,
+        mode=mode,
         dataset=args.data,
         chunk=args.chunk,
     )
@@ -57,19 +60,21 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
     result.extra["config"] = config.to_dict()
     result.extra["model"] = args.model
-    result.extra["memories"] = len(editor.memories)
-    result.extra["steps_per_edit"] = round(
-        sum(e["steps"] for e in editor.edit_log) / max(1, len(editor.edit_log)), 1
-    )
+    result.extra["command"] = "wise-edit " + " ".join(getattr(args, "argv", []) or [])
+    result.extra.update(editor.summary())
     if args.chunk is None:
         result.extra.update(dataset_metrics(args.data, editor, records))
     routing = routing_scores(editor, records)
-    result.extra["routing"] = routing["summary"]
+    if routing is not None:
+        result.extra["routing"] = routing["summary"]
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     (out / "results.md").write_text(markdown_table(result, args))
-    plot_routing(routing, out / "routing.png")
+    written = ["results.json", "results.md"]
+    if routing is not None and routing["scores"]:
+        plot_routing(routing, out / "routing.png")
+        written.append("routing.png")
     print(markdown_table(result, args))
-    print(f"wrote {out}/results.json, results.md, routing.png")
+    print(f"wrote {', '.join(str(out / f) for f in written)}")
     return result
 
 
@@ -105,27 +110,35 @@ def dataset_metrics(dataset: str, editor: Any, records: list[EditRecord]) -> dic
     return {name: {"edited": edited, "pre_edit": pre}}
 
 
-def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any]:
-    """The paper's Figure 3: activation scores of edit prompts, paraphrases and unrelated
-    prompts, each against the threshold of the memory it would use."""
+def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any] | None:
+    """Which prompts reach the edits' memory: edit prompts, paraphrases and unrelated
+    prompts. For WISE also the paper's Figure 3 (activation scores against the threshold
+    of the memory each prompt would use). None for methods that do not route."""
     groups = {
         "edit prompts": [r.prompt for r in records],
         "paraphrases": [r.rephrase for r in records if r.rephrase],
         "unrelated": [r.loc for r in records if r.loc],
     }
-    scores = {}
-    routed = {}
+    scores: dict[str, list[float]] = {}
+    routed: dict[str, float] = {}
     for name, prompts in groups.items():
         if not prompts:
             continue
-        table = editor.activation_scores(prompts)  # (M, N)
-        scores[name] = table.max(dim=0).values.tolist()
-        choice = route(table, torch.tensor(editor.thresholds))  # from the same scores
-        routed[name] = (choice >= 0).float().mean().item()
+        if hasattr(editor, "activation_scores"):  # WISE: scores and routing, one capture
+            table = editor.activation_scores(prompts)  # (M, N)
+            scores[name] = table.max(dim=0).values.tolist()
+            choice = route(table, torch.tensor(editor.thresholds))
+            used = (choice >= 0).tolist()
+        else:
+            used = editor.routed(prompts)
+            if used is None:
+                return None
+        routed[name] = sum(used) / len(used)
+    thresholds = list(getattr(editor, "thresholds", []))
     return {
         "scores": scores,
-        "thresholds": editor.thresholds,
-        "summary": {"share_routed_to_side_memory": routed, "thresholds": editor.thresholds},
+        "thresholds": thresholds,
+        "summary": {"share_routed_to_side_memory": routed, "thresholds": thresholds},
     }
 
 
@@ -163,8 +176,9 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
     tf, gen = result.teacher_forced, result.generated
     pre_tf, pre_gen = result.pre_edit["teacher_forced"], result.pre_edit["generated"]
     lat = result.extra.get("latency", {})
+    title = f"{result.method}-{result.mode}" if result.mode else result.method
     lines = [
-        f"### {result.method}-{result.mode}, {result.dataset}, T = {result.edits}",
+        f"### {title}, {result.dataset}, T = {result.edits}",
         "",
         "| | TF Rel | TF Gen | TF Loc | gen. EM Rel | gen. EM Gen | gen. Loc |",
         "|---|---|---|---|---|---|---|",
@@ -174,7 +188,9 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
         f"{_fmt(gen.gen)} | {_fmt(gen.loc)} |",
         "",
         f"- seconds per edit: {result.seconds_per_edit:.2f}; mean steps per edit: "
-        f"{result.extra.get('steps_per_edit')}; side memories: {result.extra.get('memories')}",
+        f"{result.extra.get('steps_per_edit')}"
+        + (f"; side memories: {result.extra['memories']}" if "memories" in result.extra else "")
+        + (f"; codebook keys: {result.extra['keys']}" if "keys" in result.extra else ""),
         f"- peak memory: {result.peak_memory_mb:.0f} MB",
     ]
     if lat:
@@ -191,6 +207,34 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
     routed = result.extra.get("routing", {}).get("share_routed_to_side_memory", {})
     if routed:
         lines.append(
-            "- routed to a side memory: " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items())
+            "- routed to the edits' memory: " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items())
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(runs: list[str]) -> str:
+    """One row per bench run (folder or results.json): Rel/Gen/Loc of both metric kinds
+    and seconds per edit, sorted by dataset, T, then the order given."""
+    rows = []
+    for order, run in enumerate(runs):
+        path = Path(run)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{run}: no results.json (is it a `wise-edit bench` folder?)")
+        data = json.loads(path.read_text())
+        rows.append((data["dataset"], data["edits"], order, data))
+    lines = [
+        "| method | data | T | TF Rel | TF Gen | TF Loc | gen. Rel | gen. Gen | gen. Loc "
+        "| s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, edits, _, data in sorted(rows, key=lambda r: r[:3]):
+        tf, gen = data["teacher_forced"], data["generated"]
+        name = data["method"] + (f"-{data['mode']}" if data.get("mode") else "")
+        cells = [tf["rel"], tf["gen"], tf["loc"], gen["rel"], gen["gen"], gen["loc"]]
+        lines.append(
+            f"| {name} | {dataset} | {edits} | "
+            + " | ".join(_fmt(c) for c in cells)
+            + f" | {data['seconds_per_edit']:.2f} |"
         )
     return "\n".join(lines) + "\n"

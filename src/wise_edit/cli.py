@@ -12,24 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, models
-from .config import WiseConfig
 from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
+from .editing import EditorBase
+from .editor import WiseEditor
+from .methods import METHODS, editor_class, load_saved
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("WISE settings (default: the model family's preset)")
-    group.add_argument("--mode", choices=["merge", "retrieve"], default=None)
+def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> None:
+    group = parser.add_argument_group("editor settings (default: the model family's preset)")
+    if method:
+        group.add_argument(
+            "--method",
+            choices=list(METHODS),
+            default="wise",
+            help="WISE or one of the paper's baselines (default: wise)",
+        )
+    group.add_argument("--mode", choices=["merge", "retrieve"], default=None, help="WISE only")
     group.add_argument("--layer", type=int, default=None)
     group.add_argument(
         "--set",
         metavar="FIELD=VALUE",
         action="append",
         default=[],
-        help="any WiseConfig field, e.g. --set max_steps=40 (JSON values)",
+        help="any field of the method's config, e.g. --set max_steps=40 (JSON values)",
     )
 
 
-def _config(model: Any, args: argparse.Namespace) -> WiseConfig:
+def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEditor) -> Any:
     overrides: dict[str, Any] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -40,13 +49,15 @@ def _config(model: Any, args: argparse.Namespace) -> WiseConfig:
         except json.JSONDecodeError:
             overrides[name] = value
     if args.mode is not None:
+        if cls is not WiseEditor:
+            raise SystemExit(f"--mode applies to WISE, not {cls.method}")
         overrides["mode"] = args.mode
     if args.layer is not None:
         overrides["layer"] = args.layer
     try:
-        return WiseConfig.for_model(model, **overrides)
+        return cls.config_class.for_model(model, **overrides)
     except TypeError as err:
-        raise SystemExit(f"unknown WiseConfig field in --set: {err}") from err
+        raise SystemExit(f"unknown {cls.config_class.__name__} field in --set: {err}") from err
 
 
 def _pool(data_dir: Path) -> list[str] | None:
@@ -64,8 +75,6 @@ def _answer(editor: Any, prompt: str, max_new_tokens: int = 12) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .editor import WiseEditor
-
     data_dir = Path(args.data_dir)
     print(f"Loading {args.model} ...")
     model, tokenizer = models.load(args.model)
@@ -117,37 +126,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .editor import WiseEditor
-
     records = load_jsonl(args.edits)
     model, tokenizer = models.load(args.model)
+    pool = _pool(args.data_dir)
     if args.resume:
-        editor = WiseEditor.load(
-            model, tokenizer, args.out, irrelevant_prompts=_pool(args.data_dir)
-        )
+        editor = load_saved(model, tokenizer, args.out, irrelevant_prompts=pool)
     else:
-        editor = WiseEditor(
-            model, tokenizer, _config(model, args), irrelevant_prompts=_pool(args.data_dir)
-        )
+        cls = editor_class(args.method)
+        editor = cls(model, tokenizer, _config(model, args, cls), irrelevant_prompts=pool)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
     editor.save(args.out)
     steps = sum(r.steps for r in results)
+    memories = getattr(editor, "memories", None)
+    where = f" in {len(memories)} side memories" if memories is not None else ""
     print(
-        f"applied {len(results)} edits ({steps} steps); editor has {editor.num_edits} edits "
-        f"in {len(editor.memories)} side memories; saved to {args.out}"
+        f"applied {len(results)} edits ({editor.method}, {steps} steps); editor has "
+        f"{editor.num_edits} edits{where}; saved to {args.out}"
     )
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .editor import WiseEditor
-
     model, tokenizer = models.load(args.model)
-    editor = WiseEditor.load(model, tokenizer, args.edits)
+    editor = load_saved(model, tokenizer, args.edits)
     for prompt in args.prompt:
+        answer = _answer(editor, prompt, args.max_new_tokens)
+        print(f"{prompt} -> {answer!r}   [{_where(editor, prompt)}]")
+    return 0
+
+
+def _where(editor: Any, prompt: str) -> str:
+    if isinstance(editor, WiseEditor):
         route = editor.route([prompt])[0]
-        where = "main memory (unedited)" if route < 0 else f"side memory {route}"
-        print(f"{prompt} -> {_answer(editor, prompt, args.max_new_tokens)!r}   [{where}]")
+        return "main memory (unedited)" if route < 0 else f"side memory {route}"
+    used = editor.routed([prompt])
+    if used is None:
+        return f"{editor.method}: edited weights"
+    return f"{editor.method}: {'edit memory' if used[0] else 'unedited'}"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .bench import comparison_table
+
+    table = comparison_table(args.runs)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -191,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default=None, help="output folder (default runs/<data>-T-mode)")
     bench.add_argument("--latency-repeats", type=int, default=5)
-    _add_config_args(bench)
+    _add_config_args(bench, method=True)
     bench.set_defaults(func=cmd_bench)
 
     edit = sub.add_parser("edit", help="apply a JSONL stream of edits and save the editor")
@@ -204,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(default_data_dir()),
         help="for the unrelated-prompt pool (zsre_loc_1k); built-in when absent",
     )
-    _add_config_args(edit)
+    _add_config_args(edit, method=True)
     edit.set_defaults(func=cmd_edit)
+
+    compare = sub.add_parser(
+        "compare", help="one markdown table from several `wise-edit bench` output folders"
+    )
+    compare.add_argument("runs", nargs="+", help="folders (or results.json files) of bench runs")
+    compare.add_argument("--out", default=None, help="also write the table to this file")
+    compare.set_defaults(func=cmd_compare)
 
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
     gen.add_argument("--model", default="smollm2-135m")
@@ -217,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

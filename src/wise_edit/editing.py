@@ -61,6 +61,18 @@ class RoutingState:
     def hold(self) -> None:
         self.pending = False
 
+    def decide(self, batch: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The held decision (one entry per row), made by ``make`` for a new sequence."""
+        if self.pending or self.choice is None:
+            self.choice = make()
+            self.pending = False
+        if self.choice.shape[0] != batch:
+            raise RuntimeError(
+                f"the decision was made for a batch of {self.choice.shape[0]} sequences but "
+                f"the layer now sees {batch}; start a new forward without a KV cache"
+            )
+        return self.choice
+
     def mask_for(self, x: torch.Tensor) -> torch.Tensor:
         """The token mask of ``x`` (B, T, ...): the prompt's, or all ones when the layer
         sees something else (a decoding step, a call without a mask)."""
@@ -204,9 +216,15 @@ class EditorBase:
         inputs.setdefault("pad_token_id", pad_id(self.tokenizer))
         return self.model.generate(**inputs)
 
+    def routed(self, prompts: list[str]) -> list[bool] | None:
+        """Whether each prompt would reach the edits' memory; None for methods that
+        edit the model itself and so reach every input."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """A few numbers about the editor's state, for benchmark reports."""
-        return {}
+        steps = [e["steps"] for e in self.edit_log]
+        return {"steps_per_edit": round(sum(steps) / max(1, len(steps)), 1)}
 
     # ------------------------------------------------------------------ editing
     def edit(self, prompt: str, target: str) -> EditResult:

@@ -335,11 +335,9 @@ class WiseEditor(EditorBase):
 
     def summary(self) -> dict[str, Any]:
         return {
+            **super().summary(),
             "memories": len(self.layer.memories),
             "thresholds": self.thresholds,
-            "steps_per_edit": round(
-                sum(e["steps"] for e in self.edit_log) / max(1, len(self.edit_log)), 1
-            ),
         }
 
 

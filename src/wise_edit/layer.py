@@ -76,17 +76,10 @@ class WiseLayer(AttachedLayer):
 
     def _decide(self, acts: torch.Tensor) -> torch.Tensor:
         state = self.routing
-        if state.pending or state.choice is None:
-            state.choice = route(
-                self.scores(acts, state.mask_for(acts)), self.thresholds(acts.device)
-            )
-            state.pending = False
-        if state.choice.shape[0] != acts.shape[0]:
-            raise RuntimeError(
-                f"routing was decided for a batch of {state.choice.shape[0]} sequences but the "
-                f"layer now sees {acts.shape[0]}; start a new forward without a KV cache"
-            )
-        return state.choice
+        return state.decide(
+            acts.shape[0],
+            lambda: route(self.scores(acts, state.mask_for(acts)), self.thresholds(acts.device)),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)

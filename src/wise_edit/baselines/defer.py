@@ -1,0 +1,233 @@
+"""DEFER: the SERAC-style editor GRACE re-implements and the WISE paper compares with.
+
+At the wrapped layer sit a scope classifier g (a linear probe with a sigmoid on the
+last prompt token's input) and a small counterfactual model o (one linear layer of the
+wrapped layer's shape). A sequence g accepts is computed by o at that layer, every other
+sequence by the original layer. g and o are trained jointly on each edit: o to produce
+the target, g to accept the edit prompt and to reject unrelated prompts. Nothing replays
+earlier edits, so later edits can overwrite what o and g learned for earlier ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TargetConfig
+from ..editing import (
+    AttachedLayer,
+    EditorBase,
+    EditResult,
+    adam_update,
+    editing_mode,
+    fit,
+    last_positions,
+)
+
+PARAMS = ("gate_weight", "gate_bias", "head_weight", "head_bias")
+
+
+@dataclass
+class DeferConfig(TargetConfig):
+    """DEFER as the paper runs it (A.3): learning rate 7e-5 (the best of 7e-5, 7e-4, 1e-3
+    on LLaMA), GRACE's 100 iterations and 0.5 threshold."""
+
+    lr: float = field(default=7e-5, metadata={"help": "Adam learning rate of g and o."})
+    max_steps: int = field(default=100, metadata={"help": "Iterations per edit, at most."})
+    threshold: float = field(
+        default=0.5, metadata={"help": "g's probability above which o is used."}
+    )
+    irrelevant_rows: int = field(
+        default=4, metadata={"help": "Unrelated prompts g learns to reject in each edit."}
+    )
+    early_stop_loss: float = field(
+        default=1e-2,
+        metadata={"help": "Stop an edit once target NLL + classifier loss is below this."},
+    )
+    fast_path: bool = field(
+        default=True, metadata={"help": "Recompute only the edited layer and those above."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate(
+            [
+                ("lr", self.lr > 0, "must be > 0"),
+                ("max_steps", self.max_steps >= 1, "must be >= 1"),
+                ("threshold", 0.0 < self.threshold < 1.0, "must be in (0, 1)"),
+                ("irrelevant_rows", self.irrelevant_rows >= 0, "must be >= 0"),
+                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
+            ]
+        )
+
+
+def gate_probability(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """g: probability that a sequence (its last-token query (B, I)) is in an edit's scope."""
+    return torch.sigmoid(query.float() @ weight + bias)
+
+
+class DeferLayer(AttachedLayer):
+    """The wrapped linear, a scope classifier and a counterfactual linear.
+
+    o starts as a copy of the wrapped layer, so a sequence g accepts before o has
+    learned anything still gets the original output.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = self.weight.detach().float()
+        bias = getattr(base_layer, "bias", None)
+        out_dim, in_dim = weight.shape
+        self.register_buffer("gate_weight", torch.zeros(in_dim, device=weight.device), False)
+        self.register_buffer("gate_bias", torch.zeros((), device=weight.device), False)
+        self.register_buffer("head_weight", weight.clone(), False)
+        self.register_buffer(
+            "head_bias",
+            bias.detach().float().clone()
+            if bias is not None
+            else torch.zeros(out_dim, device=weight.device),
+            False,
+        )
+        self.threshold = 0.5
+        self.trained = False  # until the first edit, every sequence gets the original layer
+        self._trial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in PARAMS}
+
+    @contextmanager
+    def trial(self, params: dict[str, torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
+        """Mix o and the original layer by g's probability at ``positions`` (one per row):
+        the differentiable editing forward."""
+        previous, self._trial = self._trial, (params, positions)
+        try:
+            yield
+        finally:
+            self._trial = previous
+
+    def _head(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x.float() @ params["head_weight"].t() + params["head_bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self._trial is not None:
+            params, positions = self._trial
+            p = gate_probability(x[rows, positions], params["gate_weight"], params["gate_bias"])
+            mixed = p.view(-1, 1, 1) * self._head(x, params) + (1 - p.view(-1, 1, 1)) * base
+            return mixed.to(base.dtype)
+        if self._disabled or not self.trained:
+            return base
+        accept = self.routing.decide(x.shape[0], lambda: self.accepts(x))
+        if not accept.any():
+            return base
+        out = base.clone()
+        out[accept] = self._head(x[accept], self.params()).to(base.dtype)
+        return out
+
+    def accepts(self, x: torch.Tensor) -> torch.Tensor:
+        """g's decision for each sequence, from its last real token."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        query = x[rows, last_positions(self.routing.mask_for(x))]
+        return gate_probability(query, self.gate_weight, self.gate_bias) >= self.threshold
+
+
+class DeferEditor(EditorBase):
+    """Lifelong editing with DEFER at the FFN value projection."""
+
+    method = "DEFER"
+    config_class = DeferConfig
+    save_files = ("defer_config.json", "defer_state.json", "defer_model.safetensors")
+    layer: DeferLayer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: DeferConfig | None = None,
+        irrelevant_prompts: Any = None,
+    ) -> None:
+        super().__init__(model, tokenizer, config or DeferConfig(), irrelevant_prompts)
+        self.layer.threshold = self.config.threshold
+
+    def _make_layer(self, module: nn.Module) -> DeferLayer:
+        return DeferLayer(module)
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Apply one edit. On any error the editor is left exactly as before the call."""
+        cfg = self.config
+        started = time.perf_counter()
+        with editing_mode(self.model):
+            rows = self._edit_rows(prompt, target)
+            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
+            position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
+            positions = torch.tensor([position], device=self.device)
+            queries, labels = self._gate_examples(lower.acts[0, position])
+            params = {k: v.clone().requires_grad_(True) for k, v in self.layer.params().items()}
+
+            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+                with self.layer.trial(params, positions):
+                    lm = self._lm_loss(rows, lower, cfg.fast_path)
+                p = gate_probability(queries, params["gate_weight"], params["gate_bias"])
+                return lm + nn.functional.binary_cross_entropy(p, labels), lm
+
+            fitted = fit(
+                loss_fn,
+                adam_update(list(params.values()), cfg.lr),
+                max_steps=cfg.max_steps,
+                early_stop_loss=cfg.early_stop_loss,
+            )
+        with torch.no_grad():
+            for name, value in params.items():
+                getattr(self.layer, name).copy_(value.detach())
+        self.layer.trained = True
+        result = self._result(prompt, target, fitted, started)
+        self._log(result)
+        return result
+
+    def _gate_examples(self, edit_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier's batch for this edit: the edit prompt (1) and unrelated
+        prompts from the pool (0), each as its last-token query."""
+        queries, labels = [edit_query.view(1, -1).float()], [1.0]
+        count = self.config.irrelevant_rows
+        if count:
+            acts, mask = self._prompt_batch_acts(self._irrelevant_sample(count, seed=0))
+            rows = torch.arange(acts.shape[0], device=acts.device)
+            queries.append(acts[rows, last_positions(mask)].float())
+            labels += [0.0] * acts.shape[0]
+        return torch.cat(queries), torch.tensor(labels, device=self.device)
+
+    @torch.no_grad()
+    def accepts(self, prompts: list[str]) -> list[bool]:
+        """Whether g sends each prompt to the counterfactual model."""
+        if not self.layer.trained:
+            return [False] * len(prompts)
+        acts, mask = self._prompt_batch_acts(prompts)
+        rows = torch.arange(acts.shape[0], device=acts.device)
+        layer = self.layer
+        p = gate_probability(acts[rows, last_positions(mask)], layer.gate_weight, layer.gate_bias)
+        return (p >= layer.threshold).tolist()
+
+    def routed(self, prompts: list[str]) -> list[bool]:
+        return self.accepts(prompts)
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {"trained": self.layer.trained}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return self.layer.params()
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        for name in PARAMS:
+            buffer = getattr(self.layer, name)
+            if tensors[name].shape != buffer.shape:
+                raise ValueError(f"DEFER save: {name} has shape {tuple(tensors[name].shape)}")
+            buffer.copy_(tensors[name])
+        self.layer.trained = bool(state["trained"])

@@ -1,0 +1,278 @@
+"""GRACE (Hartvigsen et al., 2023): a discrete key-value codebook at one layer.
+
+Keys are the wrapped module's input at the last token of an edit prompt, values are
+trained replacement outputs for that token, and each key governs a ball (its deferral
+radius). An input whose last-token activation falls inside the nearest key's ball gets
+that key's value in place of the layer's output at that token; everything else is
+untouched. That gives perfect locality and memorisation, but a paraphrase lands inside a
+ball only if its activation happens to be that close: the "working memory" corner of the
+paper's triangle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import TargetConfig
+from ..editing import (
+    AttachedLayer,
+    EditorBase,
+    EditResult,
+    adam_update,
+    editing_mode,
+    fit,
+    last_positions,
+)
+
+
+@dataclass
+class GraceConfig(TargetConfig):
+    """GRACE as the paper runs it (A.3): value learning rate 1.0, the original
+    implementation's 100 iterations, replace_last, and epsilon_init to vary (B.1)."""
+
+    epsilon_init: float = field(
+        default=1.0,
+        metadata={
+            "help": "Deferral radius of a new key, in the Euclidean distance of the wrapped "
+            "module's inputs (GRACE's default; the paper also tries 3 and 10)."
+        },
+    )
+    lr: float = field(default=1.0, metadata={"help": "Adam learning rate of the value."})
+    max_steps: int = field(default=100, metadata={"help": "Iterations per edit, at most."})
+    early_stop_loss: float = field(
+        default=1e-2, metadata={"help": "Stop an edit once the target NLL is below this."}
+    )
+    fast_path: bool = field(
+        default=True, metadata={"help": "Recompute only the edited layer and those above."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate(
+            [
+                ("epsilon_init", self.epsilon_init > 0, "must be > 0"),
+                ("lr", self.lr > 0, "must be > 0"),
+                ("max_steps", self.max_steps >= 1, "must be >= 1"),
+                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
+            ]
+        )
+
+
+Action = Literal["add", "expand", "split"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an edit goes in the codebook, decided before anything changes.
+
+    add: a new key with radius epsilon_init (no key is near);
+    expand: the nearest key has the same label: its radius grows to reach the new key
+        (never shrinks) and its value is retrained on this edit;
+    split: the nearest key is near but has another label: a new key, and both radii
+        become half their distance so the two balls no longer overlap.
+    """
+
+    action: Action
+    index: int  # the entry the edit trains: new (== len) for add/split
+    nearest: int | None
+    distance: float | None
+    radius: float  # radius of `index` after the edit
+    nearest_radius: float | None  # radius of `nearest` after the edit
+
+
+class Codebook:
+    """Keys (N, I), values (N, O), radii (N,) and labels, with GRACE's rules."""
+
+    def __init__(self, key_dim: int, value_dim: int, device: torch.device) -> None:
+        self.keys = torch.zeros((0, key_dim), device=device)
+        self.values = torch.zeros((0, value_dim), device=device)
+        self.radii = torch.zeros((0,), device=device)
+        self.labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance of each query to each key: (B, N)."""
+        return torch.cdist(queries.float(), self.keys)
+
+    def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest key of each query (B,) and whether the query is inside its ball."""
+        if not len(self):
+            none = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+            return none, torch.zeros_like(none, dtype=torch.bool)
+        dist, index = self.distances(queries).min(dim=1)
+        return index, dist <= self.radii[index]
+
+    def place(self, key: torch.Tensor, label: str, epsilon_init: float) -> Placement:
+        """GRACE's codebook update for an edit with ``key`` (I,) and ``label``."""
+        new = len(self)
+        if not new:
+            return Placement("add", new, None, None, epsilon_init, None)
+        dist, nearest = self.distances(key.view(1, -1))[0].min(dim=0)
+        d, i, r = float(dist), int(nearest), float(self.radii[nearest])
+        if d > r + epsilon_init:
+            return Placement("add", new, i, d, epsilon_init, r)
+        if self.labels[i] != label:
+            return Placement("split", new, i, d, d / 2, d / 2)
+        return Placement("expand", i, i, d, max(r, d), max(r, d))
+
+    def apply(
+        self, placement: Placement, key: torch.Tensor, label: str, value: torch.Tensor
+    ) -> None:
+        """Commit a placement with the trained ``value`` (O,)."""
+        if placement.nearest is not None and placement.nearest_radius is not None:
+            self.radii[placement.nearest] = placement.nearest_radius
+        if placement.action == "expand":
+            self.values[placement.index] = value
+            self.radii[placement.index] = placement.radius
+            return
+        device = self.keys.device
+        self.keys = torch.cat([self.keys, key.float().view(1, -1).to(device)])
+        self.values = torch.cat([self.values, value.float().view(1, -1).to(device)])
+        self.radii = torch.cat([self.radii, torch.tensor([placement.radius], device=device)])
+        self.labels.append(label)
+
+
+class GraceLayer(AttachedLayer):
+    """The wrapped linear plus a codebook; replaces the output at the last token only."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        out_dim, in_dim = self.weight.shape
+        self.codebook = Codebook(in_dim, out_dim, self.weight.device)
+        self._trial: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextmanager
+    def trial(self, value: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+        """Put ``value`` at ``positions`` (one per row) in every row: the editing forward."""
+        previous, self._trial = self._trial, (value, positions)
+        try:
+            yield
+        finally:
+            self._trial = previous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self._trial is not None:
+            value, positions = self._trial
+            out = out.clone()
+            out[rows, positions] = value.to(out.dtype)
+            return out
+        if self._disabled or not len(self.codebook):
+            return out
+        positions = last_positions(self.routing.mask_for(x))
+        entry, hit = self.codebook.lookup(x[rows, positions])
+        if not hit.any():
+            return out
+        out = out.clone()
+        out[rows[hit], positions[hit]] = self.codebook.values[entry[hit]].to(out.dtype)
+        return out
+
+
+class GraceEditor(EditorBase):
+    """Lifelong editing with a GRACE codebook at the FFN value projection."""
+
+    method = "GRACE"
+    config_class = GraceConfig
+    save_files = ("grace_config.json", "grace_state.json", "grace_codebook.safetensors")
+    layer: GraceLayer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: GraceConfig | None = None,
+        irrelevant_prompts: Any = None,
+    ) -> None:
+        super().__init__(model, tokenizer, config or GraceConfig(), irrelevant_prompts)
+
+    def _make_layer(self, module: nn.Module) -> GraceLayer:
+        return GraceLayer(module)
+
+    @property
+    def codebook(self) -> Codebook:
+        return self.layer.codebook
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Apply one edit. On any error the editor is left exactly as before the call."""
+        cfg = self.config
+        started = time.perf_counter()
+        label = " ".join(target.split())
+        with editing_mode(self.model):
+            rows = self._edit_rows(prompt, target)
+            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
+            position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
+            key = lower.acts[0, position].float()
+            placement = self.codebook.place(key, label, cfg.epsilon_init)
+            if placement.action == "expand":
+                start = self.codebook.values[placement.index].clone()
+            else:  # warm start: the layer's own output for this token
+                with torch.no_grad():
+                    start = self.layer.base_layer(lower.acts[0, position]).float()
+            value = start.clone().requires_grad_(True)
+            positions = torch.tensor([position], device=self.device)
+
+            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+                with self.layer.trial(value, positions):
+                    lm = self._lm_loss(rows, lower, cfg.fast_path)
+                return lm, lm
+
+            fitted = fit(
+                loss_fn,
+                adam_update([value], cfg.lr),
+                max_steps=cfg.max_steps,
+                early_stop_loss=cfg.early_stop_loss,
+            )
+        self.codebook.apply(placement, key, label, value.detach())
+        result = self._result(prompt, target, fitted, started, memory=placement.index)
+        self._log(result)
+        self.edit_log[-1]["action"] = placement.action
+        return result
+
+    @torch.no_grad()
+    def hits(self, prompts: list[str]) -> list[int]:
+        """The codebook entry each prompt's last token would use (-1: none)."""
+        acts, mask = self._prompt_batch_acts(prompts)
+        rows = torch.arange(acts.shape[0], device=acts.device)
+        entry, hit = self.codebook.lookup(acts[rows, last_positions(mask)])
+        return torch.where(hit, entry, torch.full_like(entry, -1)).tolist()
+
+    def routed(self, prompts: list[str]) -> list[bool]:
+        return [hit >= 0 for hit in self.hits(prompts)]
+
+    def summary(self) -> dict[str, Any]:
+        actions = [e.get("action") for e in self.edit_log]
+        radii = self.codebook.radii
+        return {
+            **super().summary(),
+            "keys": len(self.codebook),
+            "actions": {a: actions.count(a) for a in ("add", "expand", "split")},
+            "median_radius": float(radii.median()) if len(radii) else None,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {"labels": self.codebook.labels}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        book = self.codebook
+        return {"keys": book.keys, "values": book.values, "radii": book.radii}
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        book, device = self.codebook, self.device
+        keys, values, radii = tensors["keys"], tensors["values"], tensors["radii"]
+        if not (len(keys) == len(values) == len(radii) == len(state["labels"])):
+            raise ValueError("corrupt GRACE save: keys, values, radii and labels differ in length")
+        if keys.shape[1:] != book.keys.shape[1:] or values.shape[1:] != book.values.shape[1:]:
+            raise ValueError("GRACE save: key or value width does not match the layer")
+        book.keys, book.values, book.radii = keys.to(device), values.to(device), radii.to(device)
+        book.labels = list(state["labels"])
