@@ -18,7 +18,7 @@ def model_dir(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate"])
+@pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate", "compare"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -77,7 +77,7 @@ def test_errors_are_reported_not_raised(model_dir, tmp_path, capsys):
     assert "line 1" in capsys.readouterr().err
 
 
-def test_bench_writes_results(model_dir, tmp_path):
+def _tiny_zsre(tmp_path):
     data = tmp_path / "data" / "zsre"
     data.mkdir(parents=True)
     records = [
@@ -96,6 +96,11 @@ def test_bench_writes_results(model_dir, tmp_path):
     ]
     (data / "zsre_edit.json").write_text(json.dumps(records))
     (data / "zsre_loc_1k.json").write_text(json.dumps(records))
+    return tmp_path / "data"
+
+
+def test_bench_writes_results(model_dir, tmp_path):
+    _tiny_zsre(tmp_path)
     out = tmp_path / "run"
     main(
         [
@@ -135,3 +140,59 @@ def test_set_parses_json_values():
 
     config = _config(tiny_model(), args)
     assert config.mask_ratio == 0.5 and config.mode == "retrieve"
+
+
+BASELINE_FAST = {
+    "ft-l": ["--set", "max_steps=3"],
+    "ft-ewc": ["--set", "max_steps=3", "--set", "replay=1"],
+    "grace": ["--set", "max_steps=3"],
+    "defer": ["--set", "max_steps=3"],
+}
+
+
+def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_path, capsys):
+    data_dir = _tiny_zsre(tmp_path)
+    runs = []
+    for method, fast in BASELINE_FAST.items():
+        out = tmp_path / method
+        argv = ["bench", "--model", model_dir, "--data-dir", str(data_dir), "--edits", "2"]
+        argv += ["--method", method, "--out", str(out), "--latency-repeats", "1", *fast]
+        assert main(argv) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["method"] == method.upper() and result["mode"] == ""
+        assert result["teacher_forced"]["rel"] is not None
+        assert result["extra"]["steps_per_edit"] >= 1
+        assert result["extra"]["command"].startswith("wise-edit bench")
+        assert ("routing" in result["extra"]) == (method in ("grace", "defer"))
+        runs.append(str(out))
+    capsys.readouterr()
+    table_file = tmp_path / "table.md"
+    assert main(["compare", *runs, "--out", str(table_file)]) == 0
+    table = table_file.read_text()
+    assert all(f"| {m.upper()} | zsre | 2 |" in table for m in BASELINE_FAST)
+    assert main(["compare", str(tmp_path / "nowhere")]) == 2
+
+
+def test_mode_is_refused_for_a_baseline(model_dir, tmp_path):
+    from wise_edit.cli import _config
+    from wise_edit.methods import editor_class
+
+    args = build_parser().parse_args(["bench", "--method", "grace", "--mode", "retrieve"])
+    with pytest.raises(SystemExit, match="--mode applies to WISE"):
+        _config(tiny_model(), args, editor_class(args.method))
+    args = build_parser().parse_args(["bench", "--method", "grace", "--set", "epsilon_init=3"])
+    assert _config(tiny_model(), args, editor_class("grace")).epsilon_init == 3
+
+
+def test_edit_and_generate_with_a_baseline(model_dir, tmp_path, capsys):
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("\n".join(json.dumps({"prompt": p, "target": t}) for p, t in EDITS[:2]))
+    out = tmp_path / "saved"
+    argv = ["edit", "--model", model_dir, "--edits", str(edits), "--out", str(out)]
+    assert (
+        main([*argv, "--data-dir", str(tmp_path), "--method", "grace", "--set", "max_steps=3"]) == 0
+    )
+    assert "applied 2 edits (GRACE" in capsys.readouterr().out
+    assert (out / "grace_codebook.safetensors").is_file()
+    assert main(["generate", "--model", model_dir, "--edits", str(out), EDITS[0][0]]) == 0
+    assert "GRACE: edit memory" in capsys.readouterr().out

@@ -206,9 +206,9 @@ class GraceEditor(EditorBase):
         """Apply one edit. On any error the editor is left exactly as before the call."""
         cfg = self.config
         started = time.perf_counter()
-        label = " ".join(target.split())
         with editing_mode(self.model):
             rows = self._edit_rows(prompt, target)
+            label = " ".join(target.split())
             lower = self._capture(rows, keep_lower_output=cfg.fast_path)
             position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
             key = lower.acts[0, position].float()
