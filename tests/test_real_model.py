@@ -65,6 +65,29 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
+@pytest.mark.parametrize("method", ["ft-l", "grace"])
+def test_baselines_learn_two_zsre_edits(smollm2, method):
+    """Two baselines at their paper settings on the real model: the edits are generated;
+    GRACE's codebook leaves unrelated prompts untouched."""
+    from wise_edit.methods import editor_class
+
+    model, tokenizer = smollm2
+    records = load_zsre(DATA, limit=2)
+    cls = editor_class(method)
+    editor = cls(model, tokenizer, cls.config_class.for_model(model))
+    before = {p: _answer(editor, p) for p in UNRELATED}
+    for record in records:
+        editor.edit(record.prompt, record.target)
+    for record in records:
+        answer = _answer(editor, record.prompt)
+        assert answer.strip().lower().startswith(record.target.lower()), (record, answer)
+    if method == "grace":
+        assert {p: _answer(editor, p) for p in UNRELATED} == before
+        assert editor.routed(UNRELATED) == [False, False]
+    editor.detach()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
 def test_small_zsre_benchmark_through_the_cli(tmp_path):
     """`wise-edit bench` at small scale on the real model: 8 sequential ZsRE edits, the
     reported metrics in range and unrelated prompts' outputs unchanged."""
