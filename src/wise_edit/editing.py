@@ -88,6 +88,12 @@ def last_positions(token_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - token_mask.flip(-1).float().argmax(-1)
 
 
+def last_token(acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's activation (B, I) at its last real token."""
+    rows = torch.arange(acts.shape[0], device=acts.device)
+    return acts[rows, last_positions(token_mask).to(acts.device)]
+
+
 class AttachedLayer(nn.Module):
     """Base of every module wise-edit puts in place of a model's linear layer: it keeps
     the original as ``base_layer`` (bias and GPT-2 Conv1D layout included) and can be
@@ -98,6 +104,17 @@ class AttachedLayer(nn.Module):
         self.base_layer = base_layer
         self.routing = RoutingState()
         self._disabled = False
+        self._trial: Any = None
+
+    @contextmanager
+    def trial(self, state: Any) -> Iterator[None]:
+        """Compute with ``state`` (what an edit is training, in the form the layer's
+        forward reads) instead of what is committed: the editing forward."""
+        previous, self._trial = self._trial, state
+        try:
+            yield
+        finally:
+            self._trial = previous
 
     @property
     def weight(self) -> torch.Tensor:
@@ -118,25 +135,28 @@ class AttachedLayer(nn.Module):
 class EditorBase:
     """Attaches a method's `AttachedLayer` to one linear module of a causal LM.
 
-    Subclasses set ``method`` and ``save_files``, and implement `_make_layer`, `edit`,
+    Subclasses set ``method``, ``config_class``, ``layer_class`` and ``save_files``, and
+    implement `edit`,
     `_state`/`_tensors`/`_restore` (persistence) and optionally `summary`. The model is
     modified in place until `detach()`.
     """
 
     method: ClassVar[str] = ""
     config_class: ClassVar[type]
+    layer_class: ClassVar[type[AttachedLayer]]
     save_files: ClassVar[tuple[str, str, str]]  # config JSON, state JSON, tensors
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer: Any,
-        config: Any,
+        config: Any = None,
         irrelevant_prompts: Sequence[str] | None = None,
     ) -> None:
+        """``config`` None: the method's preset for ``model``."""
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = config = config if config is not None else self.config_class.for_model(model)
         self.target_path = config.resolve_target(model)
         self.layers, self.layer_index = self._locate_layer(model)
         module = get_submodule(model, self.target_path)
@@ -156,7 +176,7 @@ class EditorBase:
         self._attached = True
 
     def _make_layer(self, module: nn.Module) -> AttachedLayer:
-        raise NotImplementedError
+        return self.layer_class(module)
 
     # ------------------------------------------------------------------ attach / detach
     def _locate_layer(self, model: nn.Module) -> tuple[nn.ModuleList, int]:

@@ -47,6 +47,7 @@ class WiseEditor(EditorBase):
 
     method = "WISE"
     config_class = WiseConfig
+    layer_class = WiseLayer
     save_files = ("wise_config.json", "wise_state.json", "wise_memories.safetensors")
 
     def __init__(
@@ -56,14 +57,10 @@ class WiseEditor(EditorBase):
         config: WiseConfig | None = None,
         irrelevant_prompts: Sequence[str] | None = None,
     ) -> None:
-        config = config if config is not None else WiseConfig.for_model(model)
         super().__init__(model, tokenizer, config, irrelevant_prompts)
         self.score_scale: float | None = self.config.score_scale
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
-
-    def _make_layer(self, module: nn.Module) -> WiseLayer:
-        return WiseLayer(module)
 
     # ------------------------------------------------------------------ serving
     @property

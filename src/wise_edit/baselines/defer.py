@@ -11,8 +11,6 @@ earlier edits, so later edits can overwrite what o and g learned for earlier one
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +25,7 @@ from ..editing import (
     adam_update,
     editing_mode,
     fit,
-    last_positions,
+    last_token,
 )
 
 PARAMS = ("gate_weight", "gate_bias", "head_weight", "head_bias")
@@ -96,20 +94,9 @@ class DeferLayer(AttachedLayer):
         )
         self.threshold = 0.5
         self.trained = False  # until the first edit, every sequence gets the original layer
-        self._trial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
     def params(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in PARAMS}
-
-    @contextmanager
-    def trial(self, params: dict[str, torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
-        """Mix o and the original layer by g's probability at ``positions`` (one per row):
-        the differentiable editing forward."""
-        previous, self._trial = self._trial, (params, positions)
-        try:
-            yield
-        finally:
-            self._trial = previous
 
     def _head(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return x.float() @ params["head_weight"].t() + params["head_bias"]
@@ -117,7 +104,7 @@ class DeferLayer(AttachedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
         rows = torch.arange(x.shape[0], device=x.device)
-        if self._trial is not None:
+        if self._trial is not None:  # editing: mix o and the layer by g's probability
             params, positions = self._trial
             p = gate_probability(x[rows, positions], params["gate_weight"], params["gate_bias"])
             mixed = p.view(-1, 1, 1) * self._head(x, params) + (1 - p.view(-1, 1, 1)) * base
@@ -133,8 +120,7 @@ class DeferLayer(AttachedLayer):
 
     def accepts(self, x: torch.Tensor) -> torch.Tensor:
         """g's decision for each sequence, from its last real token."""
-        rows = torch.arange(x.shape[0], device=x.device)
-        query = x[rows, last_positions(self.routing.mask_for(x))]
+        query = last_token(x, self.routing.mask_for(x))
         return gate_probability(query, self.gate_weight, self.gate_bias) >= self.threshold
 
 
@@ -143,21 +129,13 @@ class DeferEditor(EditorBase):
 
     method = "DEFER"
     config_class = DeferConfig
+    layer_class = DeferLayer
     save_files = ("defer_config.json", "defer_state.json", "defer_model.safetensors")
     layer: DeferLayer
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        config: DeferConfig | None = None,
-        irrelevant_prompts: Any = None,
-    ) -> None:
-        super().__init__(model, tokenizer, config or DeferConfig(), irrelevant_prompts)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.layer.threshold = self.config.threshold
-
-    def _make_layer(self, module: nn.Module) -> DeferLayer:
-        return DeferLayer(module)
 
     def edit(self, prompt: str, target: str) -> EditResult:
         """Apply one edit. On any error the editor is left exactly as before the call."""
@@ -172,7 +150,7 @@ class DeferEditor(EditorBase):
             params = {k: v.clone().requires_grad_(True) for k, v in self.layer.params().items()}
 
             def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                with self.layer.trial(params, positions):
+                with self.layer.trial((params, positions)):
                     lm = self._lm_loss(rows, lower, cfg.fast_path)
                 p = gate_probability(queries, params["gate_weight"], params["gate_bias"])
                 return lm + nn.functional.binary_cross_entropy(p, labels), lm
@@ -197,10 +175,9 @@ class DeferEditor(EditorBase):
         queries, labels = [edit_query.view(1, -1).float()], [1.0]
         count = self.config.irrelevant_rows
         if count:
-            acts, mask = self._prompt_batch_acts(self._irrelevant_sample(count, seed=0))
-            rows = torch.arange(acts.shape[0], device=acts.device)
-            queries.append(acts[rows, last_positions(mask)].float())
-            labels += [0.0] * acts.shape[0]
+            negatives = last_token(*self._prompt_batch_acts(self._irrelevant_sample(count, 0)))
+            queries.append(negatives.float())
+            labels += [0.0] * negatives.shape[0]
         return torch.cat(queries), torch.tensor(labels, device=self.device)
 
     @torch.no_grad()
@@ -208,10 +185,9 @@ class DeferEditor(EditorBase):
         """Whether g sends each prompt to the counterfactual model."""
         if not self.layer.trained:
             return [False] * len(prompts)
-        acts, mask = self._prompt_batch_acts(prompts)
-        rows = torch.arange(acts.shape[0], device=acts.device)
+        query = last_token(*self._prompt_batch_acts(prompts))
         layer = self.layer
-        p = gate_probability(acts[rows, last_positions(mask)], layer.gate_weight, layer.gate_bias)
+        p = gate_probability(query, layer.gate_weight, layer.gate_bias)
         return (p >= layer.threshold).tolist()
 
     def routed(self, prompts: list[str]) -> list[bool]:

@@ -9,8 +9,7 @@ save holds only what was learned.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,16 +102,6 @@ class DeltaLayer(AttachedLayer):
         self.register_buffer(
             "delta", torch.zeros(weight.shape, device=weight.device), persistent=False
         )
-        self._trial: torch.Tensor | None = None
-
-    @contextmanager
-    def trial(self, delta: torch.Tensor) -> Iterator[None]:
-        """Compute with ``delta`` instead of the committed one (the editing forward)."""
-        previous, self._trial = self._trial, delta
-        try:
-            yield
-        finally:
-            self._trial = previous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
@@ -127,20 +116,9 @@ class FTLEditor(EditorBase):
 
     method = "FT-L"
     config_class = FTLConfig
+    layer_class = DeltaLayer
     save_files = ("ft_l_config.json", "ft_l_state.json", "ft_l_delta.safetensors")
     layer: DeltaLayer
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        config: FTLConfig | None = None,
-        irrelevant_prompts: Any = None,
-    ) -> None:
-        super().__init__(model, tokenizer, config or self.config_class(), irrelevant_prompts)
-
-    def _make_layer(self, module: nn.Module) -> DeltaLayer:
-        return DeltaLayer(module)
 
     def edit(self, prompt: str, target: str) -> EditResult:
         """Apply one edit. On any error the editor is left exactly as before the call."""

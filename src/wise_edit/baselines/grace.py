@@ -12,8 +12,6 @@ paper's triangle.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +27,7 @@ from ..editing import (
     editing_mode,
     fit,
     last_positions,
+    last_token,
 )
 
 
@@ -148,29 +147,20 @@ class GraceLayer(AttachedLayer):
         super().__init__(base_layer)
         out_dim, in_dim = self.weight.shape
         self.codebook = Codebook(in_dim, out_dim, self.weight.device)
-        self._trial: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @contextmanager
-    def trial(self, value: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
-        """Put ``value`` at ``positions`` (one per row) in every row: the editing forward."""
-        previous, self._trial = self._trial, (value, positions)
-        try:
-            yield
-        finally:
-            self._trial = previous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         rows = torch.arange(x.shape[0], device=x.device)
-        if self._trial is not None:
+        if self._trial is not None:  # editing: (value, one position per row) for every row
             value, positions = self._trial
             out = out.clone()
             out[rows, positions] = value.to(out.dtype)
             return out
         if self._disabled or not len(self.codebook):
             return out
-        positions = last_positions(self.routing.mask_for(x))
-        entry, hit = self.codebook.lookup(x[rows, positions])
+        mask = self.routing.mask_for(x)
+        positions = last_positions(mask)
+        entry, hit = self.codebook.lookup(last_token(x, mask))
         if not hit.any():
             return out
         out = out.clone()
@@ -183,20 +173,9 @@ class GraceEditor(EditorBase):
 
     method = "GRACE"
     config_class = GraceConfig
+    layer_class = GraceLayer
     save_files = ("grace_config.json", "grace_state.json", "grace_codebook.safetensors")
     layer: GraceLayer
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        config: GraceConfig | None = None,
-        irrelevant_prompts: Any = None,
-    ) -> None:
-        super().__init__(model, tokenizer, config or GraceConfig(), irrelevant_prompts)
-
-    def _make_layer(self, module: nn.Module) -> GraceLayer:
-        return GraceLayer(module)
 
     @property
     def codebook(self) -> Codebook:
@@ -222,7 +201,7 @@ class GraceEditor(EditorBase):
             positions = torch.tensor([position], device=self.device)
 
             def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                with self.layer.trial(value, positions):
+                with self.layer.trial((value, positions)):
                     lm = self._lm_loss(rows, lower, cfg.fast_path)
                 return lm, lm
 
@@ -241,9 +220,7 @@ class GraceEditor(EditorBase):
     @torch.no_grad()
     def hits(self, prompts: list[str]) -> list[int]:
         """The codebook entry each prompt's last token would use (-1: none)."""
-        acts, mask = self._prompt_batch_acts(prompts)
-        rows = torch.arange(acts.shape[0], device=acts.device)
-        entry, hit = self.codebook.lookup(acts[rows, last_positions(mask)])
+        entry, hit = self.codebook.lookup(last_token(*self._prompt_batch_acts(prompts)))
         return torch.where(hit, entry, torch.full_like(entry, -1)).tolist()
 
     def routed(self, prompts: list[str]) -> list[bool]:
