@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TargetConfig
 from ..editing import (
     AttachedLayer,
     EditorBase,
@@ -27,17 +26,17 @@ from ..editing import (
     fit,
     last_token,
 )
+from .common import BaselineConfig
 
 PARAMS = ("gate_weight", "gate_bias", "head_weight", "head_bias")
 
 
 @dataclass
-class DeferConfig(TargetConfig):
+class DeferConfig(BaselineConfig):
     """DEFER as the paper runs it (A.3): learning rate 7e-5 (the best of 7e-5, 7e-4, 1e-3
     on LLaMA), GRACE's 100 iterations and 0.5 threshold."""
 
     lr: float = field(default=7e-5, metadata={"help": "Adam learning rate of g and o."})
-    max_steps: int = field(default=100, metadata={"help": "Iterations per edit, at most."})
     threshold: float = field(
         default=0.5, metadata={"help": "g's probability above which o is used."}
     )
@@ -48,19 +47,13 @@ class DeferConfig(TargetConfig):
         default=1e-2,
         metadata={"help": "Stop an edit once target NLL + classifier loss is below this."},
     )
-    fast_path: bool = field(
-        default=True, metadata={"help": "Recompute only the edited layer and those above."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate(
             [
-                ("lr", self.lr > 0, "must be > 0"),
-                ("max_steps", self.max_steps >= 1, "must be >= 1"),
                 ("threshold", 0.0 < self.threshold < 1.0, "must be in (0, 1)"),
                 ("irrelevant_rows", self.irrelevant_rows >= 0, "must be >= 0"),
-                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
             ]
         )
 

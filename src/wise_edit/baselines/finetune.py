@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TargetConfig
 from ..editing import AttachedLayer, EditorBase, EditResult, adam_update, editing_mode, fit
 from ..fastpath import Captured
 from ..masks import clamp_to_bound
 from ..rows import EditRows
+from .common import BaselineConfig
 
 
 @dataclass
-class FTLConfig(TargetConfig):
+class FTLConfig(BaselineConfig):
     """FT-L as in the paper's Appendix A.2-A.3 (ROME's re-implementation): Adam at 5e-4,
     50 iterations, autoregressive loss on the target, an L-infinity bound on the change
     from the original weights."""
@@ -40,9 +40,6 @@ class FTLConfig(TargetConfig):
             "ROME's 5e-4 left SmolLM2 unable to learn edits (docs/RESULTS.md)."
         },
     )
-    early_stop_loss: float = field(
-        default=1e-2, metadata={"help": "Stop an edit once the target NLL is below this."}
-    )
     fast_path: bool = field(
         default=True, metadata={"help": "Recompute only the edited layer and those above."}
     )
@@ -51,14 +48,11 @@ class FTLConfig(TargetConfig):
         super().__post_init__()
         self._validate(
             [
-                ("lr", self.lr > 0, "must be > 0"),
-                ("max_steps", self.max_steps >= 1, "must be >= 1"),
                 (
                     "norm_bound",
                     self.norm_bound is None or self.norm_bound > 0,
                     "must be > 0 or None",
                 ),
-                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
             ]
         )
 

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import TargetConfig
 from ..editing import (
     AttachedLayer,
     EditorBase,
@@ -29,10 +28,11 @@ from ..editing import (
     last_positions,
     last_token,
 )
+from .common import BaselineConfig
 
 
 @dataclass
-class GraceConfig(TargetConfig):
+class GraceConfig(BaselineConfig):
     """GRACE as the paper runs it (A.3): value learning rate 1.0, the original
     implementation's 100 iterations, replace_last, and epsilon_init to vary (B.1)."""
 
@@ -44,22 +44,12 @@ class GraceConfig(TargetConfig):
         },
     )
     lr: float = field(default=1.0, metadata={"help": "Adam learning rate of the value."})
-    max_steps: int = field(default=100, metadata={"help": "Iterations per edit, at most."})
-    early_stop_loss: float = field(
-        default=1e-2, metadata={"help": "Stop an edit once the target NLL is below this."}
-    )
-    fast_path: bool = field(
-        default=True, metadata={"help": "Recompute only the edited layer and those above."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate(
             [
                 ("epsilon_init", self.epsilon_init > 0, "must be > 0"),
-                ("lr", self.lr > 0, "must be > 0"),
-                ("max_steps", self.max_steps >= 1, "must be >= 1"),
-                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
             ]
         )
 
