@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -136,9 +136,8 @@ class EditorBase:
     """Attaches a method's `AttachedLayer` to one linear module of a causal LM.
 
     Subclasses set ``method``, ``config_class``, ``layer_class`` and ``save_files``, and
-    implement `edit`,
-    `_state`/`_tensors`/`_restore` (persistence) and optionally `summary`. The model is
-    modified in place until `detach()`.
+    implement `edit`, `_state`/`_tensors`/`_restore` (persistence) and optionally
+    `routed` and `summary`. The model is modified in place until `detach()`.
     """
 
     method: ClassVar[str] = ""
@@ -279,13 +278,18 @@ class EditorBase:
 
     def _capture(self, rows: EditRows, keep_lower_output: bool = True) -> Captured:
         """The frozen part of the forward (everything below the wrapped module)."""
+        return self._capture_ids(rows.input_ids, rows.attention_mask, keep_lower_output)
+
+    def _capture_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, keep_lower_output: bool
+    ) -> Captured:
         return capture(
             self.model.base_model,
             self.layers,
             self.layer_index,
             self.layer,
-            rows.input_ids,
-            rows.attention_mask,
+            ids,
+            mask,
             keep_lower_output=keep_lower_output,
         )
 
@@ -310,15 +314,7 @@ class EditorBase:
         ids, mask = encode_prompts(self.tokenizer, prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with editing_mode(self.model):
-            acts = capture(
-                self.model.base_model,
-                self.layers,
-                self.layer_index,
-                self.layer,
-                ids,
-                mask,
-                keep_lower_output=False,
-            ).acts
+            acts = self._capture_ids(ids, mask, keep_lower_output=False).acts
         return acts, mask
 
     def _irrelevant_sample(self, count: int, seed: int) -> list[str]:
@@ -330,8 +326,6 @@ class EditorBase:
         return [self.irrelevant_prompts[i] for i in picks]
 
     def _log(self, result: EditResult) -> None:
-        from dataclasses import asdict
-
         self.edit_log.append(asdict(result))
 
     def _result(

@@ -132,7 +132,7 @@ class WiseEditor(EditorBase):
 
         def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
             delta = plan.base_delta + step
-            with self.layer.override(delta):
+            with self.layer.trial(delta):
                 lm = self._lm_loss(rows, lower, cfg.fast_path)
             # scores in units of the model's scale, so the paper's margins mean the same
             # thing on every model; margin_weight sets the routing loss against the LM loss

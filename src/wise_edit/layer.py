@@ -3,9 +3,6 @@ memories, and routes each sequence to one of them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -41,7 +38,7 @@ class SideMemory(nn.Module):
 class WiseLayer(AttachedLayer):
     """Wraps a value projection (nn.Linear or GPT-2 Conv1D, bias kept).
 
-    forward: override (editing) -> base + a·delta for all rows; no memories or disabled ->
+    forward: trial (editing) -> base + a·delta for all rows; no memories or disabled ->
     base; else each row gets base, or base + a·delta of the memory its routing chose.
     Rows routed to the main memory get exactly ``base_layer``'s output.
     """
@@ -49,23 +46,12 @@ class WiseLayer(AttachedLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
-        self._override: torch.Tensor | None = None
 
     def new_memory(self) -> SideMemory:
         weight = self.weight
         memory = SideMemory(weight.shape, weight.device)
         self.memories.append(memory)
         return memory
-
-    @contextmanager
-    def override(self, delta: torch.Tensor) -> Iterator[None]:
-        """Use ``base + a·delta`` for every row: the editing forward, where routing is
-        not asked but trained."""
-        previous, self._override = self._override, delta
-        try:
-            yield
-        finally:
-            self._override = previous
 
     def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Activation score of every sequence against every memory: (M, B)."""
@@ -83,8 +69,8 @@ class WiseLayer(AttachedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
-        if self._override is not None:
-            return base + (x.float() @ self._override.t()).to(base.dtype)
+        if self._trial is not None:  # editing: base + a·delta for every row, unrouted
+            return base + (x.float() @ self._trial.t()).to(base.dtype)
         if self._disabled or not self.memories:
             return base
         choice = self._decide(x)
