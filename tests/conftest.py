@@ -116,6 +116,22 @@ def fast_config(**overrides) -> WiseConfig:
     return WiseConfig(**settings)
 
 
+def poison_lm_loss(monkeypatch, at_call: int) -> dict:
+    """Make the editing loss NaN at its ``at_call``-th computation (counting from 1);
+    returns the call counter so a test can reset it."""
+    import wise_edit.editing as editing
+
+    real, calls = editing.fast_lm_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == at_call else loss
+
+    monkeypatch.setattr(editing, "fast_lm_loss", poisoned)
+    return calls
+
+
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import EDITS, tiny_model
+from conftest import EDITS, poison_lm_loss, tiny_model
 
 from wise_edit import WiseEditor
 from wise_edit.baselines import (
@@ -67,6 +67,16 @@ def same_state(a, b):
     assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
+def layer_io(editor, batch):
+    """The wrapped layer's input and output in one forward of ``batch``."""
+    seen = {}
+    handle = editor.layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], out=out))
+    with torch.no_grad():
+        editor.model(**batch)
+    handle.remove()
+    return seen["x"], seen["out"]
+
+
 def logits_of(model, tokenizer, prompt):
     with torch.no_grad():
         return model(**tokenizer([prompt], return_tensors="pt")).logits
@@ -119,16 +129,7 @@ def test_bad_input_changes_nothing(name, monkeypatch):
         editor.edit("Who?", "")
     with pytest.raises(TypeError):
         editor.edit("Who?", 3)
-    import wise_edit.editing as editing
-
-    real, calls = editing.fast_lm_loss, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
-    monkeypatch.setattr(editing, "fast_lm_loss", poisoned)
+    poison_lm_loss(monkeypatch, at_call=2)
     with pytest.raises(FloatingPointError, match="not applied"):
         editor.edit(*EDITS[1])
     same_state(before, state(editor))
@@ -274,16 +275,10 @@ def test_grace_replaces_only_the_last_token_of_a_hit():
     editor.edit(prompt, target)
     assert editor.hits([prompt, UNRELATED]) == [0, -1]
     layer = editor.layer
-    tok = editor.tokenizer
-    ids = tok([prompt], return_tensors="pt")
-    seen = {}
-    handle = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], out=out))
-    with torch.no_grad():
-        editor.model(**ids)
-    handle.remove()
-    base = layer.base_layer(seen["x"])
-    assert torch.equal(seen["out"][0, :-1], base[0, :-1])
-    assert torch.equal(seen["out"][0, -1], layer.codebook.values[0])
+    x, out = layer_io(editor, editor.tokenizer([prompt], return_tensors="pt"))
+    base = layer.base_layer(x)
+    assert torch.equal(out[0, :-1], base[0, :-1])
+    assert torch.equal(out[0, -1], layer.codebook.values[0])
 
 
 def test_grace_generation_uses_the_codebook():
@@ -315,18 +310,14 @@ def test_defer_routes_whole_sequences_and_holds_during_generation():
         layer.gate_bias.zero_()
     prompts = [EDITS[0][0], EDITS[2][0], UNRELATED, EDITS[3][0]]
     accepted = editor.accepts(prompts)
-    assert True in accepted or False in accepted
+    assert True in accepted and False in accepted  # both branches are exercised
     batch = tok(prompts, return_tensors="pt", padding=True)
-    seen = {}
-    handle = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], out=out))
-    with torch.no_grad():
-        editor.model(**batch)
-    handle.remove()
-    base = layer.base_layer(seen["x"])
-    head = layer._head(seen["x"], layer.params())
+    x, out = layer_io(editor, batch)
+    base = layer.base_layer(x)
+    head = layer._head(x, layer.params())
     for row, accept in enumerate(accepted):
         expected = head[row] if accept else base[row]
-        assert torch.equal(seen["out"][row], expected.to(seen["out"].dtype))
+        assert torch.equal(out[row], expected.to(out.dtype))
     decisions = []
     original = layer.accepts
     layer.accepts = lambda x: decisions.append(1) or original(x)

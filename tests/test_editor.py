@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import EDITS, fast_config, tiny_model
+from conftest import EDITS, fast_config, poison_lm_loss, tiny_model
 
 from wise_edit import WiseConfig, WiseEditor
 from wise_edit.merging import ties
@@ -258,17 +258,7 @@ def test_nan_loss_leaves_state_untouched(tokenizer, monkeypatch):
     editor = WiseEditor(tiny_model(), tokenizer, fast_config())
     editor.edit(*EDITS[0])
     before = _snapshot(editor)
-    import wise_edit.editing as editor_module
-
-    real = editor_module.fast_lm_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(editor_module, "fast_lm_loss", poisoned)
+    calls = poison_lm_loss(monkeypatch, at_call=3)
     with pytest.raises(FloatingPointError, match="not applied"):
         editor.edit(*EDITS[1])
     _same(before, _snapshot(editor))
@@ -315,7 +305,7 @@ def test_biased_value_projection_keeps_its_bias(tokenizer):
     acts = torch.randn(2, 3, layer_module.in_features)
     assert torch.equal(editor.layer(acts), layer_module(acts))  # no memory yet: base, bias
     delta = torch.randn(layer_module.weight.shape) * 0.1
-    with editor.layer.override(delta):
+    with editor.layer.trial(delta):
         torch.testing.assert_close(editor.layer(acts), layer_module(acts) + acts @ delta.t())
 
 

@@ -13,7 +13,7 @@ def _loss_and_grad(editor, rows, fast: bool):
     weight = editor.layer.weight
     step = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * 0.05
     step.requires_grad_(True)
-    with editor.layer.override(step):
+    with editor.layer.trial(step):
         if fast:
             lower = capture(
                 editor.model.base_model,

@@ -88,7 +88,7 @@ def test_metrics_route_on_the_prompt(tokenizer):
     editor.edit(prompt, target)
     after = metrics.token_accuracy(model, tokenizer, prompt, target)
     assert after > before
-    with editor.layer.override(editor.memories[0].delta):
+    with editor.layer.trial(editor.memories[0].delta):
         forced = metrics.target_logits(
             model, tokenizer(prompt)["input_ids"], target_ids(tokenizer, target)
         )

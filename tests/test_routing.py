@@ -75,7 +75,7 @@ def test_generation_keeps_the_prompt_decision(edited):
     batch = _batch(edited, prompts)
     generated = edited.generate(**batch, max_new_tokens=6, do_sample=False)
     memory = edited.memories[0]
-    with edited.layer.override(memory.delta):  # side memory for every token
+    with edited.layer.trial(memory.delta):  # side memory for every token
         forced = edited.generate(**batch, max_new_tokens=6, do_sample=False)
     with edited.layer.disabled():  # main memory for every token
         plain = edited.generate(**batch, max_new_tokens=6, do_sample=False)
