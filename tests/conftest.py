@@ -119,16 +119,16 @@ def fast_config(**overrides) -> WiseConfig:
 def poison_lm_loss(monkeypatch, at_call: int) -> dict:
     """Make the editing loss NaN at its ``at_call``-th computation (counting from 1);
     returns the call counter so a test can reset it."""
-    import wise_edit.editing as editing
+    import wise_edit.core.fastpath as fastpath
 
-    real, calls = editing.fast_lm_loss, {"n": 0}
+    real, calls = fastpath.fast_lm_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == at_call else loss
 
-    monkeypatch.setattr(editing, "fast_lm_loss", poisoned)
+    monkeypatch.setattr(fastpath, "fast_lm_loss", poisoned)
     return calls
 
 

@@ -20,10 +20,12 @@ from wise_edit.baselines import (
     GraceEditor,
 )
 from wise_edit.baselines.defer import gate_probability
-from wise_edit.editing import fit
-from wise_edit.methods import METHODS, editor_class, load_saved, saved_method
+from wise_edit.core.fastpath import full_lm_loss
+from wise_edit.core.fit import fit
+from wise_edit.core.persistence import saved_method
+from wise_edit.core.rows import target_ids
+from wise_edit.methods import METHODS, editor_class, load_editor
 from wise_edit.metrics import target_logits
-from wise_edit.rows import target_ids
 
 # settings that move a tiny random model in a few steps (the real defaults are the paper's)
 SETUPS = {
@@ -98,10 +100,10 @@ def test_save_load_round_trip_and_continue(name, tmp_path):
     editor = make(name)
     for prompt, target in EDITS[:2]:
         editor.edit(prompt, target)
-    editor.save(tmp_path / "saved")
-    assert saved_method(tmp_path / "saved") is SETUPS[name][0]
+    editor.save_pretrained(tmp_path / "saved")
+    assert saved_method(tmp_path / "saved") == SETUPS[name][0].method
     fresh = tiny_model()
-    loaded = load_saved(fresh, editor.tokenizer, tmp_path / "saved")
+    loaded = load_editor(fresh, editor.tokenizer, tmp_path / "saved")
     assert type(loaded) is type(editor)
     same_state(state(editor), state(loaded))
     for prompt in [EDITS[0][0], EDITS[1][0], UNRELATED]:
@@ -143,14 +145,14 @@ def test_detach_restores_the_model_and_load_refuses_other_methods(name, tmp_path
     cls, config = SETUPS[name]
     editor = cls(model, tokenizer, config())
     editor.edit(*EDITS[0])
-    editor.save(tmp_path / "saved")
+    editor.save_pretrained(tmp_path / "saved")
     editor.detach()
     assert type(model.model.layers[2].mlp.down_proj).__name__ == "Linear"
     assert torch.equal(original, logits_of(model, tokenizer, UNRELATED))
     with pytest.raises(RuntimeError, match="detached"):
         editor.edit(*EDITS[1])
-    with pytest.raises(FileNotFoundError, match="not a wise-edit save for WISE"):
-        WiseEditor.load(model, tokenizer, tmp_path / "saved")
+    with pytest.raises(ValueError, match=f"holds {cls.method} edits, not WISE"):
+        WiseEditor.from_pretrained(model, tokenizer, tmp_path / "saved")
     assert type(model.model.layers[2].mlp.down_proj).__name__ == "Linear"
 
 
@@ -197,7 +199,7 @@ def test_ewc_fisher_is_the_mean_squared_gradient_of_recent_edits():
         rows = editor._edit_rows(prompt, target)
         probe = torch.zeros_like(delta, requires_grad=True)
         with editor.layer.trial(delta + probe):
-            loss = editor._lm_loss(rows, None, fast_path=False)
+            loss = full_lm_loss(editor.model, rows.input_ids, rows.attention_mask, rows.targets)
         expected += torch.autograd.grad(loss, probe)[0].pow(2)
     torch.testing.assert_close(editor.fisher(delta), expected / 2, rtol=1e-4, atol=1e-10)
     assert sorted(editor._past) == [1, 2]  # older captures are dropped
@@ -273,7 +275,7 @@ def test_grace_replaces_only_the_last_token_of_a_hit():
     editor = make("grace")
     prompt, target = EDITS[0]
     editor.edit(prompt, target)
-    assert editor.hits([prompt, UNRELATED]) == [0, -1]
+    assert editor.routed([prompt, UNRELATED]) == [0, -1]
     layer = editor.layer
     x, out = layer_io(editor, editor.tokenizer([prompt], return_tensors="pt"))
     base = layer.base_layer(x)
@@ -309,7 +311,7 @@ def test_defer_routes_whole_sequences_and_holds_during_generation():
         layer.gate_weight[0] = 100.0
         layer.gate_bias.zero_()
     prompts = [EDITS[0][0], EDITS[2][0], UNRELATED, EDITS[3][0]]
-    accepted = editor.accepts(prompts)
+    accepted = [index == 0 for index in editor.routed(prompts)]
     assert True in accepted and False in accepted  # both branches are exercised
     batch = tok(prompts, return_tensors="pt", padding=True)
     x, out = layer_io(editor, batch)
@@ -319,8 +321,8 @@ def test_defer_routes_whole_sequences_and_holds_during_generation():
         expected = head[row] if accept else base[row]
         assert torch.equal(out[row], expected.to(out.dtype))
     decisions = []
-    original = layer.accepts
-    layer.accepts = lambda x: decisions.append(1) or original(x)
+    original = layer.route
+    layer.route = lambda *args: decisions.append(1) or original(*args)
     editor.generate(**batch, max_new_tokens=3, do_sample=False)
-    del layer.accepts
+    del layer.route
     assert len(decisions) == 1  # decided at prefill, held for every new token

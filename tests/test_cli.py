@@ -48,7 +48,7 @@ def test_edit_then_generate(model_dir, tmp_path, capsys):
         == 0
     )
     assert "applied 2 edits" in capsys.readouterr().out
-    assert (out / "wise_memories.safetensors").is_file()
+    assert (out / "editor_model.safetensors").is_file()
     assert (
         main(
             [
@@ -65,7 +65,7 @@ def test_edit_then_generate(model_dir, tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert EDITS[0][0] in printed and "memory" in printed
+    assert EDITS[0][0] in printed and ("WISE: side memory" in printed or "[unedited]" in printed)
 
 
 def test_errors_are_reported_not_raised(model_dir, tmp_path, capsys):
@@ -193,6 +193,6 @@ def test_edit_and_generate_with_a_baseline(model_dir, tmp_path, capsys):
         main([*argv, "--data-dir", str(tmp_path), "--method", "grace", "--set", "max_steps=3"]) == 0
     )
     assert "applied 2 edits (GRACE" in capsys.readouterr().out
-    assert (out / "grace_codebook.safetensors").is_file()
+    assert (out / "editor_model.safetensors").is_file()
     assert main(["generate", "--model", model_dir, "--edits", str(out), EDITS[0][0]]) == 0
-    assert "GRACE: edit memory" in capsys.readouterr().out
+    assert "GRACE: codebook entry 0" in capsys.readouterr().out

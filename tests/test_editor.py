@@ -8,7 +8,7 @@ import torch
 from conftest import EDITS, fast_config, poison_lm_loss, tiny_model
 
 from wise_edit import WiseConfig, WiseEditor
-from wise_edit.merging import ties
+from wise_edit.wise.merging import ties
 
 
 def _snapshot(editor):
@@ -18,7 +18,7 @@ def _snapshot(editor):
         "memories": [
             (
                 m.delta.clone(),
-                [v.clone() for v in m.shard_values],
+                [m.shard_vector(i).clone() for i in range(m.shard_count)],
                 m.epsilon,
                 list(m.edit_ids),
                 m.merges,
@@ -51,7 +51,7 @@ def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
     editor.edit(prompt, target)
     with torch.no_grad():
         after = model(**batch).logits
-    assert editor.route([prompt]) == [0]
+    assert editor.routed([prompt]) == [0]
     assert target_nll(model, tokenizer, prompt, target) < nll_before - 1.0
     assert not torch.allclose(before, after)
 
@@ -69,9 +69,11 @@ def test_mask_invariants(tokenizer):
     assert all(0.2 < s < 0.4 for s in share)
     touched = masks[0] | masks[1]
     assert torch.all(memory.delta[~touched] == 0)  # nothing outside the shards' masks moved
-    for shard, values in enumerate(memory.shard_values):
+    stored = memory.tensors("m")
+    for shard in range(memory.shard_count):
         vector = memory.shard_vector(shard)
-        assert torch.all(vector[~masks[shard]] == 0) and values.numel() == masks[shard].sum()
+        assert torch.all(vector[~masks[shard]] == 0)
+        assert stored[f"m.shard.{shard}"].numel() == masks[shard].sum()  # compact storage
     assert memory.delta.abs().max() <= editor.config.norm_bound
 
 
@@ -87,12 +89,12 @@ def test_merge_mode_across_shard_boundaries(tokenizer):
     )
     editor.edit(*EDITS[0])
     memory = editor.memories[0]
-    assert len(memory.shard_values) == 1 and memory.merges == 0
+    assert memory.shard_count == 1 and memory.merges == 0
     before_merge = memory.delta.clone()
     first = memory.shard_vector(0)
     editor.edit(*EDITS[1])
     # the merge folds both shards into the memory (Eq. 8) and drops the shards
-    assert memory.merges == 1 and memory.masks == [] and memory.shard_values == []
+    assert memory.merges == 1 and memory.masks == () and memory.shard_count == 0
     assert len(editor.memories) == 1 and not memory.closed
     second_step = editor.edit_log[1]
     assert second_step["shard"] == 1
@@ -111,14 +113,15 @@ def test_merge_is_ties_of_the_shard_vectors(tokenizer, monkeypatch):
     )
     editor.edit(*EDITS[0])
     captured = {}
-    real_merge = editor._merge
+    memory = editor.memories[0]
+    real_merge = memory.merge
 
-    def spy(index, memory):
-        captured["vectors"] = [memory.shard_vector(i) for i in range(len(memory.shard_values))]
+    def spy(*args, **kwargs):
+        captured["vectors"] = [memory.shard_vector(i) for i in range(memory.shard_count)]
         captured["earlier"] = memory.delta - torch.stack(captured["vectors"]).sum(0)
-        real_merge(index, memory)
+        real_merge(*args, **kwargs)
 
-    monkeypatch.setattr(editor, "_merge", spy)
+    monkeypatch.setattr(memory, "merge", spy)
     editor.edit(*EDITS[1])
     expected = captured["earlier"] + ties(captured["vectors"], [0.5, 0.5], density=0.6)
     torch.testing.assert_close(editor.memories[0].delta, expected.clamp(-1, 1))
@@ -158,14 +161,14 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
     first = WiseEditor(tiny_model(), tokenizer, config)
     for prompt, target in EDITS[:3]:
         first.edit(prompt, target)
-    first.save(tmp_path / "edits")
+    first.save_pretrained(tmp_path / "edits")
     assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == [
-        "wise_config.json",
-        "wise_memories.safetensors",
-        "wise_state.json",
+        "editor_config.json",
+        "editor_model.safetensors",
+        "editor_state.json",
     ]
 
-    resumed = WiseEditor.load(tiny_model(), tokenizer, tmp_path / "edits")
+    resumed = WiseEditor.from_pretrained(tiny_model(), tokenizer, tmp_path / "edits")
     saved = _snapshot(first)
     loaded = _snapshot(resumed)
     _same(saved, loaded)
@@ -184,15 +187,15 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
 def test_load_refuses_another_model_or_layer(tokenizer, tmp_path):
     editor = WiseEditor(tiny_model(seed=0), tokenizer, fast_config())
     editor.edit(*EDITS[0])
-    editor.save(tmp_path / "edits")
+    editor.save_pretrained(tmp_path / "edits")
     other = tiny_model(seed=1)
     with pytest.raises(ValueError, match="different model or layer: sha256"):
-        WiseEditor.load(other, tokenizer, tmp_path / "edits")
+        WiseEditor.from_pretrained(other, tokenizer, tmp_path / "edits")
     assert type(other.model.layers[2].mlp.down_proj).__name__ == "Linear"  # nothing attached
     with pytest.raises(ValueError, match="model_type"):
-        WiseEditor.load(tiny_model("mistral"), tokenizer, tmp_path / "edits")
+        WiseEditor.from_pretrained(tiny_model("mistral"), tokenizer, tmp_path / "edits")
     with pytest.raises(FileNotFoundError, match="not a wise-edit save"):
-        WiseEditor.load(tiny_model(), tokenizer, tmp_path / "nothing")
+        WiseEditor.from_pretrained(tiny_model(), tokenizer, tmp_path / "nothing")
 
 
 def test_detach_restores_the_original_module(tokenizer):
@@ -360,7 +363,7 @@ def test_presets_follow_the_paper_depth(family):
 
 
 def test_matrix_size_presets():
-    from wise_edit.config import preset_for_matrix
+    from wise_edit.wise import preset_for_matrix
 
     seven_b = preset_for_matrix(11008 * 4096)
     assert seven_b == {

@@ -5,8 +5,8 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
-from wise_edit.fastpath import capture, fast_lm_loss, full_lm_loss
-from wise_edit.rows import build_rows
+from wise_edit.core.fastpath import capture, fast_lm_loss, full_lm_loss
+from wise_edit.core.rows import build_rows
 
 
 def _loss_and_grad(editor, rows, fast: bool):

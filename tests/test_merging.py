@@ -1,4 +1,4 @@
-"""Exact, hand-computed tests for wise_edit.merging."""
+"""Exact, hand-computed tests for wise_edit.wise.merging."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from wise_edit.merging import (
+from wise_edit.wise.merging import (
     MERGE_METHODS,
     dare,
     dare_drop,

@@ -7,7 +7,7 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor, metrics
-from wise_edit.rows import target_ids
+from wise_edit.core.rows import target_ids
 
 
 @pytest.fixture(scope="module")

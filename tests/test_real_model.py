@@ -60,7 +60,7 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
         answer = _answer(editor, record.prompt)
         assert answer.strip().lower().startswith(record.target.lower()), (record, answer)
     assert {p: _answer(editor, p) for p in UNRELATED} == before
-    assert editor.route(UNRELATED) == [-1, -1]
+    assert editor.routed(UNRELATED) == [-1, -1]
     editor.detach()
 
 
@@ -83,7 +83,7 @@ def test_baselines_learn_two_zsre_edits(smollm2, method):
         assert answer.strip().lower().startswith(record.target.lower()), (record, answer)
     if method == "grace":
         assert {p: _answer(editor, p) for p in UNRELATED} == before
-        assert editor.routed(UNRELATED) == [False, False]
+        assert editor.routed(UNRELATED) == [-1, -1]
     editor.detach()
 
 

@@ -37,8 +37,8 @@ def _logits(editor, batch):
 
 def test_edit_prompts_route_to_side_memory_and_unrelated_do_not(edited):
     prompts = [p for p, _ in EDITS[:3]]
-    assert edited.route(prompts) == [0, 0, 0]
-    assert edited.route(UNRELATED) == [-1, -1]
+    assert edited.routed(prompts) == [0, 0, 0]
+    assert edited.routed(UNRELATED) == [-1, -1]
 
 
 def test_out_of_scope_logits_equal_unedited_bit_for_bit(edited):
@@ -86,19 +86,18 @@ def test_generation_keeps_the_prompt_decision(edited):
 def test_decode_steps_reuse_the_prefill_decision(edited):
     """Count the routing decisions: one per generate call, not one per token."""
     decisions = []
-    original = edited.layer._decide
+    original = edited.layer.route
 
-    def counting(acts):
-        if edited.layer.routing.pending:
-            decisions.append(acts.shape[1])
-        return original(acts)
+    def counting(acts, token_mask):
+        decisions.append(acts.shape[1])
+        return original(acts, token_mask)
 
-    edited.layer._decide = counting
+    edited.layer.route = counting
     try:
         batch = _batch(edited, [EDITS[0][0]])
         edited.generate(**batch, max_new_tokens=5, do_sample=False)
     finally:
-        del edited.layer._decide
+        del edited.layer.route
     assert decisions == [batch["input_ids"].shape[1]]
 
 
@@ -112,5 +111,5 @@ def test_routing_with_several_memories_is_top1(tokenizer):
     for prompt, target in EDITS[:3]:
         editor.edit(prompt, target)
     assert len(editor.memories) == 3 and all(m.closed for m in editor.memories)
-    assert editor.route([p for p, _ in EDITS[:3]]) == [0, 1, 2]
-    assert editor.route(UNRELATED) == [-1, -1]
+    assert editor.routed([p for p, _ in EDITS[:3]]) == [0, 1, 2]
+    assert editor.routed(UNRELATED) == [-1, -1]

@@ -1,8 +1,20 @@
 """wise-edit: lifelong knowledge editing of Hugging Face causal LMs with WISE."""
 
-from .config import WiseConfig
-from .editor import EditResult, WiseEditor
-from .layer import SideMemory, WiseLayer
+from .core.editor import Draft, Editor, EditorBase, EditResult
+from .methods import METHODS, editor_class, load_editor
+from .wise import SideMemory, WiseConfig, WiseEditor, WiseLayer
 
-__all__ = ["EditResult", "SideMemory", "WiseConfig", "WiseEditor", "WiseLayer"]
-__version__ = "0.1.0"
+__all__ = [
+    "METHODS",
+    "Draft",
+    "EditResult",
+    "Editor",
+    "EditorBase",
+    "SideMemory",
+    "WiseConfig",
+    "WiseEditor",
+    "WiseLayer",
+    "editor_class",
+    "load_editor",
+]
+__version__ = "0.2.0"

@@ -10,9 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import metrics, models
+from .core.editor import Editor
 from .data import (
     EditRecord,
     load_dataset,
@@ -21,15 +20,14 @@ from .data import (
     load_zsre_irrelevant,
 )
 from .evaluation import BenchResult, latency_ratio, run_protocol
-from .router import route
+from .methods import editor_class, make_config
 
 logger = logging.getLogger(__name__)
 
 
 def run_bench(args: argparse.Namespace) -> BenchResult:
-    from .cli import _config
-    from .methods import editor_class
-
+    """``args``: the `wise-edit bench` options, with the config overrides already parsed
+    into ``args.overrides``."""
     cls = editor_class(args.method)
     data_dir = Path(args.data_dir)
     records = load_dataset(args.data, data_dir, limit=args.edits)
@@ -37,13 +35,13 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
     pool = _irrelevant_pool(args.data, data_dir)
     model, tokenizer = models.load(args.model)
-    config = _config(model, args, cls)
-    mode = getattr(config, "mode", "")
+    config = make_config(cls, model, args.overrides)
+    mode = cls.variant_of(config)
     name = args.method.lower() + (f"-{mode}" if mode else "")
     out = Path(args.out or f"runs/{args.data}-T{args.edits}-{name}")
     out.mkdir(parents=True, exist_ok=True)
 
-    def make_editor() -> Any:
+    def make_editor() -> Editor:
         return cls(model, tokenizer, config, irrelevant_prompts=pool)
 
     result, editor = run_protocol(
@@ -87,7 +85,7 @@ def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str]:
     return [r.prompt for r in loader(data_dir, split="train")]
 
 
-def dataset_metrics(dataset: str, editor: Any, records: list[EditRecord]) -> dict[str, Any]:
+def dataset_metrics(dataset: str, editor: Editor, records: list[EditRecord]) -> dict[str, Any]:
     """The set-specific metrics of the paper: Hallucination's perplexity of the target
     (lower is better) and Temporal's OOD Gen, each edited and pre-edit."""
     model, tokenizer = editor.model, editor.tokenizer
@@ -105,15 +103,17 @@ def dataset_metrics(dataset: str, editor: Any, records: list[EditRecord]) -> dic
         return round(statistics.fmean(fn(model, tokenizer, p, t) for p, t in pairs), 4)
 
     edited = mean()
-    with editor.layer.disabled():
+    with editor.disabled():
         pre = mean()
     return {name: {"edited": edited, "pre_edit": pre}}
 
 
-def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any] | None:
+def routing_scores(editor: Editor, records: list[EditRecord]) -> dict[str, Any] | None:
     """Which prompts reach the edits' memory: edit prompts, paraphrases and unrelated
-    prompts. For WISE also the paper's Figure 3 (activation scores against the threshold
-    of the memory each prompt would use). None for methods that do not route."""
+    prompts, and for methods that route by a score against a threshold the scores (the
+    paper's Figure 3). None for methods that edit the weights themselves."""
+    if not editor.routes:
+        return None
     groups = {
         "edit prompts": [r.prompt for r in records],
         "paraphrases": [r.rephrase for r in records if r.rephrase],
@@ -124,17 +124,11 @@ def routing_scores(editor: Any, records: list[EditRecord]) -> dict[str, Any] | N
     for name, prompts in groups.items():
         if not prompts:
             continue
-        if hasattr(editor, "activation_scores"):  # WISE: scores and routing, one capture
-            table = editor.activation_scores(prompts)  # (M, N)
-            scores[name] = table.max(dim=0).values.tolist()
-            choice = route(table, torch.tensor(editor.thresholds))
-            used = (choice >= 0).tolist()
-        else:
-            used = editor.routed(prompts)
-            if used is None:
-                return None
-        routed[name] = sum(used) / len(used)
-    thresholds = list(getattr(editor, "thresholds", []))
+        choice, best = editor.routing_detail(prompts)
+        if best is not None:
+            scores[name] = best
+        routed[name] = sum(c >= 0 for c in choice) / len(choice)
+    thresholds = list(editor.summary().get("thresholds", []))
     return {
         "scores": scores,
         "thresholds": thresholds,

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, models
+from .core.editor import Editor, EditorBase
 from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
-from .editing import EditorBase
-from .editor import WiseEditor
-from .methods import METHODS, editor_class, load_saved
+from .methods import METHODS, editor_class, load_editor, make_config
+from .wise import WiseEditor
+
+logger = logging.getLogger("wise_edit.cli")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> None:
@@ -38,7 +40,9 @@ def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> N
     )
 
 
-def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEditor) -> Any:
+def parse_overrides(args: argparse.Namespace, cls: type[EditorBase]) -> dict[str, Any]:
+    """Config fields from ``--set FIELD=VALUE`` (JSON values, else the string), ``--mode``
+    and ``--layer``."""
     overrides: dict[str, Any] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -49,21 +53,25 @@ def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEd
         except json.JSONDecodeError:
             overrides[name] = value
     if args.mode is not None:
-        if cls is not WiseEditor:
+        if "mode" not in cls.config_class.__dataclass_fields__:
             raise SystemExit(f"--mode applies to WISE, not {cls.method}")
         overrides["mode"] = args.mode
     if args.layer is not None:
         overrides["layer"] = args.layer
-    try:
-        return cls.config_class.for_model(model, **overrides)
-    except TypeError as err:
-        raise SystemExit(f"unknown {cls.config_class.__name__} field in --set: {err}") from err
+    return overrides
 
 
-def _pool(data_dir: Path) -> list[str] | None:
+def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEditor) -> Any:
+    return make_config(cls, model, parse_overrides(args, cls))
+
+
+def _pool(data_dir: str | Path) -> list[str] | None:
+    """ZsRE's NQ questions as the unrelated-prompt pool; the built-in neutral pool, with a
+    warning naming the path, when they are not there."""
     try:
         return load_zsre_irrelevant(data_dir)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        logger.warning("%s; training against the built-in unrelated-prompt pool instead", err)
         return None
 
 
@@ -85,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "Water freezes at a temperature of",
     ]
     editor = WiseEditor(model, tokenizer, _config(model, args), irrelevant_prompts=_pool(data_dir))
-    with editor.layer.disabled():
+    with editor.disabled():
         before = {r.prompt: _answer(editor, r.prompt) for r in records}
         before_unrelated = {p: _answer(editor, p) for p in unrelated}
     print("\nBefore editing:")
@@ -121,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    args.overrides = parse_overrides(args, editor_class(args.method))
     run_bench(args)
     return 0
 
@@ -130,15 +139,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(args.model)
     pool = _pool(args.data_dir)
     if args.resume:
-        editor = load_saved(model, tokenizer, args.out, irrelevant_prompts=pool)
+        editor = load_editor(model, tokenizer, args.out, irrelevant_prompts=pool)
     else:
         cls = editor_class(args.method)
         editor = cls(model, tokenizer, _config(model, args, cls), irrelevant_prompts=pool)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
-    editor.save(args.out)
+    editor.save_pretrained(args.out)
     steps = sum(r.steps for r in results)
-    memories = getattr(editor, "memories", None)
-    where = f" in {len(memories)} side memories" if memories is not None else ""
+    memories = editor.summary().get("memories")
+    where = f" in {memories} side memories" if memories is not None else ""
     print(
         f"applied {len(results)} edits ({editor.method}, {steps} steps); editor has "
         f"{editor.num_edits} edits{where}; saved to {args.out}"
@@ -148,21 +157,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(args.model)
-    editor = load_saved(model, tokenizer, args.edits)
+    editor = load_editor(model, tokenizer, args.edits)
     for prompt in args.prompt:
         answer = _answer(editor, prompt, args.max_new_tokens)
         print(f"{prompt} -> {answer!r}   [{_where(editor, prompt)}]")
     return 0
 
 
-def _where(editor: Any, prompt: str) -> str:
-    if isinstance(editor, WiseEditor):
-        route = editor.route([prompt])[0]
-        return "main memory (unedited)" if route < 0 else f"side memory {route}"
-    used = editor.routed([prompt])
-    if used is None:
-        return f"{editor.method}: edited weights"
-    return f"{editor.method}: {'edit memory' if used[0] else 'unedited'}"
+def _where(editor: Editor, prompt: str) -> str:
+    if not editor.routes:
+        return f"{editor.method}: {editor.route_unit}"
+    index = editor.routed([prompt])[0]
+    return "unedited" if index < 0 else f"{editor.method}: {editor.route_unit} {index}"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -17,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
+from .core.editor import Editor
+from .core.rows import target_ids
 from .data import EditRecord
-from .rows import target_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class MetricKind:
 
 
 def loc_budget(tokenizer: Any, record: EditRecord) -> int:
-    return len(target_ids(tokenizer, record.loc_ans or "x")) + 2
+    return len(target_ids(tokenizer, record.loc_ans or "x")) + metrics.EXTRA_NEW_TOKENS
 
 
 TEACHER_FORCED = MetricKind(
@@ -131,14 +132,14 @@ def run_protocol(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[EditRecord],
-    make_editor: Callable[[], Any],
+    make_editor: Callable[[], Editor],
     *,
     method: str,
     mode: str,
     dataset: str,
     chunk: int | None = None,
     progress: bool = True,
-) -> tuple[BenchResult, Any]:
+) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
     scores averaged, as the reference does for small T. Returns the result and the last
@@ -155,7 +156,8 @@ def run_protocol(
     pre = {k.name: score(k, model, tokenizer, records, None) for k in KINDS}
     tf_parts, gen_parts, times = [], [], []
     bar = tqdm(total=len(records), desc=f"{method} edits", unit="edit", disable=not progress)
-    editor, offset = None, 0
+    editor: Editor | None = None
+    offset = 0
     for group in groups:
         if editor is not None:
             editor.detach()
@@ -182,6 +184,7 @@ def run_protocol(
         seconds_per_edit=round(statistics.fmean(times), 3),
         peak_memory_mb=round(peak_memory_mb(device), 1),
     )
+    assert editor is not None  # records is not empty
     return result, editor
 
 
@@ -203,7 +206,7 @@ def _weighted(parts: list[tuple[int, Scores]]) -> Scores:
 
 
 @torch.no_grad()
-def latency_ratio(editor: Any, prompts: Sequence[str], repeats: int = 5) -> dict[str, float]:
+def latency_ratio(editor: Editor, prompts: Sequence[str], repeats: int = 5) -> dict[str, float]:
     """Forward latency of the edited model over the unedited one on the same prompts,
     timed alternately in one run (the unedited side runs with the side memories off)."""
     tokenizer, model = editor.tokenizer, editor.model
@@ -218,7 +221,7 @@ def latency_ratio(editor: Any, prompts: Sequence[str], repeats: int = 5) -> dict
     edited, plain = [], []
     for _ in range(repeats):
         edited.append(timed())
-        with editor.layer.disabled():
+        with editor.disabled():
             plain.append(timed())
     edited_s, plain_s = statistics.median(edited), statistics.median(plain)
     return {"edited_s": edited_s, "unedited_s": plain_s, "ratio": edited_s / plain_s}

@@ -49,7 +49,7 @@ def family_of(model: nn.Module) -> Family:
         raise ValueError(
             f"model_type {model_type!r} is not a supported family; supported: "
             f"{', '.join(sorted(FAMILIES))}. Pass WiseConfig(target_module=...) and "
-            "layers_path=... to edit another architecture."
+            "optionally layers_path=... to edit another architecture."
         )
     return FAMILIES[model_type]
 
@@ -71,6 +71,26 @@ def decoder_layers(model: nn.Module, layers_path: str) -> nn.ModuleList:
             f"layers_path: {layers_path!r} is a {type(layers).__name__}, not a ModuleList"
         )
     return layers
+
+
+def infer_layers_path(model: nn.Module, target_module: str) -> str:
+    """The decoder stack a ``target_module`` outside the family table lies in: the
+    deepest ModuleList on its path that is followed by a layer index."""
+    parts = target_module.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        if not parts[cut].isdigit():
+            continue
+        prefix = ".".join(parts[:cut])
+        try:
+            candidate = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if isinstance(candidate, nn.ModuleList):
+            return prefix
+    raise ValueError(
+        f"target_module: {target_module!r} is not inside a list of decoder layers; "
+        "pass layers_path=... as well"
+    )
 
 
 def default_layer_index(num_layers: int) -> int:

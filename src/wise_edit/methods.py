@@ -1,4 +1,4 @@
-"""The editors wise-edit can run, by the name the CLI uses."""
+"""The editors wise-edit can run, by the name the CLI uses, and loading any save."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 from torch import nn
 
 from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
-from .editing import EditorBase
-from .editor import WiseEditor
+from .core.editor import EditorBase
+from .core.persistence import saved_method
+from .wise import WiseEditor
 
 METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
     {
@@ -24,23 +25,29 @@ METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
 
 
 def editor_class(name: str) -> type[EditorBase]:
-    try:
-        return METHODS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
-
-
-def saved_method(path: str | Path) -> type[EditorBase]:
-    """Which editor wrote the save at ``path`` (from its config file's name)."""
-    folder = Path(path)
-    for cls in METHODS.values():
-        if (folder / cls.save_files[0]).is_file():
+    """The editor class for a CLI name ("wise", "grace", ...) or a method name ("WISE")."""
+    for key, cls in METHODS.items():
+        if name.lower() in (key, cls.method.lower()):
             return cls
-    raise FileNotFoundError(f"{folder} is not a wise-edit save (no editor config file found)")
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
-def load_saved(
+def make_config(cls: type[EditorBase], model: nn.Module, overrides: dict[str, Any]) -> Any:
+    """The method's preset for ``model`` with ``overrides``; an unknown field is a
+    ValueError naming it."""
+    fields = cls.config_class.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.config_class.__name__} field(s): {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(fields))})"
+        )
+    return cls.config_class.for_model(model, **overrides)
+
+
+def load_editor(
     model: nn.Module, tokenizer: Any, path: str | Path, irrelevant_prompts: Any = None
 ) -> EditorBase:
-    """Re-attach a save of any method to ``model``."""
-    return saved_method(path).load(model, tokenizer, str(path), irrelevant_prompts)
+    """Re-attach a save of any method to ``model``; the method is read from the save."""
+    cls = editor_class(saved_method(path))
+    return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts)

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .rows import pad_id, target_ids
+from .core.rows import pad_id, target_ids
 
 OOD_LOSS_LIMIT = -math.log(0.8)  # Temporal: a rephrase counts when P(target) > 0.8 per token
+# Generated metrics decode the reference's length plus this many tokens, so an answer that
+# is right but tokenized differently still fits.
+EXTRA_NEW_TOKENS = 2
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -107,7 +110,7 @@ def normalise(text: str) -> str:
 def generated_match(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
     """Generated exact match: 1 when the greedy continuation starts with the target
     (whitespace and case normalised)."""
-    budget = len(target_ids(tokenizer, target)) + 2
+    budget = len(target_ids(tokenizer, target)) + EXTRA_NEW_TOKENS
     text = tokenizer.decode(
         greedy_continuation(model, tokenizer, prompt, budget), skip_special_tokens=True
     )

@@ -10,29 +10,24 @@ earlier edits, so later edits can overwrite what o and g learned for earlier one
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..editing import (
-    AttachedLayer,
-    EditorBase,
-    EditResult,
-    adam_update,
-    editing_mode,
-    fit,
-    last_token,
-)
-from .common import BaselineConfig
+from ..core.config import EditConfig
+from ..core.editor import Draft, EditorBase, EditResult
+from ..core.fastpath import Captured
+from ..core.fit import adam_update
+from ..core.layer import AttachedLayer, last_token, unrouted
+from ..core.rows import EditRows
 
 PARAMS = ("gate_weight", "gate_bias", "head_weight", "head_bias")
 
 
 @dataclass
-class DeferConfig(BaselineConfig):
+class DeferConfig(EditConfig):
     """DEFER as the paper runs it (A.3): learning rate 7e-5 (the best of 7e-5, 7e-4, 1e-3
     on LLaMA), GRACE's 100 iterations and 0.5 threshold."""
 
@@ -70,7 +65,7 @@ class DeferLayer(AttachedLayer):
     learned anything still gets the original output.
     """
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, threshold: float = 0.5) -> None:
         super().__init__(base_layer)
         weight = self.weight.detach().float()
         bias = getattr(base_layer, "bias", None)
@@ -85,7 +80,7 @@ class DeferLayer(AttachedLayer):
             else torch.zeros(out_dim, device=weight.device),
             False,
         )
-        self.threshold = 0.5
+        self.threshold = threshold
         self.trained = False  # until the first edit, every sequence gets the original layer
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -104,17 +99,47 @@ class DeferLayer(AttachedLayer):
             return mixed.to(base.dtype)
         if self._disabled or not self.trained:
             return base
-        accept = self.routing.decide(x.shape[0], lambda: self.accepts(x))
+        routing = self.routing
+        accept = routing.decide(x.shape[0], lambda: self.route(x, routing.mask_for(x))) >= 0
         if not accept.any():
             return base
         out = base.clone()
         out[accept] = self._head(x[accept], self.params()).to(base.dtype)
         return out
 
-    def accepts(self, x: torch.Tensor) -> torch.Tensor:
-        """g's decision for each sequence, from its last real token."""
-        query = last_token(x, self.routing.mask_for(x))
-        return gate_probability(query, self.gate_weight, self.gate_bias) >= self.threshold
+    def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """0 where g sends the sequence (its last real token) to o, -1 elsewhere."""
+        if not self.trained:
+            return unrouted(acts)
+        p = gate_probability(last_token(acts, token_mask), self.gate_weight, self.gate_bias)
+        return torch.where(p >= self.threshold, 0, -1)
+
+
+class _DeferDraft(Draft):
+    """Adam on g and o jointly: the target NLL through o (mixed with the layer by g's
+    probability) plus g's cross-entropy on the edit prompt and the unrelated prompts."""
+
+    def __init__(
+        self,
+        committed: dict[str, torch.Tensor],
+        positions: torch.Tensor,
+        queries: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+    ) -> None:
+        self.params = {k: v.clone().requires_grad_(True) for k, v in committed.items()}
+        self.positions, self.queries, self.labels = positions, queries, labels
+        self._adam = adam_update(list(self.params.values()), lr)
+
+    def layer_state(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.params, self.positions
+
+    def loss(self, lm: torch.Tensor, state: Any) -> torch.Tensor:
+        p = gate_probability(self.queries, self.params["gate_weight"], self.params["gate_bias"])
+        return lm + nn.functional.binary_cross_entropy(p, self.labels)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self._adam(loss)
 
 
 class DeferEditor(EditorBase):
@@ -123,44 +148,24 @@ class DeferEditor(EditorBase):
     method = "DEFER"
     config_class = DeferConfig
     layer_class = DeferLayer
-    save_files = ("defer_config.json", "defer_state.json", "defer_model.safetensors")
+    route_unit = "counterfactual model"
     layer: DeferLayer
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.layer.threshold = self.config.threshold
+    def _make_layer(self, module: nn.Module) -> DeferLayer:
+        return DeferLayer(module, self.config.threshold)
 
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Apply one edit. On any error the editor is left exactly as before the call."""
-        cfg = self.config
-        started = time.perf_counter()
-        with editing_mode(self.model):
-            rows = self._edit_rows(prompt, target)
-            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
-            position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
-            positions = torch.tensor([position], device=self.device)
-            queries, labels = self._gate_examples(lower.acts[0, position])
-            params = {k: v.clone().requires_grad_(True) for k, v in self.layer.params().items()}
+    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _DeferDraft:
+        position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
+        queries, labels = self._gate_examples(lower.acts[0, position])
+        positions = torch.tensor([position], device=self.device)
+        return _DeferDraft(self.layer.params(), positions, queries, labels, self.config.lr)
 
-            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                with self.layer.trial((params, positions)):
-                    lm = self._lm_loss(rows, lower, cfg.fast_path)
-                p = gate_probability(queries, params["gate_weight"], params["gate_bias"])
-                return lm + nn.functional.binary_cross_entropy(p, labels), lm
-
-            fitted = fit(
-                loss_fn,
-                adam_update(list(params.values()), cfg.lr),
-                max_steps=cfg.max_steps,
-                early_stop_loss=cfg.early_stop_loss,
-            )
+    def _commit(self, draft: Draft, result: EditResult) -> None:
+        assert isinstance(draft, _DeferDraft)
         with torch.no_grad():
-            for name, value in params.items():
+            for name, value in draft.params.items():
                 getattr(self.layer, name).copy_(value.detach())
         self.layer.trained = True
-        result = self._result(prompt, target, fitted, started)
-        self._log(result)
-        return result
 
     def _gate_examples(self, edit_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's batch for this edit: the edit prompt (1) and unrelated
@@ -168,23 +173,10 @@ class DeferEditor(EditorBase):
         queries, labels = [edit_query.view(1, -1).float()], [1.0]
         count = self.config.irrelevant_rows
         if count:
-            negatives = last_token(*self._prompt_batch_acts(self._irrelevant_sample(count, 0)))
+            negatives = last_token(*self._prompt_batch_acts(self._irrelevant_sample(count)))
             queries.append(negatives.float())
             labels += [0.0] * negatives.shape[0]
         return torch.cat(queries), torch.tensor(labels, device=self.device)
-
-    @torch.no_grad()
-    def accepts(self, prompts: list[str]) -> list[bool]:
-        """Whether g sends each prompt to the counterfactual model."""
-        if not self.layer.trained:
-            return [False] * len(prompts)
-        query = last_token(*self._prompt_batch_acts(prompts))
-        layer = self.layer
-        p = gate_probability(query, layer.gate_weight, layer.gate_bias)
-        return (p >= layer.threshold).tolist()
-
-    def routed(self, prompts: list[str]) -> list[bool]:
-        return self.accepts(prompts)
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ save holds only what was learned.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,15 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..editing import AttachedLayer, EditorBase, EditResult, adam_update, editing_mode, fit
-from ..fastpath import Captured
-from ..masks import clamp_to_bound
-from ..rows import EditRows
-from .common import BaselineConfig
+from ..core.config import EditConfig, StopOn
+from ..core.editor import Draft, EditorBase, EditResult
+from ..core.fastpath import Captured
+from ..core.fit import adam_update
+from ..core.layer import AttachedLayer
+from ..core.rows import EditRows
+from ..wise.masks import clamp_to_bound
 
 
 @dataclass
-class FTLConfig(BaselineConfig):
+class FTLConfig(EditConfig):
     """FT-L as in the paper's Appendix A.2-A.3 (ROME's re-implementation): Adam at 5e-4,
     50 iterations, autoregressive loss on the target, an L-infinity bound on the change
     from the original weights."""
@@ -40,8 +41,11 @@ class FTLConfig(BaselineConfig):
             "ROME's 5e-4 left SmolLM2 unable to learn edits (docs/RESULTS.md)."
         },
     )
-    fast_path: bool = field(
-        default=True, metadata={"help": "Recompute only the edited layer and those above."}
+    early_stop_loss: float = field(
+        default=1e-2, metadata={"help": "Stop an edit once the target NLL is below this."}
+    )
+    early_stop_on: StopOn = field(
+        default="lm", metadata={"help": "The penalty need not vanish: stop on the NLL."}
     )
 
     def __post_init__(self) -> None:
@@ -105,45 +109,52 @@ class DeltaLayer(AttachedLayer):
         return base + (x.float() @ delta.t()).to(base.dtype)
 
 
+class _DeltaDraft(Draft):
+    """Adam on a step from the committed change, projected back into the L-infinity box
+    after every step; the loss is the target NLL plus the method's penalty, if any."""
+
+    def __init__(
+        self,
+        before: torch.Tensor,
+        penalty: Callable[[torch.Tensor], torch.Tensor] | None,
+        config: FTLConfig,
+    ) -> None:
+        self.before, self.penalty = before, penalty
+        self.step = torch.zeros_like(before, requires_grad=True)
+        bound = config.norm_bound
+
+        def project() -> None:
+            self.step.copy_(clamp_to_bound(self.step, before, bound))
+
+        self._adam = adam_update([self.step], config.lr, project if bound is not None else None)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self._adam(loss)
+
+    def layer_state(self) -> torch.Tensor:
+        return self.before + self.step
+
+    def loss(self, lm: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return lm if self.penalty is None else lm + self.penalty(self.step)
+
+
 class FTLEditor(EditorBase):
     """Sequential fine-tuning of one FFN value matrix (FT-L)."""
 
     method = "FT-L"
     config_class = FTLConfig
     layer_class = DeltaLayer
-    save_files = ("ft_l_config.json", "ft_l_state.json", "ft_l_delta.safetensors")
+    routes = False
+    route_unit = "edited weights"
     layer: DeltaLayer
 
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Apply one edit. On any error the editor is left exactly as before the call."""
-        cfg = self.config
-        started = time.perf_counter()
-        with editing_mode(self.model):
-            rows = self._edit_rows(prompt, target)
-            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
-            before = self.layer.delta.clone()
-            penalty = self._penalty(before)
-            step = torch.zeros_like(before, requires_grad=True)
+    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _DeltaDraft:
+        before = self.layer.delta.clone()
+        return _DeltaDraft(before, self._penalty(before), self.config)
 
-            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                with self.layer.trial(before + step):
-                    lm = self._lm_loss(rows, lower, cfg.fast_path)
-                return (lm if penalty is None else lm + penalty(step)), lm
-
-            def project() -> None:
-                step.copy_(clamp_to_bound(step, before, cfg.norm_bound))
-
-            fitted = fit(
-                loss_fn,
-                adam_update([step], cfg.lr, project if cfg.norm_bound is not None else None),
-                max_steps=cfg.max_steps,
-                early_stop_loss=cfg.early_stop_loss,
-                stop_on_lm=True,
-            )
-        self.layer.delta.copy_(before + step.detach())
-        result = self._result(prompt, target, fitted, started)
-        self._log(result)
-        return result
+    def _commit(self, draft: Draft, result: EditResult) -> None:
+        assert isinstance(draft, _DeltaDraft)
+        self.layer.delta.copy_(draft.before + draft.step.detach())
 
     def _penalty(self, before: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A term added to the LM loss of an edit, as a function of the step from
@@ -179,7 +190,6 @@ class FTEWCEditor(FTLEditor):
 
     method = "FT-EWC"
     config_class = FTEWCConfig
-    save_files = ("ft_ewc_config.json", "ft_ewc_state.json", "ft_ewc_delta.safetensors")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -203,7 +213,7 @@ class FTEWCEditor(FTLEditor):
             rows, lower = self._past_edit(index)
             probe = torch.zeros_like(delta, requires_grad=True)
             with self.layer.trial(delta + probe):
-                loss = self._lm_loss(rows, lower, self.config.fast_path)
+                loss = self._lm_loss(rows, lower)
             (grad,) = torch.autograd.grad(loss, probe)
             total += grad.pow(2)
         for old in [i for i in self._past if i < recent.start]:

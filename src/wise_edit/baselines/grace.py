@@ -11,28 +11,22 @@ paper's triangle.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..editing import (
-    AttachedLayer,
-    EditorBase,
-    EditResult,
-    adam_update,
-    editing_mode,
-    fit,
-    last_positions,
-    last_token,
-)
-from .common import BaselineConfig
+from ..core.config import EditConfig
+from ..core.editor import Draft, EditorBase, EditResult
+from ..core.fastpath import Captured
+from ..core.fit import adam_update
+from ..core.layer import AttachedLayer, last_positions, last_token
+from ..core.rows import EditRows
 
 
 @dataclass
-class GraceConfig(BaselineConfig):
+class GraceConfig(EditConfig):
     """GRACE as the paper runs it (A.3): value learning rate 1.0, the original
     implementation's 100 iterations, replace_last, and epsilon_init to vary (B.1)."""
 
@@ -138,6 +132,11 @@ class GraceLayer(AttachedLayer):
         out_dim, in_dim = self.weight.shape
         self.codebook = Codebook(in_dim, out_dim, self.weight.device)
 
+    def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """The codebook entry whose ball holds each sequence's last token (-1: none)."""
+        entry, hit = self.codebook.lookup(last_token(acts, token_mask))
+        return torch.where(hit, entry, torch.full_like(entry, -1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         rows = torch.arange(x.shape[0], device=x.device)
@@ -158,63 +157,62 @@ class GraceLayer(AttachedLayer):
         return out
 
 
+class _GraceDraft(Draft):
+    """Adam on the value of the entry the edit goes to; the target NLL alone."""
+
+    def __init__(
+        self,
+        placement: Placement,
+        key: torch.Tensor,
+        label: str,
+        start: torch.Tensor,
+        positions: torch.Tensor,
+        lr: float,
+    ) -> None:
+        self.placement, self.key, self.label, self.positions = placement, key, label, positions
+        self.memory = placement.index
+        self.value = start.clone().requires_grad_(True)
+        self._adam = adam_update([self.value], lr)
+
+    def layer_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.value, self.positions
+
+    def update(self, loss: torch.Tensor) -> None:
+        self._adam(loss)
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"action": self.placement.action}
+
+
 class GraceEditor(EditorBase):
     """Lifelong editing with a GRACE codebook at the FFN value projection."""
 
     method = "GRACE"
     config_class = GraceConfig
     layer_class = GraceLayer
-    save_files = ("grace_config.json", "grace_state.json", "grace_codebook.safetensors")
+    route_unit = "codebook entry"
     layer: GraceLayer
 
     @property
     def codebook(self) -> Codebook:
         return self.layer.codebook
 
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Apply one edit. On any error the editor is left exactly as before the call."""
-        cfg = self.config
-        started = time.perf_counter()
-        with editing_mode(self.model):
-            rows = self._edit_rows(prompt, target)
-            label = " ".join(target.split())
-            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
-            position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
-            key = lower.acts[0, position].float()
-            placement = self.codebook.place(key, label, cfg.epsilon_init)
-            if placement.action == "expand":
-                start = self.codebook.values[placement.index].clone()
-            else:  # warm start: the layer's own output for this token
-                with torch.no_grad():
-                    start = self.layer.base_layer(lower.acts[0, position]).float()
-            value = start.clone().requires_grad_(True)
-            positions = torch.tensor([position], device=self.device)
+    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _GraceDraft:
+        position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
+        key = lower.acts[0, position].float()
+        label = " ".join(target.split())
+        placement = self.codebook.place(key, label, self.config.epsilon_init)
+        if placement.action == "expand":
+            start = self.codebook.values[placement.index].clone()
+        else:  # warm start: the layer's own output for this token
+            with torch.no_grad():
+                start = self.layer.base_layer(lower.acts[0, position]).float()
+        positions = torch.tensor([position], device=self.device)
+        return _GraceDraft(placement, key, label, start, positions, self.config.lr)
 
-            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                with self.layer.trial((value, positions)):
-                    lm = self._lm_loss(rows, lower, cfg.fast_path)
-                return lm, lm
-
-            fitted = fit(
-                loss_fn,
-                adam_update([value], cfg.lr),
-                max_steps=cfg.max_steps,
-                early_stop_loss=cfg.early_stop_loss,
-            )
-        self.codebook.apply(placement, key, label, value.detach())
-        result = self._result(prompt, target, fitted, started, memory=placement.index)
-        self._log(result)
-        self.edit_log[-1]["action"] = placement.action
-        return result
-
-    @torch.no_grad()
-    def hits(self, prompts: list[str]) -> list[int]:
-        """The codebook entry each prompt's last token would use (-1: none)."""
-        entry, hit = self.codebook.lookup(last_token(*self._prompt_batch_acts(prompts)))
-        return torch.where(hit, entry, torch.full_like(entry, -1)).tolist()
-
-    def routed(self, prompts: list[str]) -> list[bool]:
-        return [hit >= 0 for hit in self.hits(prompts)]
+    def _commit(self, draft: Draft, result: EditResult) -> None:
+        assert isinstance(draft, _GraceDraft)
+        self.codebook.apply(draft.placement, draft.key, draft.label, draft.value.detach())
 
     def summary(self) -> dict[str, Any]:
         actions = [e.get("action") for e in self.edit_log]

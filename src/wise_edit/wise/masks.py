@@ -5,12 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def mask_generator(seed: int, memory: int, group: int) -> torch.Generator:
-    """A CPU generator per (memory, merge group): masks are reproducible from the config
-    seed alone and independent of the device or of how many edits ran before."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + memory * 10_007 + group)
-
-
 def random_masks(
     shape: torch.Size | tuple[int, ...], ratio: float, count: int, generator: torch.Generator
 ) -> list[torch.Tensor]:

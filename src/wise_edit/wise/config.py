@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
-from .families import default_layer_index, family_of, get_submodule, weight_out_in
+from ..core.config import TARGET_FIELDS, EditConfig, TargetConfig
+from ..families import get_submodule, weight_out_in
+from .merging import MERGE_METHODS
 
 # The paper: 20% of LLaMA-2-7B's 11008x4096 value matrix holds about 500 edits.
 # Shard sizes follow from that density instead of copying the 7B edit count.
@@ -17,83 +17,11 @@ PAPER_PARAMS_PER_EDIT = 0.2 * 11008 * 4096 / 500
 
 PAPER_MATRIX = 11008 * 4096
 Mode = Literal["merge", "retrieve"]
-MERGE_NAMES = ("linear", "slerp", "dare", "dare_ties", "ties", "sign")
+MERGE_NAMES = tuple(MERGE_METHODS)
 
 
 @dataclass
-class TargetConfig:
-    """Which linear module an editor wraps; the base of every method's config."""
-
-    layer: int | None = field(
-        default=None,
-        metadata={
-            "help": "Decoder layer whose FFN value matrix the editor wraps. "
-            "None: the paper's relative depth (27 of 32 layers)."
-        },
-    )
-    target_module: str | None = field(
-        default=None,
-        metadata={
-            "help": "Full dotted path of the value projection; overrides `layer`. "
-            "Needed for model families wise-edit does not know."
-        },
-    )
-    layers_path: str | None = field(
-        default=None,
-        metadata={"help": "Dotted path of the decoder ModuleList (only for unknown families)."},
-    )
-
-    def __post_init__(self) -> None:
-        self._validate([("layer", self.layer is None or self.layer >= 0, "must be >= 0")])
-
-    def _validate(self, checks: list[tuple[str, bool, str]]) -> None:
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **overrides: Any) -> Any:
-        """The config for ``model`` with ``overrides``; methods with size-dependent
-        presets override this."""
-        if overrides.get("target_module") is None:
-            family_of(model)  # a clear error for families we have not mapped
-        return cls(**overrides)
-
-    def resolve_target(self, model: nn.Module) -> str:
-        """Dotted path of the value projection this config edits in ``model``."""
-        if self.target_module is not None:
-            return self.target_module
-        fam = family_of(model)
-        layers_path = self.layers_path or fam.layers
-        num_layers = len(get_submodule(model, layers_path))
-        layer = default_layer_index(num_layers) if self.layer is None else self.layer
-        if layer >= num_layers:
-            raise ValueError(
-                f"{type(self).__name__}.layer={layer}: the model has {num_layers} layers"
-            )
-        return f"{layers_path}.{layer}.{fam.value_proj}"
-
-    def resolve_layers_path(self, model: nn.Module) -> str:
-        return self.layers_path or family_of(model).layers
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-@dataclass
-class WiseConfig(TargetConfig):
+class WiseConfig(EditConfig):
     """Hyper-parameters of WISE editing. Defaults follow the paper (Table 10) except
     where the reference code's 7B-tuned constants would not transfer; those are
     expressed relative to a per-model score scale instead."""
@@ -179,6 +107,9 @@ class WiseConfig(TargetConfig):
     prefix_lengths: tuple[int, ...] = field(
         default=(5, 10), metadata={"help": "Token lengths of those prefixes, used in turn."}
     )
+    prefix_top_k: int = field(
+        default=5, metadata={"help": "Top-k sampling of those prefixes (the reference's 5)."}
+    )
     irrelevant_rows: int = field(
         default=4,
         metadata={
@@ -193,14 +124,6 @@ class WiseConfig(TargetConfig):
             "adds them unweighted with raw scores of a 7B model; here scores are in "
             "score_scale units, which shrinks their gradient, and at weight 1 unrelated "
             "prompts stayed above the threshold on SmolLM2 (docs/RESULTS.md, sweep)."
-        },
-    )
-    fast_path: bool = field(
-        default=True,
-        metadata={
-            "help": "Reuse everything below the edited layer across an edit's steps and "
-            "compute logits only at target positions. False runs the whole model every "
-            "step (same result within float error; for benchmarks and debugging)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
@@ -219,10 +142,6 @@ class WiseConfig(TargetConfig):
             ("gamma", self.gamma >= 0, "must be >= 0"),
             ("score_scale", self.score_scale is None or self.score_scale > 0, "must be > 0"),
             ("threshold_ratio", 0.0 < self.threshold_ratio <= 1.0, "must be in (0, 1]"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("max_steps", self.max_steps >= 1, "must be >= 1"),
-            ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
-            ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "must be > 0 or None"),
             ("replay_rows", self.replay_rows >= 1, "must be >= 1"),
             ("replay", not (self.replay and self.mode == "merge"), "applies to mode='retrieve'"),
@@ -233,6 +152,7 @@ class WiseConfig(TargetConfig):
                 and (self.prefix_lengths or self.prefix_count == 0),
                 "must be positive lengths",
             ),
+            ("prefix_top_k", self.prefix_top_k >= 1, "must be >= 1"),
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
         ]
@@ -248,17 +168,16 @@ class WiseConfig(TargetConfig):
         A smaller matrix gets a larger rho (up to the whole matrix) so each edit keeps a
         workable number of parameters; when rho is above 1/2 two shards would overlap
         almost entirely, so one shard per merge group is used and merging is the identity.
-        Anything given in ``overrides`` wins.
+        Anything given in ``overrides`` wins; ``target_module`` (with ``layers_path`` or
+        without) works for families outside the table.
         """
-        family_of(model)  # raises for unknown families unless target_module is given
-        layer = overrides.pop("layer", None)
-        if layer is None:
-            layer = default_layer_index(model.config.num_hidden_layers)
-        probe = cls(layer=layer, **{k: v for k, v in overrides.items() if k == "target_module"})
-        numel = weight_out_in(get_submodule(model, probe.resolve_target(model))).numel()
-        preset = preset_for_matrix(numel)
+        target = TargetConfig(**{k: overrides[k] for k in TARGET_FIELDS if k in overrides})
+        path = target.resolve_target(model)
+        preset = preset_for_matrix(weight_out_in(get_submodule(model, path)).numel())
+        if target.target_module is None:
+            preset["layer"] = target.resolve_layer(model)
         preset.update(overrides)
-        return cls(layer=layer, **preset)
+        return cls(**preset)
 
     def edits_per_memory(self) -> int:
         """Edits a memory takes before its shards are merged (and, in retrieve mode, closed)."""

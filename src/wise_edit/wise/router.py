@@ -50,3 +50,12 @@ def route(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     the memory each row uses, -1 for the main memory. With one memory this is Eq. 6."""
     best, index = scores.max(dim=0)  # (B,), (B,)
     return torch.where(best > thresholds[index], index, torch.full_like(index, -1))
+
+
+def score_unit(outputs: torch.Tensor, token_mask: torch.Tensor) -> float:
+    """The unit of alpha/beta/gamma for a model: median over sequences of the mean norm
+    of the value projection's output (B, T, O) on neutral text. The paper's constants
+    assume a 7B model's activation scale; in this unit they mean the same on any model."""
+    per_token = torch.linalg.vector_norm(outputs.float(), dim=-1)  # (B, T)
+    per_seq = (per_token * token_mask).sum(-1) / token_mask.sum(-1)
+    return float(per_seq.median())

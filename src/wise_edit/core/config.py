@@ -1,0 +1,148 @@
+"""The settings every editor shares: which module it wraps (`TargetConfig`) and how one
+edit is optimised (`EditConfig`). Each method's config extends `EditConfig` with its own
+fields and the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from ..families import decoder_layers, default_layer_index, family_of, infer_layers_path
+
+TARGET_FIELDS = ("layer", "target_module", "layers_path")
+StopOn = Literal["loss", "lm"]
+
+
+@dataclass
+class TargetConfig:
+    """Which linear module an editor wraps; the base of every method's config."""
+
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layer whose FFN value matrix the editor wraps. "
+            "None: the paper's relative depth (27 of 32 layers)."
+        },
+    )
+    target_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full dotted path of the value projection; overrides `layer`. "
+            "Needed for model families wise-edit does not know."
+        },
+    )
+    layers_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted path of the decoder ModuleList. None: the family's, or for an "
+            "unknown family the ModuleList that `target_module` lies in."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate([("layer", self.layer is None or self.layer >= 0, "must be >= 0")])
+
+    def _validate(self, checks: list[tuple[str, bool, str]]) -> None:
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> Any:
+        """The config for ``model`` with ``overrides``; methods with size-dependent
+        presets override this. Raises at once when the target cannot be found in
+        ``model`` (an unknown family without ``target_module``, a layer out of range)."""
+        config = cls(**overrides)
+        config.resolve_target(model)
+        return config
+
+    def resolve_layers_path(self, model: nn.Module) -> str:
+        """Dotted path of the decoder stack: given, the family's, or inferred from
+        ``target_module`` for a family outside the table."""
+        if self.layers_path is not None:
+            return self.layers_path
+        if self.target_module is not None:
+            return infer_layers_path(model, self.target_module)
+        return family_of(model).layers
+
+    def resolve_layer(self, model: nn.Module) -> int:
+        """Index of the edited decoder layer, counted in the layer list itself."""
+        num_layers = len(decoder_layers(model, self.resolve_layers_path(model)))
+        layer = default_layer_index(num_layers) if self.layer is None else self.layer
+        if layer >= num_layers:
+            raise ValueError(
+                f"{type(self).__name__}.layer={layer}: the model has {num_layers} layers"
+            )
+        return layer
+
+    def resolve_target(self, model: nn.Module) -> str:
+        """Dotted path of the value projection this config edits in ``model``."""
+        if self.target_module is not None:
+            return self.target_module
+        layers_path = self.resolve_layers_path(model)
+        return f"{layers_path}.{self.resolve_layer(model)}.{family_of(model).value_proj}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class EditConfig(TargetConfig):
+    """How one edit is optimised: the step size, the iteration budget and its early stop,
+    the fast editing forward, and the seed of everything sampled. Methods override the
+    defaults with the paper's."""
+
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate of the edit's optimiser."})
+    max_steps: int = field(default=100, metadata={"help": "Optimisation steps per edit, at most."})
+    early_stop_loss: float = field(
+        default=1e-2,
+        metadata={
+            "help": "Stop an edit once the loss named by `early_stop_on` stayed below this "
+            "for `early_stop_patience` consecutive steps."
+        },
+    )
+    early_stop_patience: int = field(default=1, metadata={"help": "See early_stop_loss."})
+    early_stop_on: StopOn = field(
+        default="loss",
+        metadata={
+            "help": "'loss': the whole training loss; 'lm': only the target NLL (for methods "
+            "whose extra terms, e.g. a penalty, need not vanish)."
+        },
+    )
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse everything below the edited layer across an edit's steps and "
+            "compute logits only at target positions. False runs the whole model every "
+            "step (same result within float error; for benchmarks and debugging)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of everything an editor samples."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate(
+            [
+                ("lr", self.lr > 0, "must be > 0"),
+                ("max_steps", self.max_steps >= 1, "must be >= 1"),
+                ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
+                ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
+                ("early_stop_on", self.early_stop_on in ("loss", "lm"), "must be 'loss' or 'lm'"),
+            ]
+        )

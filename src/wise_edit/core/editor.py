@@ -1,0 +1,446 @@
+"""What every editor shares, WISE and the baselines alike: putting a wrapper in place of
+one module of the model (and taking it out again), serving (`generate`, forward,
+`routed`), the one edit template, and `save_pretrained` / `from_pretrained`.
+
+A method supplies a layer class, a `Draft` (what one edit trains, its loss and its
+update) and a commit; `EditorBase.edit` does the rest in one place: validate, build
+rows, capture the frozen lower layers, run `fit`, commit on success, log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..families import check_value_module, get_submodule
+from ..neutral import NEUTRAL_PROMPTS
+from . import fastpath
+from .attach import (
+    cache_length,
+    check_fingerprint,
+    editing_mode,
+    locate_layer,
+    set_submodule,
+    weight_fingerprint,
+)
+from .config import EditConfig
+from .fastpath import Captured, capture
+from .fit import Fitted, fit
+from .layer import AttachedLayer
+from .persistence import Saved, read_save, write_save
+from .rows import EditRows, build_rows, context_limit, encode_prompts, pad_id
+from .seeds import unrelated_generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    """What one edit did. ``memory``: the WISE side memory or GRACE codebook entry it went
+    to, ``shard``: WISE's shard; -1 where the method has no such thing."""
+
+    index: int
+    prompt: str
+    target: str
+    steps: int
+    loss: float
+    lm_loss: float
+    seconds: float
+    memory: int = -1
+    shard: int = -1
+
+
+class Draft:
+    """One edit while it trains: what the wrapped layer computes with, the loss around
+    the target NLL, and one optimisation step. Nothing in the editor changes until the
+    editor commits the draft."""
+
+    memory: int = -1  # where the edit goes, for `EditResult`
+    shard: int = -1
+
+    def layer_state(self) -> Any:
+        """What the layer's `trial` forward reads."""
+        raise NotImplementedError
+
+    def loss(self, lm: torch.Tensor, state: Any) -> torch.Tensor:
+        """The training loss given the target NLL ``lm`` computed with ``state`` (what
+        `layer_state` returned for this step); plain fine-tuning is ``lm``."""
+        return lm
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One optimisation step from ``loss``."""
+        raise NotImplementedError
+
+    def log_fields(self) -> dict[str, Any]:
+        """What the method records in the edit log beside `EditResult`."""
+        return {}
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What evaluation, the benchmark and the CLI use of an editor, whatever its method."""
+
+    method: ClassVar[str]
+    routes: ClassVar[bool]
+    route_unit: ClassVar[str]
+    model: nn.Module
+    tokenizer: Any
+    config: Any
+    edit_log: list[dict[str, Any]]
+
+    @classmethod
+    def variant_of(cls, config: Any) -> str: ...
+
+    @property
+    def num_edits(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def edit(self, prompt: str, target: str) -> EditResult: ...
+
+    def edit_many(
+        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
+    ) -> list[EditResult]: ...
+
+    def routed(self, prompts: Sequence[str]) -> list[int]: ...
+
+    def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]: ...
+
+    def disabled(self) -> Any: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def save_pretrained(self, path: Any) -> None: ...
+
+    def detach(self) -> nn.Module: ...
+
+
+class EditorBase:
+    """Attaches a method's `AttachedLayer` to one linear module of a causal LM.
+
+    Subclasses set ``method``, ``config_class`` and ``layer_class``, and implement
+    `_draft` and `_commit` (editing) and `_state` / `_tensors` / `_restore` (persistence).
+    The model is modified in place until `detach()`.
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type[EditConfig]]
+    layer_class: ClassVar[type[AttachedLayer]]
+    routes: ClassVar[bool] = True  # False: the edit applies to every input, unrouted
+    route_unit: ClassVar[str] = "edit memory"  # what `routed`'s indices count, for people
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: Any = None,
+        irrelevant_prompts: Sequence[str] | None = None,
+    ) -> None:
+        """``config`` None: the method's preset for ``model``."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config if config is not None else self.config_class.for_model(model)
+        self.target_path = config.resolve_target(model)
+        self.layers, self.layer_index = locate_layer(
+            model, self.target_path, config.resolve_layers_path(model)
+        )
+        module = get_submodule(model, self.target_path)
+        if isinstance(module, AttachedLayer):
+            raise ValueError(f"{self.target_path} already has an editor attached")
+        check_value_module(module, self.target_path)
+        self.irrelevant_prompts = list(irrelevant_prompts or NEUTRAL_PROMPTS)
+        if not self.irrelevant_prompts or not all(
+            isinstance(p, str) and p.strip() for p in self.irrelevant_prompts
+        ):
+            raise ValueError("irrelevant_prompts must be non-empty strings")
+        self.fingerprint = weight_fingerprint(module, self.target_path, model)
+        self.edit_log: list[dict[str, Any]] = []
+        self.layer = self._make_layer(module)
+        set_submodule(model, self.target_path, self.layer)
+        self._hook = model.base_model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._attached = True
+
+    def _make_layer(self, module: nn.Module) -> AttachedLayer:
+        return self.layer_class(module)
+
+    @classmethod
+    def variant_of(cls, config: Any) -> str:
+        """The method's variant a config selects, for run names ("" for none)."""
+        return ""
+
+    # ------------------------------------------------------------------ attach / detach
+    def detach(self) -> nn.Module:
+        """Put the original module back; the model is exactly the unedited one again."""
+        if self._attached:
+            self._hook.remove()
+            set_submodule(self.model, self.target_path, self.layer.base_layer)
+            self._attached = False
+        return self.model
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError(
+                f"this {type(self).__name__} was detached; attach a new one to edit again"
+            )
+
+    def _on_forward(self, _module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        """Every forward of the backbone: a new sequence starts a decision, a forward that
+        continues a KV cache keeps the one made at prefill."""
+        past = kwargs.get("past_key_values")
+        if past is not None and cache_length(past) > 0:
+            self.layer.routing.hold()
+            return
+        mask = kwargs.get("attention_mask")
+        self.layer.routing.begin(
+            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        )
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def device(self) -> torch.device:
+        return self.layer.weight.device
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.edit_log)
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def generate(self, **inputs: Any) -> torch.Tensor:
+        """`model.generate`; a per-sequence decision is held from the prompt for every
+        new token."""
+        inputs.setdefault("pad_token_id", pad_id(self.tokenizer))
+        return self.model.generate(**inputs)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The model behaves exactly as the unedited one inside this block."""
+        with self.layer.disabled():
+            yield
+
+    @torch.no_grad()
+    def routed(self, prompts: Sequence[str]) -> list[int]:
+        """Which edit memory each prompt would use: WISE's side memory, GRACE's codebook
+        entry, DEFER's counterfactual model (0); -1 = the unedited model. Methods that
+        edit the weights themselves (``routes`` False) answer 0 for every prompt."""
+        return self.routing_detail(prompts)[0]
+
+    @torch.no_grad()
+    def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]:
+        """`routed` and, for methods that route by a score against a threshold, each
+        prompt's score (the paper's Fig. 3), from one pass over the prompts."""
+        acts, mask = self._prompt_batch_acts(list(prompts))
+        scores = self.layer.route_scores(acts, mask)
+        return (
+            self.layer.route(acts, mask).tolist(),
+            None if scores is None else scores.tolist(),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """A few numbers about the editor's state, for benchmark reports."""
+        steps = [e["steps"] for e in self.edit_log]
+        return {"steps_per_edit": round(sum(steps) / max(1, len(steps)), 1)}
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Apply one edit. On any error the editor is left exactly as before the call."""
+        self._check_attached()
+        cfg = self.config
+        started = time.perf_counter()
+        with editing_mode(self.model):
+            rows = self._edit_rows(prompt, target)
+            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
+            draft = self._draft(rows, lower, target)
+
+            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+                state = draft.layer_state()
+                with self.layer.trial(state):
+                    lm = self._lm_loss(rows, lower)
+                return draft.loss(lm, state), lm
+
+            fitted = fit(
+                loss_fn,
+                draft.update,
+                max_steps=cfg.max_steps,
+                early_stop_loss=cfg.early_stop_loss,
+                patience=cfg.early_stop_patience,
+                stop_on_lm=cfg.early_stop_on == "lm",
+            )
+        result = self._result(prompt, target, fitted, draft, started)
+        self._commit(draft, result)
+        self.edit_log.append({**asdict(result), **draft.log_fields()})
+        logger.info(
+            "%s edit %d -> memory %d shard %d: %d steps, loss %.4f",
+            self.method,
+            result.index,
+            result.memory,
+            result.shard,
+            result.steps,
+            result.loss,
+        )
+        return result
+
+    def _draft(self, rows: EditRows, lower: Captured, target: str) -> Draft:
+        """What this edit trains, starting from the committed state."""
+        raise NotImplementedError
+
+    def _commit(self, draft: Draft, result: EditResult) -> None:
+        """Make a trained draft part of the editor's state."""
+        raise NotImplementedError
+
+    def _row_prefixes(self) -> list[str]:
+        """Augmentation prefixes each edit is also trained behind (WISE); none by default."""
+        return []
+
+    def edit_many(
+        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
+    ) -> list[EditResult]:
+        """Edit a stream, one sequential edit at a time, continuing the same state."""
+        records = list(records)
+        results: list[EditResult] = []
+        bar = tqdm(records, desc=f"{self.method or 'editing'}", unit="edit", disable=not progress)
+        for record in bar:
+            prompt, target = _prompt_target(record)
+            results.append(self.edit(prompt, target))
+            bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}", steps=results[-1].steps)
+        return results
+
+    def _edit_rows(self, prompt: str, target: str) -> EditRows:
+        """Validated training rows of one edit, on the editor's device."""
+        if not isinstance(prompt, str) or not isinstance(target, str):
+            raise TypeError("prompt and target must be strings")
+        rows = build_rows(self.tokenizer, prompt, target, self._row_prefixes())
+        limit = context_limit(self.model.config)
+        if limit is not None and rows.input_ids.shape[1] > limit:
+            raise ValueError(
+                f"edit is {rows.input_ids.shape[1]} tokens with its prefix, longer than the "
+                f"model's context of {limit} tokens"
+            )
+        return rows.to(self.device)
+
+    def _capture(self, rows: EditRows, keep_lower_output: bool = True) -> Captured:
+        """The frozen part of the forward (everything below the wrapped module)."""
+        return self._capture_ids(rows.input_ids, rows.attention_mask, keep_lower_output)
+
+    def _capture_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, keep_lower_output: bool
+    ) -> Captured:
+        return capture(
+            self.model.base_model,
+            self.layers,
+            self.layer_index,
+            self.layer,
+            ids,
+            mask,
+            keep_lower_output=keep_lower_output,
+        )
+
+    def _lm_loss(self, rows: EditRows, lower: Captured) -> torch.Tensor:
+        """Target NLL of the rows with the wrapped layer as it currently computes."""
+        if self.config.fast_path:
+            return fastpath.fast_lm_loss(
+                self.model,
+                self.layers,
+                self.layer_index,
+                lower,
+                rows.input_ids,
+                rows.attention_mask,
+                rows.targets,
+            )
+        return fastpath.full_lm_loss(self.model, rows.input_ids, rows.attention_mask, rows.targets)
+
+    @torch.no_grad()
+    def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of the wrapped module (B, T, I) and token mask (B, T) of a left-padded
+        prompt batch."""
+        ids, mask = encode_prompts(self.tokenizer, prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with editing_mode(self.model):
+            acts = self._capture_ids(ids, mask, keep_lower_output=False).acts
+        return acts, mask
+
+    def _irrelevant_sample(self, count: int) -> list[str]:
+        """Unrelated prompts for this edit, drawn from the pool by a generator seeded from
+        the edit index (reproducible, and the same after save/load)."""
+        gen = unrelated_generator(self.config.seed, len(self.edit_log))
+        count = min(count, len(self.irrelevant_prompts))
+        picks = torch.randperm(len(self.irrelevant_prompts), generator=gen)[:count].tolist()
+        return [self.irrelevant_prompts[i] for i in picks]
+
+    def _result(
+        self, prompt: str, target: str, fitted: Fitted, draft: Draft, started: float
+    ) -> EditResult:
+        return EditResult(
+            index=len(self.edit_log),
+            prompt=prompt,
+            target=target,
+            steps=fitted.steps,
+            loss=fitted.loss,
+            lm_loss=fitted.lm_loss,
+            seconds=time.perf_counter() - started,
+            memory=draft.memory,
+            shard=draft.shard,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        """Everything but tensors that `from_pretrained` needs (JSON)."""
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Any) -> None:
+        """Write ``editor_config.json``, ``editor_state.json`` and
+        ``editor_model.safetensors`` to the folder ``path`` (no pickle)."""
+        state = {"fingerprint": self.fingerprint, "edit_log": self.edit_log, **self._state()}
+        write_save(path, Saved(self.method, self.config.to_dict(), state, self._tensors()))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        path: str | Any,
+        irrelevant_prompts: Sequence[str] | None = None,
+    ) -> Any:
+        """Re-attach saved edits to ``model``; refuses a folder made for another model,
+        layer or method. `wise_edit.load_editor` picks the method from the save."""
+        saved = read_save(path)
+        if saved.method != cls.method:
+            raise ValueError(f"{path} holds {saved.method} edits, not {cls.method}")
+        config = cls.config_class.from_dict(saved.config)
+        editor = cls(model, tokenizer, config, irrelevant_prompts)
+        try:
+            check_fingerprint(editor.fingerprint, saved.state["fingerprint"], path)
+            editor.edit_log = saved.state["edit_log"]
+            editor._restore(saved.state, saved.tensors)
+        except BaseException:
+            editor.detach()
+            raise
+        return editor
+
+
+def _prompt_target(record: Mapping[str, str] | tuple[str, str]) -> tuple[str, str]:
+    if isinstance(record, Mapping):
+        if "prompt" not in record or "target" not in record:
+            raise ValueError(
+                f"an edit record needs 'prompt' and 'target' keys, got {sorted(record)}"
+            )
+        return record["prompt"], record["target"]
+    if isinstance(record, (tuple, list)) and len(record) == 2:
+        return record[0], record[1]
+    raise ValueError(f"an edit record is a mapping or a (prompt, target) pair, got {record!r}")

@@ -1,0 +1,124 @@
+"""The wrapped-layer base every method's layer builds on, and the per-sequence routing
+decision it holds while a sequence is generated.
+
+A method's layer answers one question for routing, `route(acts, token_mask)`: which of
+its edit memories each sequence uses (-1: none, the unedited layer). Its forward and the
+editor's `routed(prompts)` query both go through that one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..families import weight_out_in
+
+
+class RoutingState:
+    """The decision of the sequences currently being processed, for layers that decide
+    per sequence.
+
+    A new sequence (no KV cache yet) is decided from its prompt once; every later forward
+    over the same cache (generation steps) reuses that decision instead of re-deciding
+    from a single new token. ``token_mask`` is the prompt's attention mask.
+    """
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.choice: torch.Tensor | None = None
+        self.pending = True
+
+    def begin(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask, self.choice, self.pending = token_mask, None, True
+
+    def hold(self) -> None:
+        self.pending = False
+
+    def decide(self, batch: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The held decision (one entry per row), made by ``make`` for a new sequence."""
+        if self.pending or self.choice is None:
+            self.choice = make()
+            self.pending = False
+        if self.choice.shape[0] != batch:
+            raise RuntimeError(
+                f"the decision was made for a batch of {self.choice.shape[0]} sequences but "
+                f"the layer now sees {batch}; start a new forward without a KV cache"
+            )
+        return self.choice
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The token mask of ``x`` (B, T, ...): the prompt's, or all ones when the layer
+        sees something else (a decoding step, a call without a mask)."""
+        mask = self.token_mask
+        if mask is None or mask.shape != x.shape[:2]:
+            return torch.ones(x.shape[:2], device=x.device)
+        return mask.to(x.device)
+
+
+def last_positions(token_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (left or right padding)."""
+    width = token_mask.shape[1]
+    return width - 1 - token_mask.flip(-1).float().argmax(-1)
+
+
+def last_token(acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's activation (B, I) at its last real token."""
+    rows = torch.arange(acts.shape[0], device=acts.device)
+    return acts[rows, last_positions(token_mask).to(acts.device)]
+
+
+def unrouted(acts: torch.Tensor) -> torch.Tensor:
+    """The decision "no edit memory" for every row of ``acts`` (B, ...)."""
+    return torch.full((acts.shape[0],), -1, dtype=torch.long, device=acts.device)
+
+
+class AttachedLayer(nn.Module):
+    """Base of every module wise-edit puts in place of a model's linear layer: it keeps
+    the original as ``base_layer`` (bias and GPT-2 Conv1D layout included) and can be
+    switched off (``disabled``) to behave exactly as the unedited model."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = RoutingState()
+        self._disabled = False
+        self._trial: Any = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped matrix in (out, in) layout."""
+        return weight_out_in(self.base_layer)
+
+    @contextmanager
+    def trial(self, state: Any) -> Iterator[None]:
+        """Compute with ``state`` (what an edit is training, in the form the layer's
+        forward reads) instead of what is committed: the editing forward."""
+        previous, self._trial = self._trial, state
+        try:
+            yield
+        finally:
+            self._trial = previous
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Behave as the unedited layer (pre-edit scores, prefix generation)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Which edit memory each sequence uses: (B,) long, -1 = the unedited layer.
+        ``acts`` (B, T, I) are the layer's inputs, ``token_mask`` (B, T) its real tokens.
+        The base answers 0 for every row: the layer's one change applies everywhere."""
+        return torch.zeros(acts.shape[0], dtype=torch.long, device=acts.device)
+
+    def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
+        """The score each row's routing decision compares with a threshold (B,), for
+        plots; None for layers without one."""
+        return None

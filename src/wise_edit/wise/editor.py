@@ -1,0 +1,283 @@
+"""`WiseEditor`: attaches WISE to a causal LM and plans where each edit of the stream
+goes. The edit template (rows, capture, fit, commit) is `EditorBase.edit`; the side
+memory does its own bookkeeping (`SideMemory`); this file decides memory, shard and
+masks, builds the training loss from the router's margin loss, and keeps the one-time
+calibration (score unit, augmentation prefixes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.editor import Draft, EditorBase, EditResult
+from ..core.fastpath import Captured
+from ..core.rows import SEED_WORDS, EditRows, left_pad, pad_id
+from ..core.seeds import mask_generator, merge_generator, replay_generator
+from ..neutral import NEUTRAL_PROMPTS
+from .config import WiseConfig
+from .layer import SideMemory, WiseLayer
+from .masks import clamp_to_bound, masked_step, random_masks
+from .merging import get_merge
+from .router import margin_loss, replay_loss, score_unit, sequence_scores
+
+__all__ = ["EditResult", "WiseEditor"]
+
+Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
+
+
+@dataclass
+class _Plan:
+    """Where the next edit goes; nothing is changed until the edit succeeds."""
+
+    memory: int
+    new_memory: bool
+    shard: int
+    masks: list[torch.Tensor]  # the merge group's masks (new ones if the group starts now)
+    base_delta: torch.Tensor
+
+
+class _WiseDraft(Draft):
+    """SGD on a step of the active side memory, under the shard's mask: the target NLL
+    plus the margin loss (Eq. 5) and, in retrieve mode, the replay loss (L_memo)."""
+
+    def __init__(
+        self,
+        config: WiseConfig,
+        plan: _Plan,
+        edit: Acts,
+        unrelated: Acts,
+        replay: Acts | None,
+        scale: float,
+    ) -> None:
+        self.config, self.plan, self.scale = config, plan, scale
+        self.memory, self.shard = plan.memory, plan.shard
+        self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
+        self.mask = plan.masks[plan.shard].to(plan.base_delta.device, torch.float32)
+        self.step = torch.zeros_like(plan.base_delta, requires_grad=True)
+
+    def layer_state(self) -> torch.Tensor:
+        return self.plan.base_delta + self.step
+
+    def loss(self, lm: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+
+        def scores(acts: Acts) -> torch.Tensor:
+            # in units of the model's scale, so the paper's margins mean the same thing on
+            # every model; margin_weight sets the routing loss against the LM loss
+            return sequence_scores(acts[0], delta, acts[1]) / self.scale
+
+        loss = lm + cfg.margin_weight * margin_loss(
+            scores(self.edit_acts), scores(self.unrelated), cfg.alpha, cfg.beta, cfg.gamma
+        )
+        if self.replay is not None:
+            loss = loss + cfg.margin_weight * replay_loss(scores(self.replay), cfg.alpha)
+        return loss
+
+    def update(self, loss: torch.Tensor) -> None:
+        cfg = self.config
+        (grad,) = torch.autograd.grad(loss, self.step)
+        with torch.no_grad():
+            new = masked_step(self.step, grad, self.mask, cfg.lr)
+            self.step.copy_(clamp_to_bound(new, self.plan.base_delta, cfg.norm_bound))
+
+
+class WiseEditor(EditorBase):
+    """Lifelong editing of one causal LM with WISE.
+
+    The model is modified in place: its value projection is replaced by a `WiseLayer`
+    until `detach()`. Editing state lives on this object and saves with
+    `save_pretrained()`.
+    """
+
+    method = "WISE"
+    config_class = WiseConfig
+    layer_class = WiseLayer
+    route_unit = "side memory"
+    config: WiseConfig
+    layer: WiseLayer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: WiseConfig | None = None,
+        irrelevant_prompts: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, config, irrelevant_prompts)
+        self.score_scale: float | None = self.config.score_scale
+        self.prefixes: list[str] | None = None
+        self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
+
+    @classmethod
+    def variant_of(cls, config: WiseConfig) -> str:
+        return config.mode
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def memories(self) -> tuple[SideMemory, ...]:
+        return tuple(self.layer.memories)
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [m.epsilon for m in self.layer.memories]
+
+    @torch.no_grad()
+    def activation_scores(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Activation score of each prompt against each side memory: (memories, prompts)."""
+        if not len(self.layer.memories):
+            return torch.zeros((0, len(prompts)))
+        acts, mask = self._prompt_batch_acts(list(prompts))
+        return self.layer.scores(acts, mask).cpu()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **super().summary(),
+            "memories": len(self.layer.memories),
+            "thresholds": self.thresholds,
+        }
+
+    # ------------------------------------------------------------------ one edit
+    def _row_prefixes(self) -> list[str]:
+        """The augmentation prefixes, sampled once from the unedited model."""
+        if self.prefixes is None:
+            self.prefixes = self._generate_prefixes()
+        return self.prefixes
+
+    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _WiseDraft:
+        plan = self._plan()
+        return _WiseDraft(
+            self.config,
+            plan,
+            (lower.acts, rows.prompt_mask),
+            self._prompt_batch_acts(self._irrelevant_sample(self.config.irrelevant_rows)),
+            self._replay_acts(plan.memory),
+            self._ensure_scale(),
+        )
+
+    def _plan(self) -> _Plan:
+        memories = self.layer.memories
+        memory = memories[-1] if len(memories) else None
+        if memory is None or memory.closed:
+            index = len(memories)
+            masks = self._group_masks(index, 0)
+            zeros = torch.zeros_like(self.layer.weight, dtype=torch.float32)
+            return _Plan(index, True, 0, masks, zeros)
+        index = len(memories) - 1
+        masks = list(memory.masks) or self._group_masks(index, memory.merges)
+        shard = memory.group_edits // self.config.shard_size
+        return _Plan(index, False, shard, masks, memory.delta)
+
+    def _group_masks(self, memory: int, group: int) -> list[torch.Tensor]:
+        cfg = self.config
+        gen = mask_generator(cfg.seed, memory, group)
+        return random_masks(self.layer.weight.shape, cfg.mask_ratio, cfg.shards_per_merge, gen)
+
+    def _replay_acts(self, memory: int) -> Acts | None:
+        """Prompt activations of edits held by earlier memories (retrieve mode, replay on)."""
+        if not self.config.replay:  # validated: only in retrieve mode
+            return None
+        ids = [i for m in list(self.layer.memories)[:memory] for i in m.edit_ids]
+        if not ids:
+            return None
+        gen = replay_generator(self.config.seed, len(self.edit_log))
+        picks = torch.randperm(len(ids), generator=gen)[: self.config.replay_rows].tolist()
+        return self._stacked_prompt_acts([ids[i] for i in picks])
+
+    def _commit(self, draft: Draft, result: EditResult) -> None:
+        assert isinstance(draft, _WiseDraft)
+        cfg, plan = self.config, draft.plan
+        memory = self.layer.new_memory() if plan.new_memory else self.layer.memories[plan.memory]
+        memory.add_edit(result.index, plan.shard, draft.step.detach(), plan.masks)
+        acts, mask = draft.edit_acts
+        self._prompt_acts[result.index] = acts[0][mask[0].bool()].cpu()
+        if memory.group_edits == cfg.edits_per_memory():
+            memory.merge(
+                get_merge(cfg.merge_method),
+                density=cfg.merge_density,
+                generator=merge_generator(cfg.seed, plan.memory, memory.merges),
+                norm_bound=cfg.norm_bound,
+                close=cfg.mode == "retrieve",
+            )
+        memory.refresh_threshold(*self._stacked_prompt_acts(memory.edit_ids), cfg.threshold_ratio)
+
+    # ------------------------------------------------------------------ edit prompts
+    def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> Acts:
+        """Prompt activations of past edits, padded into one batch. Cached per edit (they
+        are frozen below the edited layer); recomputed after loading."""
+        missing = sorted({i for i in edit_ids if i not in self._prompt_acts})
+        if missing:
+            acts, mask = self._prompt_batch_acts([self.edit_log[i]["prompt"] for i in missing])
+            for row, i in enumerate(missing):
+                self._prompt_acts[i] = acts[row][mask[row].bool()].cpu()
+        return _stack_ragged([self._prompt_acts[i] for i in edit_ids], self.device)
+
+    # ------------------------------------------------------------------ one-time setup
+    def _ensure_scale(self) -> float:
+        """The routing score unit for this model, calibrated once on neutral text."""
+        if self.score_scale is None:
+            acts, mask = self._prompt_batch_acts(list(NEUTRAL_PROMPTS))
+            with torch.no_grad():
+                out = self.layer.base_layer(acts)  # (B, T, O)
+            self.score_scale = score_unit(out, mask)
+        return self.score_scale
+
+    @torch.no_grad()
+    def _generate_prefixes(self) -> list[str]:
+        """Short continuations of seed words sampled from the unedited model with the
+        config's seed (the paper's augmentation), without touching the global RNG."""
+        cfg = self.config
+        lengths = cfg.prefix_lengths
+        devices = [self.device] if self.device.type == "cuda" else []
+        prefixes = []
+        with torch.random.fork_rng(devices=devices), self.layer.disabled():
+            torch.manual_seed(cfg.seed)
+            for i in range(cfg.prefix_count):
+                word, length = SEED_WORDS[i % len(SEED_WORDS)], lengths[i % len(lengths)]
+                ids = self.tokenizer(word, return_tensors="pt").to(self.device)
+                out = self.model.generate(
+                    **ids,
+                    do_sample=True,
+                    top_k=cfg.prefix_top_k,
+                    max_new_tokens=length,
+                    min_new_tokens=length,
+                    pad_token_id=pad_id(self.tokenizer),
+                )
+                text = self.tokenizer.decode(out[0], skip_special_tokens=True)
+                prefixes.append(" ".join(text.replace("{", " ").replace("}", " ").split()))
+        return prefixes
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {
+            "score_scale": self.score_scale,
+            "prefixes": self.prefixes,
+            "memories": [m.state() for m in self.layer.memories],
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for i, memory in enumerate(self.layer.memories):
+            tensors.update(memory.tensors(f"memory.{i}"))
+        return tensors
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.score_scale = state["score_scale"]
+        self.prefixes = state["prefixes"]
+        for i, meta in enumerate(state["memories"]):
+            memory = self.layer.new_memory()
+            memory.restore(meta, tensors, f"memory.{i}", self.config.edits_per_memory())
+
+
+def _stack_ragged(acts: list[torch.Tensor], device: torch.device) -> Acts:
+    """Pad a list of (t_i, I) activations into (N, T, I) with a token mask (N, T)."""
+    width = max(a.shape[0] for a in acts)
+    out = torch.zeros((len(acts), width, acts[0].shape[1]), dtype=acts[0].dtype)
+    lengths = [a.shape[0] for a in acts]
+    _, mask = left_pad([[1] * n for n in lengths], 0)
+    for row, a in enumerate(acts):
+        out[row, width - a.shape[0] :] = a
+    return out.to(device), mask.to(device)

@@ -1,0 +1,213 @@
+"""The side-memory layer: holds the frozen value projection (main memory) and the side
+memories, and routes each sequence to one of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..core.layer import AttachedLayer, unrouted
+from .merging import MergeFn
+from .router import route, sequence_scores, threshold
+
+
+class SideMemory(nn.Module):
+    """One side memory W_v' = W_v + delta, stored as the delta, with everything that
+    belongs to it: the shards of its current merge group (their masks and, compactly, the
+    masked entries each shard has learned), the edits it holds, its routing threshold.
+
+    The editor decides where an edit goes; the memory folds it in (`add_edit`), merges
+    its shards (`merge`) and refreshes its threshold (`refresh_threshold`).
+    """
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("delta", torch.zeros(shape, device=device), persistent=False)
+        self._masks: list[torch.Tensor] = []
+        self._shard_values: list[torch.Tensor] = []
+        self._epsilon = float("inf")  # routing threshold; inf until the memory holds an edit
+        self._edit_ids: list[int] = []  # indices into the editor's edit log
+        self._merges = 0  # merge groups completed
+        self._group_edits = 0  # edits since the last merge
+        self._closed = False  # retrieve mode: no further edits after its merge
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def epsilon(self) -> float:
+        return self._epsilon
+
+    @property
+    def merges(self) -> int:
+        return self._merges
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def edit_ids(self) -> tuple[int, ...]:
+        return tuple(self._edit_ids)
+
+    @property
+    def group_edits(self) -> int:
+        """Edits trained into the current merge group's shards so far."""
+        return self._group_edits
+
+    @property
+    def masks(self) -> tuple[torch.Tensor, ...]:
+        """The current merge group's shard masks (empty between groups)."""
+        return tuple(self._masks)
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._shard_values)
+
+    def shard_vector(self, shard: int) -> torch.Tensor:
+        """Dense task vector of a shard of the current group (zeros outside its mask)."""
+        full = torch.zeros_like(self.delta)
+        full[self._masks[shard].to(full.device)] = self._shard_values[shard]
+        return full
+
+    def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Activation score of each sequence against this memory: (B,)."""
+        return sequence_scores(acts, self.delta, token_mask)
+
+    # ------------------------------------------------------------------ changes
+    def add_edit(
+        self, edit_id: int, shard: int, step: torch.Tensor, group_masks: Sequence[torch.Tensor]
+    ) -> None:
+        """Fold an edit's trained ``step`` (dense, zero outside the shard's mask) into the
+        served delta and into its shard. ``group_masks`` are taken when a group starts."""
+        if not self._masks:
+            self._masks = [m.cpu() for m in group_masks]
+        while len(self._shard_values) <= shard:
+            count = int(self._masks[len(self._shard_values)].sum())
+            self._shard_values.append(torch.zeros(count, device=self.delta.device))
+        self.delta += step
+        self._shard_values[shard] += step[self._masks[shard].to(self.delta.device)]
+        self._edit_ids.append(edit_id)
+        self._group_edits += 1
+
+    def merge(
+        self,
+        merge_fn: MergeFn,
+        *,
+        density: float,
+        generator: torch.Generator,
+        norm_bound: float | None,
+        close: bool,
+    ) -> None:
+        """Eq. 8: W_v' <- W_v + Merge(shard task vectors), on top of earlier merges; the
+        group's shards are dropped. ``close``: take no further edits (retrieve mode)."""
+        vectors = [self.shard_vector(i) for i in range(len(self._shard_values))]
+        earlier = self.delta - torch.stack(vectors).sum(0)
+        weights = [1.0 / len(vectors)] * len(vectors)
+        merged = merge_fn(vectors, weights, density=density, generator=generator)
+        total = earlier + merged.to(earlier.device)
+        if norm_bound is not None:
+            total = total.clamp(-norm_bound, norm_bound)
+        self.delta.copy_(total)
+        self._masks, self._shard_values = [], []
+        self._merges += 1
+        self._group_edits = 0
+        self._closed = close
+
+    def refresh_threshold(self, acts: torch.Tensor, token_mask: torch.Tensor, ratio: float) -> None:
+        """epsilon from the prompt activations (N, T, I) of all edits the memory holds now:
+        later edits and merges move the scores of earlier ones, so a threshold frozen at
+        edit time would drop them."""
+        self._epsilon = threshold(self.scores(acts, token_mask), ratio)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, object]:
+        return {
+            "epsilon": self._epsilon,
+            "edit_ids": list(self._edit_ids),
+            "merges": self._merges,
+            "closed": self._closed,
+            "masks": len(self._masks),
+            "shards": len(self._shard_values),
+        }
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.delta": self.delta}
+        out.update({f"{prefix}.mask.{j}": m for j, m in enumerate(self._masks)})
+        out.update({f"{prefix}.shard.{j}": v for j, v in enumerate(self._shard_values)})
+        return out
+
+    def restore(
+        self,
+        meta: dict[str, object],
+        tensors: dict[str, torch.Tensor],
+        prefix: str,
+        edits_per_group: int,
+    ) -> None:
+        """Load what `state` and `tensors` wrote; the count of edits in the current
+        group follows from the merges done (every merged group was full)."""
+        self.delta.copy_(tensors[f"{prefix}.delta"])
+        self._masks = [tensors[f"{prefix}.mask.{j}"] for j in range(int(meta["masks"]))]
+        self._shard_values = [
+            tensors[f"{prefix}.shard.{j}"].to(self.delta.device) for j in range(int(meta["shards"]))
+        ]
+        self._epsilon = float(meta["epsilon"])
+        self._edit_ids = [int(i) for i in meta["edit_ids"]]
+        self._merges = int(meta["merges"])
+        self._closed = bool(meta["closed"])
+        self._group_edits = len(self._edit_ids) - self._merges * edits_per_group
+
+
+class WiseLayer(AttachedLayer):
+    """Wraps a value projection (nn.Linear or GPT-2 Conv1D, bias kept).
+
+    forward: trial (editing) -> base + a·delta for all rows; no memories or disabled ->
+    base; else each row gets base, or base + a·delta of the memory its routing chose.
+    Rows routed to the main memory get exactly ``base_layer``'s output.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.memories = nn.ModuleList()
+
+    def new_memory(self) -> SideMemory:
+        weight = self.weight
+        memory = SideMemory(weight.shape, weight.device)
+        self.memories.append(memory)
+        return memory
+
+    def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Activation score of every sequence against every memory: (M, B)."""
+        return torch.stack([m.scores(acts, token_mask) for m in self.memories])
+
+    def thresholds(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([m.epsilon for m in self.memories], device=device)
+
+    def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Top-1 memory whose score clears its own threshold (Algorithm 2), -1 for none."""
+        if not len(self.memories):
+            return unrouted(acts)
+        return route(self.scores(acts, token_mask), self.thresholds(acts.device))
+
+    def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
+        """Each row's best activation score over the memories."""
+        if not len(self.memories):
+            return None
+        return self.scores(acts, token_mask).max(dim=0).values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        if self._trial is not None:  # editing: base + a·delta for every row, unrouted
+            return base + (x.float() @ self._trial.t()).to(base.dtype)
+        if self._disabled or not self.memories:
+            return base
+        routing = self.routing
+        choice = routing.decide(x.shape[0], lambda: self.route(x, routing.mask_for(x)))
+        out = base.clone()
+        for index in choice.unique().tolist():
+            if index < 0:
+                continue
+            rows = choice == index
+            delta = self.memories[index].delta
+            out[rows] = base[rows] + (x[rows].float() @ delta.t()).to(base.dtype)
+        return out
