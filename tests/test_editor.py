@@ -291,9 +291,15 @@ def test_model_parameters_keep_their_flags_and_stay_unchanged(tokenizer):
 def test_half_precision_model_edits_without_nan(tokenizer):
     model = tiny_model(dtype=torch.bfloat16)
     editor = WiseEditor(model, tokenizer, fast_config())
-    result = editor.edit(*EDITS[0])
-    assert torch.isfinite(torch.tensor(result.loss))
-    assert torch.isfinite(editor.memories[0].delta).all()
+    batch = tokenizer([EDITS[0][0]], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+    editor.edit(*EDITS[0])
+    delta = editor.memories[0].delta
+    assert delta.dtype == torch.float32 and torch.isfinite(delta).all() and delta.abs().sum() > 0
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert after.dtype == torch.bfloat16 and not torch.equal(before, after)
     batch = tokenizer([EDITS[0][0]], return_tensors="pt")
     out = editor.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 3

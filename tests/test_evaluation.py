@@ -8,7 +8,14 @@ from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
 from wise_edit.data import EditRecord
-from wise_edit.evaluation import KINDS, _slice_baseline, locality_baseline, run_protocol, score
+from wise_edit.evaluation import (
+    GENERATED,
+    KINDS,
+    _slice_baseline,
+    locality_baseline,
+    run_protocol,
+    score,
+)
 
 RECORDS = [
     EditRecord(
@@ -27,7 +34,9 @@ def test_unedited_model_scores_locality_one(tokenizer):
     base = locality_baseline(model, tokenizer, RECORDS)
     for kind in KINDS:
         scores = score(kind, model, tokenizer, RECORDS, base)
-        assert scores.loc == 1.0 and 0 <= scores.rel <= 1 and 0 <= scores.gen <= 1
+        assert scores.loc == 1.0
+    # a random tiny model generates none of the targets
+    assert score(GENERATED, model, tokenizer, RECORDS, base).rel == 0.0
 
 
 def test_protocol_edits_then_scores_the_final_model(tokenizer):
@@ -96,5 +105,6 @@ def test_dataset_metrics_hallucination_and_temporal(tokenizer):
     perplexity = dataset_metrics("hallucination", editor, records)["perplexity"]
     assert 1.0 <= perplexity["edited"] < perplexity["pre_edit"]
     ood = dataset_metrics("temporal", editor, records)["ood_gen"]
-    assert ood["edited"] in (0.0, 1.0) and ood["pre_edit"] == 0.0
+    # OOD Gen on the prompt itself: success exactly when the per-token perplexity < 1/0.8
+    assert ood["edited"] == float(perplexity["edited"] < 1 / 0.8) and ood["pre_edit"] == 0.0
     assert dataset_metrics("zsre", editor, records) == {}

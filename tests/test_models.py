@@ -21,9 +21,9 @@ def _has(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def test_bundled_is_a_tuple():
-    assert isinstance(wise_models.BUNDLED, tuple)
+def test_every_bundled_name_has_a_source():
     assert "smollm2-135m" in wise_models.BUNDLED
+    assert set(wise_models.BUNDLED) == set(wise_models._BUNDLED_SOURCES)
 
 
 def test_cache_dir_prefers_wise_edit_cache(monkeypatch, tmp_path):

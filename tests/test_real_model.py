@@ -117,9 +117,6 @@ def test_small_zsre_benchmark_through_the_cli(tmp_path):
         == 0
     )
     result = json.loads((out / "results.json").read_text())
-    for kind in ("teacher_forced", "generated"):
-        for name in ("rel", "gen", "loc"):
-            assert 0.0 <= result[kind][name] <= 1.0
     assert result["teacher_forced"]["loc"] == 1.0 and result["generated"]["loc"] == 1.0
     assert result["teacher_forced"]["rel"] >= 0.8 > result["pre_edit"]["teacher_forced"]["rel"]
     assert result["generated"]["rel"] >= 0.5 > result["pre_edit"]["generated"]["rel"]

@@ -82,6 +82,7 @@ class TargetConfig:
     def resolve_target(self, model: nn.Module) -> str:
         """Dotted path of the value projection this config edits in ``model``."""
         if self.target_module is not None:
+            self.resolve_layers_path(model)  # the fast path needs the layer it lies in
             return self.target_module
         layers_path = self.resolve_layers_path(model)
         return f"{layers_path}.{self.resolve_layer(model)}.{family_of(model).value_proj}"

@@ -1,0 +1,61 @@
+"""Knowledge sharding: mask ratio and overlap, steps that leave masked-out entries
+bit-equal, the norm bound, and the seeded mask streams."""
+
+import torch
+
+from wise_edit.core.seeds import mask_generator, merge_generator
+from wise_edit.wise.masks import clamp_to_bound, masked_step, random_masks
+
+
+def test_masks_have_the_ratio_and_overlap_about_ratio_squared():
+    masks = random_masks((200, 100), 0.3, 2, mask_generator(0, 0, 0))
+    assert all(m.dtype == torch.bool and m.shape == (200, 100) for m in masks)
+    shares = [m.float().mean().item() for m in masks]
+    assert all(abs(s - 0.3) < 0.02 for s in shares)
+    overlap = (masks[0] & masks[1]).float().mean().item()
+    assert abs(overlap - 0.09) < 0.015  # Theorem 2.1: rho^2
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_ratio_one_is_the_whole_matrix():
+    masks = random_masks((3, 4), 1.0, 2, mask_generator(0, 0, 0))
+    assert all(bool(m.all()) for m in masks)
+
+
+def test_masks_are_reproducible_per_memory_and_group():
+    def make(memory, group):
+        return random_masks((50, 50), 0.5, 1, mask_generator(7, memory, group))[0]
+
+    assert torch.equal(make(1, 2), make(1, 2))
+    assert not torch.equal(make(1, 2), make(1, 3)) and not torch.equal(make(1, 2), make(2, 2))
+    a = torch.rand(5, generator=merge_generator(7, 1, 2))
+    b = torch.rand(5, generator=mask_generator(8, 1, 2))
+    assert torch.equal(a, b)  # DARE's drops: the mask stream of seed + 1
+
+
+def test_bad_ratio_raises():
+    for ratio in (0.0, 1.5):
+        try:
+            random_masks((2, 2), ratio, 1, mask_generator(0, 0, 0))
+        except ValueError as err:
+            assert "mask ratio" in str(err)
+        else:
+            raise AssertionError(f"ratio {ratio} accepted")
+
+
+def test_masked_step_leaves_masked_out_entries_bit_equal():
+    torch.manual_seed(0)
+    delta = torch.randn(6, 7)
+    grad = torch.randn(6, 7)
+    mask = torch.rand(6, 7) < 0.4
+    out = masked_step(delta, grad, mask.float(), lr=0.5)
+    assert torch.equal(out[~mask], delta[~mask])
+    torch.testing.assert_close(out[mask], delta[mask] - 0.5 * grad[mask])
+
+
+def test_clamp_keeps_the_memory_within_the_bound_of_the_weight():
+    base = torch.tensor([0.8, -0.5, 0.0])
+    step = torch.tensor([0.5, -0.9, 0.3])
+    out = clamp_to_bound(step, base, 1.0)
+    torch.testing.assert_close(base + out, torch.tensor([1.0, -1.0, 0.3]))
+    assert clamp_to_bound(step, base, None) is step

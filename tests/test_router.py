@@ -1,0 +1,98 @@
+"""Exact, hand-computed tests for wise_edit.wise.router: activation score, margin loss,
+replay loss, threshold, top-1 route and the score unit."""
+
+import pytest
+import torch
+
+from wise_edit.wise.router import (
+    margin_loss,
+    replay_loss,
+    route,
+    score_unit,
+    sequence_scores,
+    threshold,
+)
+
+
+def test_sequence_score_is_the_mean_norm_over_the_rows_own_tokens():
+    delta = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # a @ delta^T = (a0, 2 a1)
+    acts = torch.tensor(
+        [
+            [[3.0, 0.0], [0.0, 2.0], [9.0, 9.0]],  # norms 3, 4, (pad)
+            [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]],  # (pad), 1, 0
+        ]
+    )
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    torch.testing.assert_close(sequence_scores(acts, delta, mask), torch.tensor([3.5, 0.5]))
+
+
+def test_sequence_score_of_a_row_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    acts, delta = torch.randn(3, 4, 5), torch.randn(6, 5)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    together = sequence_scores(acts, delta, mask)
+    alone = sequence_scores(acts[1:2, 2:], delta, mask[1:2, 2:])
+    torch.testing.assert_close(together[1:2], alone)
+
+
+def test_margin_loss_terms_by_hand():
+    edit = torch.tensor([3.0, 0.5])
+    irrelevant = torch.tensor([0.2, 1.0])
+    alpha, beta, gamma = 0.5, 2.0, 1.0
+    # relu(irr - alpha): 0, 0.5 -> .25 ; relu(beta - edit): 0, 1.5 -> .75
+    # gaps edit - irr: [[2.8, 2.0], [0.3, -0.5]] -> relu(1 - gap): 0, 0, .7, 1.5 -> .55
+    loss = margin_loss(edit, irrelevant, alpha, beta, gamma)
+    assert loss.item() == pytest.approx(0.25 + 0.75 + 0.55)
+
+
+def test_margin_loss_is_zero_when_every_margin_holds():
+    loss = margin_loss(torch.tensor([5.0, 6.0]), torch.tensor([0.1, 0.2]), 0.5, 2.0, 1.0)
+    assert loss.item() == 0.0
+
+
+def test_replay_loss_pushes_only_scores_above_alpha():
+    loss = replay_loss(torch.tensor([0.1, 0.9, 2.0]), alpha=0.5)
+    assert loss.item() == pytest.approx((0.0 + 0.4 + 1.5) / 3)
+
+
+def test_threshold_is_ratio_times_the_minimum():
+    assert threshold(torch.tensor([4.0, 2.5, 3.0]), 0.8) == pytest.approx(2.0)
+
+
+def test_route_top1_over_memories_each_with_its_own_threshold():
+    scores = torch.tensor(
+        [
+            [5.0, 1.0, 2.0, 0.0],  # memory 0, threshold 3
+            [4.0, 6.0, 2.5, 0.0],  # memory 1, threshold 7
+        ]
+    )
+    thresholds = torch.tensor([3.0, 7.0])
+    # row 0: memory 0 best and clears 3; row 1: memory 1 best (6) but below its 7 -> -1,
+    # although memory 0's score 1 is irrelevant (top-1 first, then its own threshold)
+    # row 2: memory 1 best (2.5) below 7 -> -1; row 3: nothing scores -> -1
+    assert route(scores, thresholds).tolist() == [0, -1, -1, -1]
+
+
+def test_route_ties_pick_the_first_memory_and_equal_to_threshold_is_not_above():
+    scores = torch.tensor([[3.0, 2.0], [3.0, 2.0]])  # both rows: a tie between memories
+    assert route(scores, torch.tensor([1.0, 1.0])).tolist() == [0, 0]
+    # the tie goes to memory 0; its threshold decides, even where memory 1's would pass
+    assert route(scores, torch.tensor([2.0, 1.0])).tolist() == [0, -1]
+    assert route(scores, torch.tensor([3.0, 1.0])).tolist() == [-1, -1]
+
+
+def test_route_with_nothing_above_any_threshold_is_the_main_memory():
+    scores = torch.tensor([[0.5, 0.1]])
+    assert route(scores, torch.tensor([1.0])).tolist() == [-1, -1]
+
+
+def test_score_unit_is_the_median_of_mean_token_norms():
+    outputs = torch.tensor(
+        [
+            [[3.0, 4.0], [0.0, 0.0]],  # norm 5, pad
+            [[0.0, 1.0], [0.0, 3.0]],  # norms 1, 3 -> 2
+            [[6.0, 8.0], [0.0, 10.0]],  # norms 10, 10 -> 10
+        ]
+    )
+    mask = torch.tensor([[1, 0], [1, 1], [1, 1]])
+    assert score_unit(outputs, mask) == pytest.approx(5.0)

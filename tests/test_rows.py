@@ -1,0 +1,58 @@
+"""Edit rows: left padding, the prompt mask, target positions, and what cannot be learned."""
+
+import pytest
+import torch
+
+from wise_edit.core.rows import build_rows, encode_prompts, left_pad, pad_id, target_ids
+
+
+def test_left_pad_aligns_the_ends():
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_rows_layout(tokenizer):
+    prompt, target = "Who designed Lahti Town Hall?", "Eliel Saarinen"
+    prefixes = ["The sky", "Because of this, the river"]
+    rows = build_rows(tokenizer, prompt, target, prefixes)
+    tgt = target_ids(tokenizer, target)
+    texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(p) for p in prompts) + len(tgt)
+    assert rows.input_ids.shape == (3, width)
+    n = len(tgt)
+    for row, ids in enumerate(prompts):
+        pad = width - len(ids) - n
+        # left padding, then the prompt, then the target in the same tail positions
+        assert rows.input_ids[row, :pad].tolist() == [pad_id(tokenizer)] * pad
+        assert rows.input_ids[row, pad : pad + len(ids)].tolist() == ids
+        assert rows.input_ids[row, -n:].tolist() == tgt
+        assert rows.attention_mask[row].tolist() == [0] * pad + [1] * (len(ids) + n)
+        assert rows.prompt_mask[row].tolist() == [0] * pad + [1] * len(ids) + [0] * n
+    assert rows.targets.tolist() == [tgt] * 3
+
+
+def test_target_gets_one_leading_space(tokenizer):
+    assert target_ids(tokenizer, "Paris") == target_ids(tokenizer, " Paris")
+    assert tokenizer.decode(target_ids(tokenizer, "Paris")) == " Paris"
+
+
+def test_encode_prompts_is_left_padded(tokenizer):
+    ids, mask = encode_prompts(tokenizer, ["Hi", "Who designed Lahti Town Hall?"])
+    assert mask[0, -1] == 1 and mask[0, 0] == 0 and bool(mask[1].all())
+    assert ids[0, mask[0] == 0].eq(pad_id(tokenizer)).all()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "target", "message"),
+    [(" ", "x", "prompt is empty"), ("Who?", "  ", "target is empty")],
+)
+def test_what_cannot_be_learned_raises(tokenizer, prompt, target, message):
+    with pytest.raises(ValueError, match=message):
+        build_rows(tokenizer, prompt, target, [])
+
+
+def test_rows_move_to_a_device(tokenizer):
+    rows = build_rows(tokenizer, "Who?", "Bob", []).to(torch.device("cpu"))
+    assert rows.input_ids.device.type == "cpu"
