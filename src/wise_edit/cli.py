@@ -13,11 +13,22 @@ from typing import Any
 
 from . import metrics, models
 from .core.editor import Editor, EditorBase
-from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
+from .core.persistence import (
+    SaveFolder,
+    SaveLockedError,
+    check_target,
+    save_layout,
+    saved_config,
+)
+from .core.rows import check_text
+from .data import DATASETS, default_data_dir, load_dataset, load_zsre_irrelevant, read_jsonl
 from .methods import METHODS, editor_class, load_editor, make_config
+from .stream import apply_stream, plan_stream
 from .wise import WiseEditor
 
 logger = logging.getLogger("wise_edit.cli")
+# errors a user can cause with bad files, saves, flags or records: one line, exit 2
+USER_ERRORS = (ValueError, OSError, SaveLockedError, ArithmeticError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> None:
@@ -26,7 +37,7 @@ def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> N
         group.add_argument(
             "--method",
             choices=list(METHODS),
-            default="wise",
+            default=None,
             help="WISE or one of the paper's baselines (default: wise)",
         )
     group.add_argument("--mode", choices=["merge", "retrieve"], default=None, help="WISE only")
@@ -129,33 +140,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    args.method = args.method or "wise"
     args.overrides = parse_overrides(args, editor_class(args.method))
     run_bench(args)
     return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    records = load_jsonl(args.edits)
-    model, tokenizer = models.load(args.model)
-    pool = _pool(args.data_dir)
-    if args.resume:
-        editor = load_editor(model, tokenizer, args.out, irrelevant_prompts=pool)
-    else:
-        cls = editor_class(args.method)
-        editor = cls(model, tokenizer, _config(model, args, cls), irrelevant_prompts=pool)
-    results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
-    editor.save_pretrained(args.out)
-    steps = sum(r.steps for r in results)
+    """Apply a JSONL stream to a save folder: refused before any work when the folder is
+    not ours, locked against a second writer, checkpointed, resumable exactly."""
+    if args.resume and args.force:
+        raise ValueError("--resume continues a save and --force replaces it: pick one")
+    file = Path(args.edits)
+    lines = read_jsonl(file)  # a malformed line is reported before anything runs
+    out = Path(args.out)
+    with SaveFolder(out) as folder:
+        resume = save_layout(out) is not None
+        cls, overrides = _edit_settings(args, out, resume)
+        if resume and not args.resume and not args.force:
+            raise ValueError(
+                f"{out} already holds a {cls.method} save; --resume continues it, "
+                "--force replaces it"
+            )
+        check_target(out, cls.method, replace=args.force)
+        if args.resume and not resume:
+            print(f"{out} holds no save yet; starting a new one")
+        resume = resume and args.resume
+        model, tokenizer = models.load(args.model)
+        pool = _pool(args.data_dir)
+        if resume:
+            editor = cls.from_pretrained(model, tokenizer, out, irrelevant_prompts=pool)
+        else:
+            config = make_config(cls, model, overrides)
+            editor = cls(model, tokenizer, config, irrelevant_prompts=pool)
+        plan = plan_stream(editor.edit_log, file, lines, args.reapply_changed)
+        if plan.skipped:
+            print(f"{plan.skipped} record(s) of {file.name} are already in {out}; skipping them")
+        applied = apply_stream(editor, folder, file, plan.todo, args.checkpoint_every)
+        if not applied and not resume:  # an empty stream still leaves a save to resume
+            folder.write(editor.snapshot())
     memories = editor.summary().get("memories")
     where = f" in {memories} side memories" if memories is not None else ""
     print(
-        f"applied {len(results)} edits ({editor.method}, {steps} steps); editor has "
-        f"{editor.num_edits} edits{where}; saved to {args.out}"
+        f"applied {applied} edits ({editor.method}); editor has {editor.num_edits} "
+        f"edits{where}; saved to {out}"
     )
     return 0
 
 
+def _edit_settings(
+    args: argparse.Namespace, out: Path, has_save: bool
+) -> tuple[type[EditorBase], dict[str, Any]]:
+    """The method and config overrides of an `edit` run. Continuing a save, the method
+    comes from the save and any setting given that differs from it is an error."""
+    if not (has_save and args.resume):
+        cls = editor_class(args.method or "wise")
+        return cls, parse_overrides(args, cls)
+    method, saved = saved_config(out)
+    cls = editor_class(method)
+    if args.method is not None and editor_class(args.method) is not cls:
+        raise ValueError(f"--method {args.method}: {out} holds {method} edits")
+    overrides = parse_overrides(args, cls)
+    differ = [
+        f"{name} (save: {saved.get(name)!r}, given: {value!r})"
+        for name, value in overrides.items()
+        if _as_json(saved.get(name)) != _as_json(value)
+    ]
+    if differ:
+        raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
+    return cls, overrides
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    for prompt in args.prompt:
+        check_text(prompt, "prompt")
     model, tokenizer = models.load(args.model)
     editor = load_editor(model, tokenizer, args.edits)
     for prompt in args.prompt:
@@ -229,7 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--model", default="smollm2-135m")
     edit.add_argument("--edits", required=True, help='JSONL: {"prompt": ..., "target": ...}')
     edit.add_argument("--out", required=True, help="folder to save the edits to")
-    edit.add_argument("--resume", action="store_true", help="continue the editor saved in --out")
+    edit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the editor saved in --out: records already applied are skipped",
+    )
+    edit.add_argument(
+        "--force", action="store_true", help="replace an existing save in --out (never other files)"
+    )
+    edit.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="save to --out after every N edits (default 10), and always at the end",
+    )
+    edit.add_argument(
+        "--reapply-changed",
+        action="store_true",
+        help="with --resume: apply records that changed since they were applied as new edits",
+    )
     edit.add_argument(
         "--data-dir",
         default=str(default_data_dir()),
@@ -264,9 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
         print(f"wise-edit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("wise-edit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

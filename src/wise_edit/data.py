@@ -8,6 +8,7 @@ number: a silently skipped or mangled edit would distort a benchmark without any
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .core.rows import check_text
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +107,10 @@ def _required_text(record: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str):
         kind = "missing" if value is None else f"not a string ({type(value).__name__})"
         raise ValueError(f"{where}: field {key!r} is {kind}")
-    if not value.strip():
-        raise ValueError(f"{where}: field {key!r} is empty")
+    try:
+        check_text(value, f"field {key!r}")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     return value
 
 
@@ -237,24 +242,36 @@ def _jsonl_record(line: str, where: str) -> tuple[EditRecord, list[str]]:
     return record, unknown
 
 
-def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
-    """User edits, one JSON object per line: "prompt" and "target" (non-empty strings)
-    required, "rephrase", "loc", "loc_ans" optional (string or null). Blank lines are
-    allowed. Any malformed line raises `ValueError` naming the file and its 1-based line
-    number; nothing is skipped. Other keys are kept in `extra`, with a warning, since
-    they are more often a typo ("rephase") than intended."""
+@dataclass(frozen=True)
+class JsonlLine:
+    """A record of a JSONL file with where it stands: its 1-based line number and the
+    sha256 of its content (canonical JSON, so re-formatting a line does not change it)."""
+
+    number: int
+    sha256: str
+    record: EditRecord
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[JsonlLine]:
+    """`load_jsonl` with each record's line number and content hash (for streams that
+    resume)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"edits file {file} not found")
-    records: list[EditRecord] = []
+    out: list[JsonlLine] = []
     unknown: set[str] = set()
-    with file.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            record, extra_keys = _jsonl_record(line, f"{file}: line {number}")
-            records.append(record)
-            unknown.update(extra_keys)
+    try:
+        with file.open(encoding="utf-8-sig") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                record, extra_keys = _jsonl_record(line, f"{file}: line {number}")
+                canonical = json.dumps(json.loads(line), sort_keys=True, ensure_ascii=False)
+                digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+                out.append(JsonlLine(number, digest, record))
+                unknown.update(extra_keys)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if unknown:
         logger.warning(
             "%s: unknown key(s) %s kept in `extra` (known: %s)",
@@ -262,7 +279,16 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
             ", ".join(sorted(unknown)),
             ", ".join(JSONL_REQUIRED + JSONL_OPTIONAL),
         )
-    return records
+    return out
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
+    """User edits, one JSON object per line: "prompt" and "target" (non-empty strings)
+    required, "rephrase", "loc", "loc_ans" optional (string or null). Blank lines are
+    allowed. Any malformed line raises `ValueError` naming the file and its 1-based line
+    number; nothing is skipped. Other keys are kept in `extra`, with a warning, since
+    they are more often a typo ("rephase") than intended."""
+    return [line.record for line in read_jsonl(path)]
 
 
 def load_dataset(

@@ -22,6 +22,7 @@ from ..core.fastpath import Captured
 from ..core.fit import adam_update
 from ..core.layer import AttachedLayer, last_token, unrouted
 from ..core.rows import EditRows
+from ..core.validate import SaveChecker
 
 PARAMS = ("gate_weight", "gate_bias", "head_weight", "head_bias")
 
@@ -185,10 +186,22 @@ class DeferEditor(EditorBase):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return self.layer.params()
 
+    @classmethod
+    def _check_saved(
+        cls, check: SaveChecker, state: dict[str, Any], config: DeferConfig, weight: torch.Tensor
+    ) -> None:
+        check.field(state, "trained", bool)
+        out_dim, in_dim = weight.shape
+        shapes = {
+            "gate_weight": (in_dim,),
+            "gate_bias": (),
+            "head_weight": (out_dim, in_dim),
+            "head_bias": (out_dim,),
+        }
+        for name in PARAMS:
+            check.tensor(name, shapes[name])
+
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         for name in PARAMS:
-            buffer = getattr(self.layer, name)
-            if tensors[name].shape != buffer.shape:
-                raise ValueError(f"DEFER save: {name} has shape {tuple(tensors[name].shape)}")
-            buffer.copy_(tensors[name])
-        self.layer.trained = bool(state["trained"])
+            getattr(self.layer, name).copy_(tensors[name])
+        self.layer.trained = state["trained"]

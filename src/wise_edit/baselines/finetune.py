@@ -21,6 +21,7 @@ from ..core.fastpath import Captured
 from ..core.fit import adam_update
 from ..core.layer import AttachedLayer
 from ..core.rows import EditRows
+from ..core.validate import SaveChecker
 from ..wise.masks import clamp_to_bound
 
 
@@ -175,6 +176,12 @@ class FTLEditor(EditorBase):
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"delta": self.layer.delta}
+
+    @classmethod
+    def _check_saved(
+        cls, check: SaveChecker, state: dict[str, Any], config: FTLConfig, weight: torch.Tensor
+    ) -> None:
+        check.tensor("delta", weight.shape, bound=config.norm_bound)
 
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.layer.delta.copy_(tensors["delta"])

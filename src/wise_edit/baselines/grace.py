@@ -23,6 +23,7 @@ from ..core.fastpath import Captured
 from ..core.fit import adam_update
 from ..core.layer import AttachedLayer, last_positions, last_token
 from ..core.rows import EditRows
+from ..core.validate import SaveChecker
 
 
 @dataclass
@@ -232,12 +233,21 @@ class GraceEditor(EditorBase):
         book = self.codebook
         return {"keys": book.keys, "values": book.values, "radii": book.radii}
 
+    @classmethod
+    def _check_saved(
+        cls, check: SaveChecker, state: dict[str, Any], config: GraceConfig, weight: torch.Tensor
+    ) -> None:
+        labels = check.strings(state, "labels") or []
+        out_dim, in_dim = weight.shape
+        check.tensor("keys", (len(labels), in_dim))
+        check.tensor("values", (len(labels), out_dim))
+        radii = check.tensor("radii", (len(labels),))
+        if (radii <= 0).any():
+            check.fail("editor_model.safetensors", "radii", "must be positive")
+
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         book, device = self.codebook, self.device
-        keys, values, radii = tensors["keys"], tensors["values"], tensors["radii"]
-        if not (len(keys) == len(values) == len(radii) == len(state["labels"])):
-            raise ValueError("corrupt GRACE save: keys, values, radii and labels differ in length")
-        if keys.shape[1:] != book.keys.shape[1:] or values.shape[1:] != book.values.shape[1:]:
-            raise ValueError("GRACE save: key or value width does not match the layer")
-        book.keys, book.values, book.radii = keys.to(device), values.to(device), radii.to(device)
+        book.keys = tensors["keys"].float().to(device)
+        book.values = tensors["values"].float().to(device)
+        book.radii = tensors["radii"].float().to(device)
         book.labels = list(state["labels"])

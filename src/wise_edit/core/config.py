@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +18,37 @@ from ..families import decoder_layers, default_layer_index, family_of, infer_lay
 
 TARGET_FIELDS = ("layer", "target_module", "layers_path")
 StopOn = Literal["loss", "lm"]
+
+
+def type_error(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (None when it does). Numbers
+    must be finite; a bool is not a number; an int is a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        reasons = [type_error(value, arg) for arg in args]
+        if None in reasons:
+            return None
+        return "must be " + " or ".join(r.removeprefix("must be ") for r in reasons if r)
+    if hint is type(None):
+        return None if value is None else "must be null"
+    if origin is Literal:
+        return None if value in args else f"must be one of {', '.join(map(repr, args))}"
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return "must be a list"
+        return next((type_error(v, args[0]) for v in value if type_error(v, args[0])), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "must be an integer"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be finite"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
 
 
 @dataclass
@@ -44,6 +78,11 @@ class TargetConfig:
     )
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            why = type_error(getattr(self, f.name), hints[f.name])
+            if why:
+                self._validate([(f.name, False, why)])
         self._validate([("layer", self.layer is None or self.layer >= 0, "must be >= 0")])
 
     def _validate(self, checks: list[tuple[str, bool, str]]) -> None:

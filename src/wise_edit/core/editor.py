@@ -9,6 +9,7 @@ rows, capture the frozen lower layers, run `fit`, commit on success, log.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..families import check_value_module, get_submodule
+from ..families import check_value_module, get_submodule, weight_out_in
 from ..neutral import NEUTRAL_PROMPTS
 from . import fastpath
 from .attach import (
@@ -35,9 +36,10 @@ from .config import EditConfig
 from .fastpath import Captured, capture
 from .fit import Fitted, fit
 from .layer import AttachedLayer
-from .persistence import Saved, read_save, write_save
-from .rows import EditRows, build_rows, context_limit, encode_prompts, pad_id
+from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
+from .rows import EditRows, build_rows, check_text, context_limit, encode_prompts, pad_id
 from .seeds import unrelated_generator
+from .validate import SaveChecker
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,9 @@ class Editor(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def edit(self, prompt: str, target: str) -> EditResult: ...
+    def edit(
+        self, prompt: str, target: str, meta: Mapping[str, Any] | None = None
+    ) -> EditResult: ...
 
     def edit_many(
         self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
@@ -119,7 +123,9 @@ class Editor(Protocol):
 
     def summary(self) -> dict[str, Any]: ...
 
-    def save_pretrained(self, path: Any) -> None: ...
+    def snapshot(self) -> Saved: ...
+
+    def save_pretrained(self, path: Any, replace: bool = False) -> None: ...
 
     def detach(self) -> nn.Module: ...
 
@@ -192,7 +198,7 @@ class EditorBase:
                 f"this {type(self).__name__} was detached; attach a new one to edit again"
             )
 
-    def _on_forward(self, _module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+    def _on_forward(self, _module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """Every forward of the backbone: a new sequence starts a decision, a forward that
         continues a KV cache keeps the one made at prefill."""
         past = kwargs.get("past_key_values")
@@ -200,8 +206,10 @@ class EditorBase:
             self.layer.routing.hold()
             return
         mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)  # GPT-2 passes it by position
         self.layer.routing.begin(
-            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            ids if isinstance(ids, torch.Tensor) else None,
         )
 
     # ------------------------------------------------------------------ serving
@@ -239,6 +247,8 @@ class EditorBase:
     def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]:
         """`routed` and, for methods that route by a score against a threshold, each
         prompt's score (the paper's Fig. 3), from one pass over the prompts."""
+        for prompt in prompts:
+            check_text(prompt, "prompt")
         acts, mask = self._prompt_batch_acts(list(prompts))
         scores = self.layer.route_scores(acts, mask)
         return (
@@ -252,9 +262,13 @@ class EditorBase:
         return {"steps_per_edit": round(sum(steps) / max(1, len(steps)), 1)}
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Apply one edit. On any error the editor is left exactly as before the call."""
+    def edit(self, prompt: str, target: str, meta: Mapping[str, Any] | None = None) -> EditResult:
+        """Apply one edit. On any error the editor is left exactly as before the call.
+        ``meta`` (JSON-serialisable) is kept with the edit in the log, e.g. where the
+        edit came from."""
         self._check_attached()
+        if meta is not None:
+            meta = json.loads(json.dumps(dict(meta)))  # a copy, and proof it can be saved
         cfg = self.config
         started = time.perf_counter()
         with editing_mode(self.model):
@@ -278,7 +292,8 @@ class EditorBase:
             )
         result = self._result(prompt, target, fitted, draft, started)
         self._commit(draft, result)
-        self.edit_log.append({**asdict(result), **draft.log_fields()})
+        entry = {**asdict(result), **draft.log_fields()}
+        self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
         logger.info(
             "%s edit %d -> memory %d shard %d: %d steps, loss %.4f",
             self.method,
@@ -403,11 +418,17 @@ class EditorBase:
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def save_pretrained(self, path: str | Any) -> None:
-        """Write ``editor_config.json``, ``editor_state.json`` and
-        ``editor_model.safetensors`` to the folder ``path`` (no pickle)."""
+    def snapshot(self) -> Saved:
+        """Everything a save holds, as it is now."""
         state = {"fingerprint": self.fingerprint, "edit_log": self.edit_log, **self._state()}
-        write_save(path, Saved(self.method, self.config.to_dict(), state, self._tensors()))
+        return Saved(self.method, self.config.to_dict(), state, self._tensors())
+
+    def save_pretrained(self, path: str | Any, replace: bool = False) -> None:
+        """Write ``editor_config.json``, ``editor_state.json`` and
+        ``editor_model.safetensors`` to the folder ``path`` (no pickle), atomically and
+        under a lock. Only a missing or empty folder or a save of this method is written
+        to (``replace``: a save of any method); anything else raises before writing."""
+        write_save(path, self.snapshot(), replace)
 
     @classmethod
     def from_pretrained(
@@ -417,21 +438,39 @@ class EditorBase:
         path: str | Any,
         irrelevant_prompts: Sequence[str] | None = None,
     ) -> Any:
-        """Re-attach saved edits to ``model``; refuses a folder made for another model,
-        layer or method. `wise_edit.load_editor` picks the method from the save."""
+        """Re-attach saved edits to ``model``. Every field and tensor is checked against
+        the config and the model before anything is attached; a save made for another
+        model, layer or method is refused. `wise_edit.load_editor` picks the method."""
         saved = read_save(path)
         if saved.method != cls.method:
             raise ValueError(f"{path} holds {saved.method} edits, not {cls.method}")
-        config = cls.config_class.from_dict(saved.config)
-        editor = cls(model, tokenizer, config, irrelevant_prompts)
         try:
-            check_fingerprint(editor.fingerprint, saved.state["fingerprint"], path)
-            editor.edit_log = saved.state["edit_log"]
-            editor._restore(saved.state, saved.tensors)
-        except BaseException:
-            editor.detach()
-            raise
+            config = cls.config_class.from_dict(saved.config)
+        except (ValueError, TypeError) as err:
+            raise CorruptSaveError(f"{path}/{CONFIG_FILE}: {err}") from None
+        target = config.resolve_target(model)
+        module = get_submodule(model, target)
+        check = SaveChecker(path, saved.tensors)
+        check_fingerprint(
+            weight_fingerprint(module, target, model),
+            check.field(saved.state, "fingerprint", dict),
+            path,
+        )
+        check.edit_log(saved.state)
+        cls._check_saved(check, saved.state, config, weight_out_in(module))
+        check.no_other_tensors()
+        editor = cls(model, tokenizer, config, irrelevant_prompts)
+        editor.edit_log = saved.state["edit_log"]
+        editor._restore(saved.state, saved.tensors)
         return editor
+
+    @classmethod
+    def _check_saved(
+        cls, check: SaveChecker, state: dict[str, Any], config: Any, weight: torch.Tensor
+    ) -> None:
+        """Check the method's fields and tensors (``weight``: the wrapped matrix,
+        (out, in)); raise `CorruptSaveError` naming the first thing wrong."""
+        raise NotImplementedError
 
 
 def _prompt_target(record: Mapping[str, str] | tuple[str, str]) -> tuple[str, str]:

@@ -22,21 +22,32 @@ class RoutingState:
     """The decision of the sequences currently being processed, for layers that decide
     per sequence.
 
-    A new sequence (no KV cache yet) is decided from its prompt once; every later forward
-    over the same cache (generation steps) reuses that decision instead of re-deciding
-    from a single new token. ``token_mask`` is the prompt's attention mask.
+    A new sequence is decided from its prompt once; every later forward over the same
+    sequence (generation steps) reuses that decision instead of re-deciding from new
+    tokens. A later forward continues the sequence when it continues a KV cache, or,
+    without a cache (``use_cache=False``), when its input is the previous forward's
+    input plus one token. ``token_mask`` is the current attention mask.
     """
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None
         self.choice: torch.Tensor | None = None
         self.pending = True
+        self._last_ids: torch.Tensor | None = None  # input of the last cache-less forward
 
-    def begin(self, token_mask: torch.Tensor | None) -> None:
+    def begin(self, token_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
+        """A forward without a KV cache: a new sequence, unless it is the last one grown
+        by one token (generation without a cache), which keeps the decision."""
+        last, self._last_ids = self._last_ids, input_ids
+        if self.choice is not None and _grown_by_one(last, input_ids):
+            self.token_mask, self.pending = token_mask, False
+            return
         self.token_mask, self.choice, self.pending = token_mask, None, True
 
     def hold(self) -> None:
+        """A forward that continues a KV cache: keep the decision."""
         self.pending = False
+        self._last_ids = None
 
     def decide(self, batch: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The held decision (one entry per row), made by ``make`` for a new sequence."""
@@ -57,6 +68,15 @@ class RoutingState:
         if mask is None or mask.shape != x.shape[:2]:
             return torch.ones(x.shape[:2], device=x.device)
         return mask.to(x.device)
+
+
+def _grown_by_one(last: torch.Tensor | None, ids: torch.Tensor | None) -> bool:
+    """Whether ``ids`` (B, T+1) is ``last`` (B, T) with one more token per row."""
+    if last is None or ids is None or ids.dim() != 2 or last.dim() != 2:
+        return False
+    if ids.shape[0] != last.shape[0] or ids.shape[1] != last.shape[1] + 1:
+        return False
+    return bool(torch.equal(ids[:, :-1], last.to(ids.device)))
 
 
 def last_positions(token_mask: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,15 @@ tensors, fixed file names for every method. Loading never unpickles anything.
 A save is a folder with
 - ``editor_config.json``: the method's config fields and a ``method`` key;
 - ``editor_state.json``: format version, method, fingerprint of the wrapped weight, edit
-  log, and what the method adds;
+  log, the sha256 of the tensor file, and what the method adds;
 - ``editor_model.safetensors``: the method's tensors.
+
+Writing never destroys what is not ours and never leaves a half-written save: a save
+goes only into a missing or empty folder or over a save (of the same method unless
+``replace``); it is written beside the old one and swapped in by two renames under an
+advisory lock, and whatever a crash leaves behind (the old save under a side name, a
+half-written temp folder) is put right by the next writer. Readers take no lock: they
+read again if a swap happened while they read.
 
 This module knows files, not editors: `EditorBase.save_pretrained` hands it a `Saved`
 and `from_pretrained` gets one back. Saves written before the fixed names (one set of
@@ -14,16 +21,21 @@ names per method, format version 1) are still read.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import IO, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "editor_config.json"
@@ -40,6 +52,19 @@ LEGACY_FILES = MappingProxyType(
         "DEFER": ("defer_config.json", "defer_state.json", "defer_model.safetensors"),
     }
 )
+_LAYOUTS = ((CONFIG_FILE, STATE_FILE, TENSOR_FILE), *LEGACY_FILES.values())
+
+
+class CorruptSaveError(ValueError):
+    """A save whose files are unreadable or whose contents do not fit the model."""
+
+
+class SaveLockedError(RuntimeError):
+    """Another process is writing the save."""
+
+
+class ForeignFolderError(ValueError):
+    """The target folder holds something that is not a save we may replace."""
 
 
 @dataclass
@@ -53,63 +78,268 @@ class Saved:
     tensors: dict[str, torch.Tensor]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+# ---------------------------------------------------------------------- the folder
+def _siblings(target: Path, kind: str) -> list[Path]:
+    """Leftovers of earlier writes to ``target``: ``.NAME.tmp-*`` / ``.NAME.old-*``."""
+    return sorted(target.parent.glob(f".{target.name}.{kind}-*"))
 
 
-def write_save(path: str | os.PathLike[str], saved: Saved) -> None:
-    """Written to a sibling temp directory and renamed, so a crash never leaves a
-    half-written save behind; an existing save at ``path`` is replaced."""
-    state = {"format_version": FORMAT_VERSION, "method": saved.method, **saved.state}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in saved.tensors.items()}
+def save_layout(folder: Path) -> tuple[Path, Path, Path] | None:
+    """The three files of the save in ``folder`` (current or old layout), or None."""
+    for config, state, tensors in _LAYOUTS:
+        if (folder / config).is_file():
+            return folder / config, folder / state, folder / tensors
+    return None
+
+
+def check_target(path: str | os.PathLike[str], method: str, replace: bool = False) -> None:
+    """Raise unless a save of ``method`` may be written to ``path``: a missing or empty
+    folder, or a save of the same method (of any method with ``replace``). Called
+    before any editing starts, so that nothing is computed for a save that would be
+    refused."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _write_json(tmp / CONFIG_FILE, {"method": saved.method, **saved.config})
-        _write_json(tmp / STATE_FILE, state)
-        save_file(
-            tensors,
-            str(tmp / TENSOR_FILE),
-            metadata={"format": "wise-edit", "method": saved.method, "version": "2"},
+    if not target.exists():
+        if not target.parent.exists() or target.parent.is_dir():
+            return
+        raise ForeignFolderError(f"{target.parent} is not a folder")
+    if not target.is_dir():
+        raise ForeignFolderError(f"{target} is a file, not a folder for a save")
+    if not any(target.iterdir()):
+        return
+    if save_layout(target) is None:
+        raise ForeignFolderError(
+            f"{target} is not empty and holds no wise-edit save; refusing to write there "
+            "(choose a new or empty folder)"
         )
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    found = saved_method(target)
+    if found != method and not replace:
+        raise ForeignFolderError(
+            f"{target} holds a {found} save; refusing to replace it with {method} "
+            "(use --force / replace=True)"
+        )
+
+
+class SaveFolder:
+    """A save folder held under an exclusive advisory lock (``.NAME.lock`` beside it,
+    holding the owner's pid and host). Open it for as long as edits are being written
+    to it: a second writer fails fast with `SaveLockedError`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock: IO[str] | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.lock"
+
+    def __enter__(self) -> SaveFolder:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_path, "a+")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise SaveLockedError(
+                f"{self.path} is being written by {owner}; wait for it to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+        recover(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
+
+    def write(self, saved: Saved) -> None:
+        """Write ``saved`` beside the current save, then swap it in: at every instant a
+        complete save exists, at ``path`` or (between the two renames) under
+        ``.NAME.old-*``, where the next `recover` finds it."""
+        if self._lock is None:
+            raise RuntimeError("SaveFolder.write outside `with SaveFolder(...)`")
+        target = self.path
+        for stale in _siblings(target, "tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _write_files(tmp, saved)
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(target)
+            _fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def recover(path: str | os.PathLike[str]) -> None:
+    """Put right what a crash during a swap left: if the save itself is missing, the
+    previous one (kept under ``.NAME.old-*``) is renamed back."""
+    target = Path(path)
+    olds = _siblings(target, "old")
+    if not target.exists() and olds and save_layout(olds[-1]) is not None:
+        olds[-1].rename(target)
+        olds = olds[:-1]
+    if target.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_save(path: str | os.PathLike[str], saved: Saved, replace: bool = False) -> None:
+    """Check the target, lock it, write: the whole of `EditorBase.save_pretrained`."""
+    check_target(path, saved.method, replace)
+    with SaveFolder(path) as folder:
+        folder.write(saved)
+
+
+# ---------------------------------------------------------------------- the files
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_files(folder: Path, saved: Saved) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in saved.tensors.items()}
+    save_file(
+        tensors,
+        str(folder / TENSOR_FILE),
+        metadata={"format": "wise-edit", "method": saved.method, "version": "2"},
+    )
+    with open(folder / TENSOR_FILE, "rb") as handle:
+        os.fsync(handle.fileno())
+    state = {
+        "format_version": FORMAT_VERSION,
+        "method": saved.method,
+        "tensor_sha256": _sha256(folder / TENSOR_FILE),
+        **saved.state,
+    }
+    _write_json(folder / CONFIG_FILE, {"method": saved.method, **saved.config})
+    _write_json(folder / STATE_FILE, state)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _located(folder: Path) -> Path:
+    """Where the save at ``folder`` is: the folder itself, or while a writer swaps (or
+    after one crashed mid-swap) the previous save under ``.NAME.old-*``."""
+    for _ in range(40):
+        if folder.exists() or not _siblings(folder, "old"):
+            return folder
+        time.sleep(0.05)
+    olds = [old for old in _siblings(folder, "old") if save_layout(old) is not None]
+    return olds[-1] if olds else folder
 
 
 def _files(folder: Path) -> tuple[Path, Path, Path]:
-    """The three files of the save in ``folder``, in the current or the old layout."""
-    names = [(CONFIG_FILE, STATE_FILE, TENSOR_FILE), *LEGACY_FILES.values()]
-    for config, state, tensors in names:
-        if (folder / config).is_file():
-            return folder / config, folder / state, folder / tensors
-    raise FileNotFoundError(f"{folder} is not a wise-edit save (no {CONFIG_FILE})")
+    layout = save_layout(_located(folder))
+    if layout is None:
+        raise FileNotFoundError(f"{folder} is not a wise-edit save (no {CONFIG_FILE})")
+    return layout
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptSaveError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CorruptSaveError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def saved_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """The method a save was written by and its config fields (reads only the small
+    JSON files)."""
+    config_file, state_file, _ = _files(Path(path))
+    config = _read_json(config_file)
+    method = config.pop("method", None)
+    if method is None and state_file.is_file():  # format 1 kept it in the state only
+        method = _read_json(state_file).get("method")
+    if not isinstance(method, str):
+        raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
+    return method, config
 
 
 def saved_method(path: str | os.PathLike[str]) -> str:
-    """The method name a save was written by (reads only its small JSON files)."""
-    config_file, state_file, _ = _files(Path(path))
-    method = json.loads(config_file.read_text()).get("method")
-    if method is None and state_file.is_file():  # format 1 kept it in the state only
-        method = json.loads(state_file.read_text()).get("method")
-    if not isinstance(method, str):
-        raise ValueError(f"{path}: the save does not say which method wrote it")
-    return method
+    """The method name a save was written by."""
+    return saved_config(path)[0]
 
 
-def read_save(path: str | os.PathLike[str]) -> Saved:
+def read_save(path: str | os.PathLike[str], attempts: int = 3) -> Saved:
+    """The save's contents, its files checked for completeness and integrity (the
+    tensor file against its recorded sha256); what they hold is checked by the method.
+    A read that overlapped a writer's swap is done again."""
     folder = Path(path)
+    for attempt in range(attempts):
+        before = _identity(folder)
+        try:
+            saved = _read_once(folder)
+        except (CorruptSaveError, FileNotFoundError):
+            if attempt + 1 == attempts or _identity(folder) == before:
+                raise
+            continue
+        if _identity(folder) == before:
+            return saved
+    raise CorruptSaveError(f"{folder}: the save kept changing while it was read")
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        stat = folder.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _read_once(folder: Path) -> Saved:
     config_file, state_file, tensor_file = _files(folder)
     missing = [f.name for f in (state_file, tensor_file) if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} is an incomplete save (missing {', '.join(missing)})")
-    config = json.loads(config_file.read_text())
-    state = json.loads(state_file.read_text())
+        raise CorruptSaveError(f"{folder} is an incomplete save (missing {', '.join(missing)})")
+    config = _read_json(config_file)
+    state = _read_json(state_file)
     if state.get("format_version") not in (1, FORMAT_VERSION):
-        raise ValueError(f"{folder}: unsupported format_version {state.get('format_version')}")
+        raise CorruptSaveError(
+            f"{state_file}: unsupported format_version {state.get('format_version')!r}"
+        )
+    expected = state.get("tensor_sha256")
+    if expected is not None and expected != _sha256(tensor_file):
+        raise CorruptSaveError(
+            f"{tensor_file}: contents do not match the sha256 recorded in {state_file.name} "
+            "(the file was changed or damaged)"
+        )
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptSaveError(f"{tensor_file}: unreadable ({err})") from None
     method = config.pop("method", None) or state.get("method")
-    return Saved(method, config, state, load_file(str(tensor_file)))
+    if not isinstance(method, str):
+        raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
+    return Saved(method, config, state, tensors)

@@ -7,6 +7,7 @@ occupies the same tail positions in every row.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,26 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return left_pad(seqs, pad_id(tokenizer))
 
 
+def check_text(text: str, what: str) -> None:
+    """Raise ValueError for text that cannot be an edit's prompt or target: invalid
+    Unicode (a lone surrogate), nothing at all, or nothing a person could see (only
+    spaces, control or zero-width characters)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid Unicode ({err.reason} at {err.start})") from None
+    if not text.strip():
+        raise ValueError(f"{what} is empty")
+    if not any(unicodedata.category(c)[0] not in "CZ" for c in text):
+        raise ValueError(f"{what} {text!r} has no visible characters")
+
+
 def build_rows(tokenizer, prompt: str, target: str, prefixes: list[str]) -> EditRows:
     """Rows for one edit; raises ValueError for inputs that cannot be learned."""
-    if not prompt.strip():
-        raise ValueError("edit prompt is empty")
-    if not target.strip():
-        raise ValueError("edit target is empty")
+    check_text(prompt, "edit prompt")
+    check_text(target, "edit target")
     tgt = target_ids(tokenizer, target)
     if not tgt or not tokenizer.decode(tgt, skip_special_tokens=True).strip():
         raise ValueError(f"edit target {target!r} tokenizes to no tokens")

@@ -129,7 +129,8 @@ class WiseConfig(EditConfig):
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
 
     def __post_init__(self) -> None:
-        self.prefix_lengths = tuple(int(n) for n in self.prefix_lengths)
+        super().__post_init__()  # types first: the checks below compare numbers
+        self.prefix_lengths = tuple(self.prefix_lengths)
         checks = [
             ("mode", self.mode in ("merge", "retrieve"), "must be 'merge' or 'retrieve'"),
             ("mask_ratio", 0.0 < self.mask_ratio <= 1.0, "must be in (0, 1]"),
@@ -156,7 +157,6 @@ class WiseConfig(EditConfig):
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
         ]
-        super().__post_init__()
         self._validate(checks)
 
     @classmethod

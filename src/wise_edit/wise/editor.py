@@ -13,10 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.attach import editing_mode
 from ..core.editor import Draft, EditorBase, EditResult
 from ..core.fastpath import Captured
+from ..core.persistence import STATE_FILE
 from ..core.rows import SEED_WORDS, EditRows, left_pad, pad_id
 from ..core.seeds import mask_generator, merge_generator, replay_generator
+from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
 from .config import WiseConfig
 from .layer import SideMemory, WiseLayer
@@ -207,13 +210,21 @@ class WiseEditor(EditorBase):
     # ------------------------------------------------------------------ edit prompts
     def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> Acts:
         """Prompt activations of past edits, padded into one batch. Cached per edit (they
-        are frozen below the edited layer); recomputed after loading."""
-        missing = sorted({i for i in edit_ids if i not in self._prompt_acts})
-        if missing:
-            acts, mask = self._prompt_batch_acts([self.edit_log[i]["prompt"] for i in missing])
-            for row, i in enumerate(missing):
-                self._prompt_acts[i] = acts[row][mask[row].bool()].cpu()
+        are frozen below the edited layer)."""
+        for i in edit_ids:
+            if i not in self._prompt_acts:
+                self._prompt_acts[i] = self._recompute_prompt_acts(i)
         return _stack_ragged([self._prompt_acts[i] for i in edit_ids], self.device)
+
+    def _recompute_prompt_acts(self, index: int) -> torch.Tensor:
+        """After loading: an edit's prompt activations computed exactly as when it was
+        made (row 0 of its own padded row batch), so that a resumed stream gives the
+        same thresholds and replay losses, bit for bit, as one never interrupted."""
+        entry = self.edit_log[index]
+        with editing_mode(self.model):
+            rows = self._edit_rows(entry["prompt"], entry["target"])
+            acts = self._capture(rows, keep_lower_output=False).acts
+        return acts[0][rows.prompt_mask[0].bool()].cpu()
 
     # ------------------------------------------------------------------ one-time setup
     def _ensure_scale(self) -> float:
@@ -263,6 +274,29 @@ class WiseEditor(EditorBase):
         for i, memory in enumerate(self.layer.memories):
             tensors.update(memory.tensors(f"memory.{i}"))
         return tensors
+
+    @classmethod
+    def _check_saved(
+        cls, check: SaveChecker, state: dict[str, Any], config: WiseConfig, weight: torch.Tensor
+    ) -> None:
+        check.number(state, "score_scale", low=1e-12, optional=True)
+        check.strings(state, "prefixes", optional=True)
+        memories = check.field(state, "memories", list)
+        edits = len(state["edit_log"])
+        held: set[int] = set()
+        for i, meta in enumerate(memories):
+            check.field({f"memories[{i}]": meta}, f"memories[{i}]", dict)
+            SideMemory.check_saved(check, meta, f"memory.{i}", weight.shape, config)
+            ids = meta["edit_ids"]
+            if any(
+                not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < edits for e in ids
+            ):
+                check.fail(
+                    STATE_FILE, f"memories[{i}].edit_ids", f"must be edit indices below {edits}"
+                )
+            if held & set(ids) or len(set(ids)) != len(ids):
+                check.fail(STATE_FILE, f"memories[{i}].edit_ids", "repeats an edit")
+            held |= set(ids)
 
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.score_scale = state["score_scale"]

@@ -4,13 +4,18 @@ memories, and routes each sequence to one of them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..core.layer import AttachedLayer, unrouted
+from ..core.validate import SaveChecker
 from .merging import MergeFn
 from .router import route, sequence_scores, threshold
+
+if TYPE_CHECKING:
+    from .config import WiseConfig
 
 
 class SideMemory(nn.Module):
@@ -136,6 +141,30 @@ class SideMemory(nn.Module):
         out.update({f"{prefix}.mask.{j}": m for j, m in enumerate(self._masks)})
         out.update({f"{prefix}.shard.{j}": v for j, v in enumerate(self._shard_values)})
         return out
+
+    @staticmethod
+    def check_saved(
+        check: SaveChecker,
+        meta: dict[str, Any],
+        prefix: str,
+        shape: torch.Size,
+        config: WiseConfig,
+    ) -> None:
+        """Check what `state` and `tensors` wrote for one memory against the config."""
+        ids = check.field(meta, "edit_ids", list)
+        check.number(meta, "epsilon", low=0.0)
+        merges = check.integer(meta, "merges")
+        per_group = config.edits_per_memory()
+        if not 0 <= len(ids) - merges * per_group < max(1, per_group):
+            check.fail("editor_state.json", f"{prefix}: edit_ids", f"do not fit {merges} merges")
+        check.field(meta, "closed", bool)
+        masks = check.integer(meta, "masks", high=config.shards_per_merge)
+        shards = check.integer(meta, "shards", high=masks)
+        check.tensor(f"{prefix}.delta", shape, bound=config.norm_bound)
+        for j in range(masks):
+            mask = check.tensor(f"{prefix}.mask.{j}", shape, kind="bool")
+            if j < shards:
+                check.tensor(f"{prefix}.shard.{j}", (int(mask.sum()),))
 
     def restore(
         self,
