@@ -180,7 +180,7 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
         resumed.edit(prompt, target)
     for a, b in zip(straight.memories, resumed.memories):
         assert torch.equal(a.delta, b.delta)
-        assert a.epsilon == pytest.approx(b.epsilon, rel=1e-5)
+        assert a.epsilon == b.epsilon  # prompt activations recomputed exactly after load
     assert [r["memory"] for r in straight.edit_log] == [r["memory"] for r in resumed.edit_log]
 
 
