@@ -302,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--checkpoint-every",
         type=int,
-        default=10,
+        default=1,
         metavar="N",
-        help="save to --out after every N edits (default 10), and always at the end",
+        help="save to --out after every N edits (default 1: a kill loses no finished edit; "
+        "raise it for long streams with many side memories), and always at the end",
     )
     edit.add_argument(
         "--reapply-changed",
