@@ -1,6 +1,7 @@
 """wise-edit: lifelong knowledge editing of Hugging Face causal LMs with WISE."""
 
-from .core.editor import Draft, Editor, EditorBase, EditResult
+from .core.draft import Draft, Editor, EditResult
+from .core.editor import EditorBase
 from .methods import METHODS, editor_class, load_editor
 from .wise import SideMemory, WiseConfig, WiseEditor, WiseLayer
 

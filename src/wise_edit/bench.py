@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, models
-from .core.editor import Editor
+from .core.draft import Editor
 from .data import (
     EditRecord,
     load_dataset,

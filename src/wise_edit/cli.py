@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, models
-from .core.editor import Editor, EditorBase
+from .core.draft import Editor
+from .core.editor import EditorBase
 from .core.persistence import (
     SaveFolder,
     SaveLockedError,

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .core.editor import Editor
+from .core.draft import Editor
 from .core.rows import target_ids
 from .data import EditRecord
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .core.editor import Editor
+from .core.draft import Editor
 from .core.persistence import SaveFolder
 from .data import JsonlLine
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core.config import EditConfig, StopOn
-from ..core.editor import Draft, EditorBase, EditResult
+from ..core.draft import Draft, EditResult
+from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.fit import adam_update
 from ..core.layer import AttachedLayer

@@ -14,8 +14,8 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .attach import (
     weight_fingerprint,
 )
 from .config import EditConfig
+from .draft import Draft, EditResult
 from .fastpath import Captured, capture
 from .fit import Fitted, fit
 from .layer import AttachedLayer
@@ -42,92 +43,6 @@ from .seeds import unrelated_generator
 from .validate import SaveChecker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EditResult:
-    """What one edit did. ``memory``: the WISE side memory or GRACE codebook entry it went
-    to, ``shard``: WISE's shard; -1 where the method has no such thing."""
-
-    index: int
-    prompt: str
-    target: str
-    steps: int
-    loss: float
-    lm_loss: float
-    seconds: float
-    memory: int = -1
-    shard: int = -1
-
-
-class Draft:
-    """One edit while it trains: what the wrapped layer computes with, the loss around
-    the target NLL, and one optimisation step. Nothing in the editor changes until the
-    editor commits the draft."""
-
-    memory: int = -1  # where the edit goes, for `EditResult`
-    shard: int = -1
-
-    def layer_state(self) -> Any:
-        """What the layer's `trial` forward reads."""
-        raise NotImplementedError
-
-    def loss(self, lm: torch.Tensor, state: Any) -> torch.Tensor:
-        """The training loss given the target NLL ``lm`` computed with ``state`` (what
-        `layer_state` returned for this step); plain fine-tuning is ``lm``."""
-        return lm
-
-    def update(self, loss: torch.Tensor) -> None:
-        """One optimisation step from ``loss``."""
-        raise NotImplementedError
-
-    def log_fields(self) -> dict[str, Any]:
-        """What the method records in the edit log beside `EditResult`."""
-        return {}
-
-
-@runtime_checkable
-class Editor(Protocol):
-    """What evaluation, the benchmark and the CLI use of an editor, whatever its method."""
-
-    method: ClassVar[str]
-    routes: ClassVar[bool]
-    route_unit: ClassVar[str]
-    model: nn.Module
-    tokenizer: Any
-    config: Any
-    edit_log: list[dict[str, Any]]
-
-    @classmethod
-    def variant_of(cls, config: Any) -> str: ...
-
-    @property
-    def num_edits(self) -> int: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def edit(
-        self, prompt: str, target: str, meta: Mapping[str, Any] | None = None
-    ) -> EditResult: ...
-
-    def edit_many(
-        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
-    ) -> list[EditResult]: ...
-
-    def routed(self, prompts: Sequence[str]) -> list[int]: ...
-
-    def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]: ...
-
-    def disabled(self) -> Any: ...
-
-    def summary(self) -> dict[str, Any]: ...
-
-    def snapshot(self) -> Saved: ...
-
-    def save_pretrained(self, path: Any, replace: bool = False) -> None: ...
-
-    def detach(self) -> nn.Module: ...
 
 
 class EditorBase:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core.attach import editing_mode
-from ..core.editor import Draft, EditorBase, EditResult
+from ..core.draft import Draft, EditResult
+from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.persistence import STATE_FILE
 from ..core.rows import SEED_WORDS, EditRows, left_pad, pad_id

@@ -1,0 +1,100 @@
+"""The shapes every method shares: what one edit did (`EditResult`), what one edit
+trains (`Draft`, which a method fills in), and what evaluation, the benchmark and the
+CLI may use of any editor (`Editor`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .persistence import Saved
+
+
+@dataclass
+class EditResult:
+    """What one edit did. ``memory``: the WISE side memory or GRACE codebook entry it went
+    to, ``shard``: WISE's shard; -1 where the method has no such thing."""
+
+    index: int
+    prompt: str
+    target: str
+    steps: int
+    loss: float
+    lm_loss: float
+    seconds: float
+    memory: int = -1
+    shard: int = -1
+
+
+class Draft:
+    """One edit while it trains: what the wrapped layer computes with, the loss around
+    the target NLL, and one optimisation step. Nothing in the editor changes until the
+    editor commits the draft."""
+
+    memory: int = -1  # where the edit goes, for `EditResult`
+    shard: int = -1
+
+    def layer_state(self) -> Any:
+        """What the layer's `trial` forward reads."""
+        raise NotImplementedError
+
+    def loss(self, lm: torch.Tensor, state: Any) -> torch.Tensor:
+        """The training loss given the target NLL ``lm`` computed with ``state`` (what
+        `layer_state` returned for this step); plain fine-tuning is ``lm``."""
+        return lm
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One optimisation step from ``loss``."""
+        raise NotImplementedError
+
+    def log_fields(self) -> dict[str, Any]:
+        """What the method records in the edit log beside `EditResult`."""
+        return {}
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What evaluation, the benchmark and the CLI use of an editor, whatever its method."""
+
+    method: ClassVar[str]
+    routes: ClassVar[bool]
+    route_unit: ClassVar[str]
+    model: nn.Module
+    tokenizer: Any
+    config: Any
+    edit_log: list[dict[str, Any]]
+
+    @classmethod
+    def variant_of(cls, config: Any) -> str: ...
+
+    @property
+    def num_edits(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def edit(
+        self, prompt: str, target: str, meta: Mapping[str, Any] | None = None
+    ) -> EditResult: ...
+
+    def edit_many(
+        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
+    ) -> list[EditResult]: ...
+
+    def routed(self, prompts: Sequence[str]) -> list[int]: ...
+
+    def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]: ...
+
+    def disabled(self) -> Any: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def snapshot(self) -> Saved: ...
+
+    def save_pretrained(self, path: Any, replace: bool = False) -> None: ...
+
+    def detach(self) -> nn.Module: ...
