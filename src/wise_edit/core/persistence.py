@@ -53,6 +53,11 @@ class Saved:
     tensors: dict[str, torch.Tensor]
 
 
+# Config fields added after saves were first written, with the value the older saves'
+# edits were made with: raw prompts, targets trained without a stop token.
+MADE_WITHOUT = {"prompt_format": "raw", "train_stop": False}
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
@@ -112,4 +117,6 @@ def read_save(path: str | os.PathLike[str]) -> Saved:
     if state.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{folder}: unsupported format_version {state.get('format_version')}")
     method = config.pop("method", None) or state.get("method")
+    for name, value in MADE_WITHOUT.items():
+        config.setdefault(name, value)
     return Saved(method, config, state, load_file(str(tensor_file)))
