@@ -123,14 +123,16 @@ def test_bench_writes_results(model_dir, tmp_path):
         "method",
         "mode",
         "edits",
-        "teacher_forced",
-        "generated",
+        "scores",
+        "prompt_format",
         "pre_edit",
         "seconds_per_edit",
         "peak_memory_mb",
     ):
         assert key in result
     assert result["edits"] == 2 and result["extra"]["latency"]["ratio"] > 0
+    assert result["prompt_format"] == "raw"  # the tiny tokenizer has no chat template
+    assert set(result["scores"]) == {"answer_em", "teacher_forced", "prefix_em"}
     assert (out / "results.md").is_file() and (out / "routing.png").stat().st_size > 1000
 
 
@@ -160,7 +162,8 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
         assert main(argv) == 0
         result = json.loads((out / "results.json").read_text())
         assert result["method"] == method.upper() and result["mode"] == ""
-        assert result["teacher_forced"]["rel"] is not None
+        assert result["scores"]["teacher_forced"]["rel"] is not None
+        assert result["scores"]["answer_em"]["loc"] is not None
         assert result["extra"]["steps_per_edit"] >= 1
         assert result["extra"]["command"].startswith("wise-edit bench")
         assert ("routing" in result["extra"]) == (method in ("grace", "defer"))
@@ -169,7 +172,7 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
     table_file = tmp_path / "table.md"
     assert main(["compare", *runs, "--out", str(table_file)]) == 0
     table = table_file.read_text()
-    assert all(f"| {m.upper()} | zsre | 2 |" in table for m in BASELINE_FAST)
+    assert all(f"| {m.upper()} | zsre | raw | 2 |" in table for m in BASELINE_FAST)
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
 
 

@@ -163,8 +163,8 @@ def test_load_dataset_dispatches(data_dir):
 
 
 def test_load_dataset_unknown_name_lists_names(data_dir):
-    with pytest.raises(ValueError, match="zsre, hallucination, temporal"):
-        data.load_dataset("counterfact", data_dir)
+    with pytest.raises(ValueError, match="zsre, counterfact, hallucination, temporal or a .jsonl"):
+        data.load_dataset("wikidata", data_dir)
 
 
 def test_missing_data_dir_points_at_shared_data(tmp_path):

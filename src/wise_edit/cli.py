@@ -13,6 +13,7 @@ from typing import Any
 
 from . import metrics, models
 from .core.editor import Editor, EditorBase
+from .core.prompts import FORMAT_NAMES, PromptFormat
 from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
 from .methods import METHODS, editor_class, load_editor, make_config
 from .wise import WiseEditor
@@ -31,6 +32,13 @@ def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> N
         )
     group.add_argument("--mode", choices=["merge", "retrieve"], default=None, help="WISE only")
     group.add_argument("--layer", type=int, default=None)
+    group.add_argument(
+        "--format",
+        choices=list(FORMAT_NAMES),
+        default=None,
+        help="prompt_format: raw text or the chat template (default auto: chat when the "
+        "tokenizer has a chat template)",
+    )
     group.add_argument(
         "--set",
         metavar="FIELD=VALUE",
@@ -58,6 +66,8 @@ def parse_overrides(args: argparse.Namespace, cls: type[EditorBase]) -> dict[str
         overrides["mode"] = args.mode
     if args.layer is not None:
         overrides["layer"] = args.layer
+    if args.format is not None:
+        overrides["prompt_format"] = args.format
     return overrides
 
 
@@ -75,10 +85,10 @@ def _pool(data_dir: str | Path) -> list[str] | None:
         return None
 
 
-def _answer(editor: Any, prompt: str, max_new_tokens: int = 12) -> str:
-    ids = metrics.greedy_continuation(editor.model, editor.tokenizer, prompt, max_new_tokens)
-    text = editor.tokenizer.decode(ids, skip_special_tokens=True)
-    return " ".join(text.split()) or "<ends at once>"
+def _answer(editor: Any, prompt: str, fmt: PromptFormat, max_new_tokens: int = 24) -> str:
+    """The model's reply to ``prompt`` in ``fmt``, until it stops (or the budget ends)."""
+    ids = metrics.greedy_continuation(editor.model, fmt, prompt, max_new_tokens)
+    return " ".join(metrics.reply_text(fmt, ids).split()) or "<ends at once>"
 
 
 # ---------------------------------------------------------------------------- commands
@@ -93,9 +103,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "Water freezes at a temperature of",
     ]
     editor = WiseEditor(model, tokenizer, _config(model, args), irrelevant_prompts=_pool(data_dir))
+    fmt = editor.format
+    print(f"Edits are trained and asked in the {fmt.kind} prompt format.")
     with editor.disabled():
-        before = {r.prompt: _answer(editor, r.prompt) for r in records}
-        before_unrelated = {p: _answer(editor, p) for p in unrelated}
+        before = {r.prompt: _answer(editor, r.prompt, fmt) for r in records}
+        before_unrelated = {p: _answer(editor, p, fmt) for p in unrelated}
     print("\nBefore editing:")
     for r in records:
         print(f"  Q: {r.prompt}\n     model: {before[r.prompt]!r}   (edit target: {r.target!r})")
@@ -106,21 +118,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"done in {elapsed:.0f} s ({elapsed / len(records):.1f} s per edit)\n\nAfter editing:")
     hits = 0
     for r in records:
-        answer = _answer(editor, r.prompt)
-        ok = answer.lower().startswith(r.target.lower())
+        answer = _answer(editor, r.prompt, fmt)
+        ok = bool(metrics.exact_answer(answer, r.target))
         hits += ok
-        para = _answer(editor, r.rephrase) if r.rephrase else ""
+        para = _answer(editor, r.rephrase, fmt) if r.rephrase else ""
         print(f"  Q: {r.prompt}\n     model: {answer!r}  {'OK' if ok else 'MISS'}")
         if r.rephrase:
             print(f"  paraphrase: {r.rephrase}\n     model: {para!r}")
     print("\nUnrelated prompts (should be unchanged):")
     same = 0
     for p in unrelated:
-        now = _answer(editor, p)
+        now = _answer(editor, p, fmt)
         same += now == before_unrelated[p]
         print(f"  {p!r} -> {now!r}  {'unchanged' if now == before_unrelated[p] else 'CHANGED'}")
     print(
-        f"\n{hits}/{len(records)} edits answered by generation; "
+        f"\n{hits}/{len(records)} edits answered exactly (the answer, then stop); "
         f"{same}/{len(unrelated)} unrelated prompts unchanged."
     )
     return 0
@@ -158,8 +170,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(args.model)
     editor = load_editor(model, tokenizer, args.edits)
+    fmt = PromptFormat.create(tokenizer, "chat" if args.chat else "raw")
     for prompt in args.prompt:
-        answer = _answer(editor, prompt, args.max_new_tokens)
+        answer = _answer(editor, prompt, fmt, args.max_new_tokens)
         print(f"{prompt} -> {answer!r}   [{_where(editor, prompt)}]")
     return 0
 
@@ -211,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m",
         help=f"bundled name ({', '.join(models.BUNDLED)}) or a local HF folder",
     )
-    bench.add_argument("--data", choices=DATASETS, default="zsre")
+    bench.add_argument(
+        "--data",
+        default="zsre",
+        help=f"{', '.join(DATASETS)}, or a JSONL file of edits (prompt, target, optional "
+        "rephrase, loc, loc_ans)",
+    )
     bench.add_argument("--data-dir", default=str(default_data_dir()))
     bench.add_argument("--edits", type=int, default=10, help="T: records edited in sequence")
     bench.add_argument(
@@ -248,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="ask in the tokenizer's chat template (user turn) and print the reply",
+    )
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
     return parser
