@@ -199,3 +199,28 @@ def test_edit_and_generate_with_a_baseline(model_dir, tmp_path, capsys):
     assert (out / "editor_model.safetensors").is_file()
     assert main(["generate", "--model", model_dir, "--edits", str(out), EDITS[0][0]]) == 0
     assert "GRACE: codebook entry 0" in capsys.readouterr().out
+
+
+def test_bench_on_a_users_jsonl(model_dir, tmp_path):
+    edits = tmp_path / "mine.jsonl"
+    rows = [
+        {
+            "prompt": p,
+            "target": t,
+            "rephrase": p.lower(),
+            "loc": "The bakery sells",
+            "loc_ans": "bread",
+        }
+        for p, t in EDITS[:3]
+    ]
+    edits.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    argv = ["bench", "--model", model_dir, "--data", str(edits), "--edits", "2"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out), "--latency-repeats", "1", *FAST]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == "mine" and result["edits"] == 2
+    routed = result["extra"]["routing"]["share_routed_to_side_memory"]
+    # the record after the two edited ones probes the router in the edits' own form
+    assert set(routed) == {"edit prompts", "paraphrases", "unrelated", "same-form unrelated"}
+    assert "answer EM Rel" in (out / "results.md").read_text()

@@ -100,3 +100,39 @@ def test_metrics_route_on_the_prompt(tokenizer, fmt):
         model, tokenizer(prompt)["input_ids"], target_ids(tokenizer, target)
     )
     assert torch.equal(forced, routed)
+
+
+def test_answer_normalisation_on_hand_made_strings():
+    assert metrics.normalise_answer("  Paris.\n") == "paris"
+    assert metrics.normalise_answer("Eliel  SAARINEN!?") == "eliel saarinen"
+    assert metrics.normalise_answer("U.S.") == "u.s"  # only trailing punctuation goes
+    assert metrics.exact_answer("Paris.", "paris") == 1.0
+    assert metrics.exact_answer("Volkswagen Group Group Group", "Volkswagen Group") == 0.0
+    assert metrics.exact_answer("Lamiinae 2016 201", "Lamiinae") == 0.0
+    assert metrics.exact_answer("", "Paris") == 0.0
+    assert metrics.starts_with("Volkswagen Group Group", "volkswagen group") == 1.0
+    assert metrics.contains("It is made by Volvo, I think.", "volvo") == 1.0
+    assert metrics.contains("It is made by Saab.", "Volvo.") == 0.0
+
+
+def test_answer_text_ends_at_the_stop_or_the_first_newline(fmt, tokenizer):
+    eos = tokenizer.eos_token_id
+    said = tokenizer(" Eliel Saarinen")["input_ids"]
+    more = tokenizer(" river")["input_ids"]
+    assert metrics.answer_text(fmt, said + [eos] + more) == "Eliel Saarinen"
+    assert metrics.answer_text(fmt, said + tokenizer("\nriver")["input_ids"]) == "Eliel Saarinen"
+    assert metrics.answer_text(fmt, said + more) == "Eliel Saarinen river"
+    assert metrics.reply_text(fmt, said + [eos] + more) == " Eliel Saarinen"
+
+
+def test_answer_match_needs_the_answer_to_stop(monkeypatch, model, fmt, tokenizer):
+    target, eos = "Eliel Saarinen", tokenizer.eos_token_id
+    stopped = tokenizer(" Eliel Saarinen")["input_ids"] + [eos]
+    rambles = tokenizer(" Eliel Saarinen Saarinen Saarinen")["input_ids"]
+    monkeypatch.setattr(metrics, "greedy_continuation", lambda *a: stopped)
+    assert metrics.answer_match(model, fmt, "Who?", target) == 1.0
+    assert metrics.prefix_match(model, fmt, "Who?", target) == 1.0
+    monkeypatch.setattr(metrics, "greedy_continuation", lambda *a: rambles)
+    assert metrics.answer_match(model, fmt, "Who?", target) == 0.0
+    assert metrics.prefix_match(model, fmt, "Who?", target) == 1.0  # what it could not see
+    assert metrics.reply_contains(model, fmt, "Who?", target) == 1.0

@@ -14,7 +14,14 @@ from typing import Any
 from . import metrics, models
 from .core.editor import Editor, EditorBase
 from .core.prompts import FORMAT_NAMES, PromptFormat
-from .data import DATASETS, default_data_dir, load_dataset, load_jsonl, load_zsre_irrelevant
+from .data import (
+    DATASETS,
+    default_data_dir,
+    load_dataset,
+    load_jsonl,
+    load_zsre_irrelevant,
+    load_zsre_same_form,
+)
 from .methods import METHODS, editor_class, load_editor, make_config
 from .wise import WiseEditor
 
@@ -76,10 +83,10 @@ def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEd
 
 
 def _pool(data_dir: str | Path) -> list[str] | None:
-    """ZsRE's NQ questions as the unrelated-prompt pool; the built-in neutral pool, with a
-    warning naming the path, when they are not there."""
+    """ZsRE's NQ questions and ZsRE questions about other subjects as the unrelated-prompt
+    pool; the built-in neutral pool, with a warning naming the path, when not there."""
     try:
-        return load_zsre_irrelevant(data_dir)
+        return load_zsre_irrelevant(data_dir) + load_zsre_same_form(data_dir)
     except FileNotFoundError as err:
         logger.warning("%s; training against the built-in unrelated-prompt pool instead", err)
         return None
