@@ -76,3 +76,17 @@ def test_chat_routing_reads_only_the_users_text():
     torch.testing.assert_close(
         editor.activation_scores([prompt])[0], sequence_scores(acts, delta, mask)
     )
+
+
+def test_a_forward_without_attention_mask_routes_on_the_users_text_too():
+    """Teacher-forced metrics call the model with input ids only: the decision must still
+    leave the template out, as `routed` does."""
+    tok = tiny_chat_tokenizer()
+    model = tiny_model("gpt2")  # passes input_ids to its backbone by position
+    editor = WiseEditor(model, tok, fast_config(**STRONG))
+    editor.edit(*EDITS[0])
+    ids = torch.tensor([editor.format.prompt_ids(EDITS[3][0])])
+    with torch.no_grad():
+        model(input_ids=ids)
+    read = editor.layer.routing.token_mask
+    assert read is not None and int(read.sum()) == len(tok(EDITS[3][0])["input_ids"])

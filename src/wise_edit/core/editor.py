@@ -194,17 +194,20 @@ class EditorBase:
                 f"this {type(self).__name__} was detached; attach a new one to edit again"
             )
 
-    def _on_forward(self, _module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+    def _on_forward(self, _module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """Every forward of the backbone: a new sequence starts a decision, a forward that
         continues a KV cache keeps the one made at prefill."""
         past = kwargs.get("past_key_values")
         if past is not None and cache_length(past) > 0:
             self.layer.routing.hold()
             return
-        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)  # GPT-2 passes it by position
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            ids = None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            mask = None
-        if mask is not None and isinstance(ids, torch.Tensor) and ids.shape == mask.shape:
+            mask = None if ids is None else torch.ones_like(ids)
+        if mask is not None and ids is not None and ids.shape == mask.shape:
             mask = self._routing_mask(ids, mask)
         self.layer.routing.begin(mask)
 
