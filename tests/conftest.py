@@ -44,6 +44,36 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@functools.cache
+def tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer's kind with ChatML turn markers and a chat template (its end
+    of turn, <|im_end|>, is not its EOS)."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = list(NEUTRAL_PROMPTS) + [f"{p} {t}" for p, t in EDITS] * 3 + ["user assistant"] * 3
+    tok.train_from_iterator(corpus, trainer)
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left"
+    )
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
 COMMON = dict(
     vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=0.3
 )

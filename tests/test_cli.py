@@ -123,14 +123,16 @@ def test_bench_writes_results(model_dir, tmp_path):
         "method",
         "mode",
         "edits",
-        "teacher_forced",
-        "generated",
+        "scores",
+        "prompt_format",
         "pre_edit",
         "seconds_per_edit",
         "peak_memory_mb",
     ):
         assert key in result
     assert result["edits"] == 2 and result["extra"]["latency"]["ratio"] > 0
+    assert result["prompt_format"] == "raw"  # the tiny tokenizer has no chat template
+    assert set(result["scores"]) == {"answer_em", "teacher_forced", "prefix_em"}
     assert (out / "results.md").is_file() and (out / "routing.png").stat().st_size > 1000
 
 
@@ -160,7 +162,8 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
         assert main(argv) == 0
         result = json.loads((out / "results.json").read_text())
         assert result["method"] == method.upper() and result["mode"] == ""
-        assert result["teacher_forced"]["rel"] is not None
+        assert result["scores"]["teacher_forced"]["rel"] is not None
+        assert result["scores"]["answer_em"]["loc"] is not None
         assert result["extra"]["steps_per_edit"] >= 1
         assert result["extra"]["command"].startswith("wise-edit bench")
         assert ("routing" in result["extra"]) == (method in ("grace", "defer"))
@@ -169,7 +172,7 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
     table_file = tmp_path / "table.md"
     assert main(["compare", *runs, "--out", str(table_file)]) == 0
     table = table_file.read_text()
-    assert all(f"| {m.upper()} | zsre | 2 |" in table for m in BASELINE_FAST)
+    assert all(f"| {m.upper()} | zsre | raw | 2 |" in table for m in BASELINE_FAST)
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
 
 
@@ -196,3 +199,28 @@ def test_edit_and_generate_with_a_baseline(model_dir, tmp_path, capsys):
     assert (out / "editor_model.safetensors").is_file()
     assert main(["generate", "--model", model_dir, "--edits", str(out), EDITS[0][0]]) == 0
     assert "GRACE: codebook entry 0" in capsys.readouterr().out
+
+
+def test_bench_on_a_users_jsonl(model_dir, tmp_path):
+    edits = tmp_path / "mine.jsonl"
+    rows = [
+        {
+            "prompt": p,
+            "target": t,
+            "rephrase": p.lower(),
+            "loc": "The bakery sells",
+            "loc_ans": "bread",
+        }
+        for p, t in EDITS[:3]
+    ]
+    edits.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    argv = ["bench", "--model", model_dir, "--data", str(edits), "--edits", "2"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out), "--latency-repeats", "1", *FAST]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == "mine" and result["edits"] == 2
+    routed = result["extra"]["routing"]["share_routed_to_side_memory"]
+    # the record after the two edited ones probes the router in the edits' own form
+    assert set(routed) == {"edit prompts", "paraphrases", "unrelated", "same-form unrelated"}
+    assert "answer EM Rel" in (out / "results.md").read_text()

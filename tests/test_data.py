@@ -163,8 +163,8 @@ def test_load_dataset_dispatches(data_dir):
 
 
 def test_load_dataset_unknown_name_lists_names(data_dir):
-    with pytest.raises(ValueError, match="zsre, hallucination, temporal"):
-        data.load_dataset("counterfact", data_dir)
+    with pytest.raises(ValueError, match="zsre, counterfact, hallucination, temporal or a .jsonl"):
+        data.load_dataset("wikidata", data_dir)
 
 
 def test_missing_data_dir_points_at_shared_data(tmp_path):
@@ -299,3 +299,34 @@ def test_real_shared_data_counts():
     assert len(data.load_temporal(REAL_DATA, "train")) == 75
     first = data.load_zsre(REAL_DATA, limit=1)[0]
     assert first.loc is not None and first.loc.startswith("nq question: ")
+
+
+def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
+    n = data.COUNTERFACT_POOL + 3
+    raw = [
+        {
+            "case_id": i,
+            "prompt": f"P{i} speaks",
+            "target_new": "French",
+            "subject": f"P{i}",
+            "ground_truth": "English",
+            "rephrase_prompt": f"The language of P{i} is",
+            "locality_prompt": f"Q{i} speaks",
+            "locality_ground_truth": "English",
+        }
+        for i in range(n)
+    ]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "counterfact-train.json").write_text(json.dumps(raw))
+    records = data.load_dataset("counterfact", tmp_path)
+    assert [r.prompt for r in records] == ["P0 speaks", "P1 speaks", "P2 speaks"]
+    first = records[0]
+    assert (first.target, first.rephrase, first.loc, first.loc_ans) == (
+        "French",
+        "The language of P0 is",
+        "Q0 speaks",
+        "English",
+    )
+    assert data.load_dataset("counterfact", tmp_path, limit=2) == records[:2]
+    pool = data.load_counterfact_pool(tmp_path)
+    assert len(pool) == 2 * data.COUNTERFACT_POOL and pool[:2] == ["P3 speaks", "Q3 speaks"]

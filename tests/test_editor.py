@@ -47,12 +47,12 @@ def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
     batch = tokenizer([prompt + " " + target], return_tensors="pt")
     with torch.no_grad():
         before = model(**batch).logits
-    nll_before = target_nll(model, tokenizer, prompt, target)
+    nll_before = target_nll(model, editor.format, prompt, target)
     editor.edit(prompt, target)
     with torch.no_grad():
         after = model(**batch).logits
     assert editor.routed([prompt]) == [0]
-    assert target_nll(model, tokenizer, prompt, target) < nll_before - 1.0
+    assert target_nll(model, editor.format, prompt, target) < nll_before - 1.0
     assert not torch.allclose(before, after)
 
 

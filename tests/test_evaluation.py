@@ -7,11 +7,12 @@ import pytest
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
+from wise_edit.core.prompts import PromptFormat
 from wise_edit.data import EditRecord
 from wise_edit.evaluation import (
-    GENERATED,
-    KINDS,
+    ANSWER_EM,
     _slice_baseline,
+    kinds_for,
     locality_baseline,
     run_protocol,
     score,
@@ -30,13 +31,13 @@ RECORDS = [
 
 
 def test_unedited_model_scores_locality_one(tokenizer):
-    model = tiny_model()
-    base = locality_baseline(model, tokenizer, RECORDS)
-    for kind in KINDS:
-        scores = score(kind, model, tokenizer, RECORDS, base)
-        assert scores.loc == 1.0
+    model, fmt = tiny_model(), PromptFormat.create(tokenizer)
+    base = locality_baseline(model, fmt, RECORDS)
+    for kind in kinds_for(fmt):
+        scores = score(kind, model, fmt, RECORDS, base)
+        assert scores.loc == (1.0 if kind.probe is not None else None)
     # a random tiny model generates none of the targets
-    assert score(GENERATED, model, tokenizer, RECORDS, base).rel == 0.0
+    assert score(ANSWER_EM, model, fmt, RECORDS, base).rel == 0.0
 
 
 def test_protocol_edits_then_scores_the_final_model(tokenizer):
@@ -47,16 +48,18 @@ def test_protocol_edits_then_scores_the_final_model(tokenizer):
         made.append(WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=2.0)))
         return made[-1]
 
+    fmt = PromptFormat.create(tokenizer)
     result, editor = run_protocol(
-        model, tokenizer, RECORDS, make, method="WISE", mode="merge", dataset="toy", progress=False
+        model, fmt, RECORDS, make, method="WISE", mode="merge", dataset="toy", progress=False
     )
     assert len(made) == 1 and editor.num_edits == 4
     assert result.edits == 4 and result.seconds_per_edit > 0 and result.peak_memory_mb > 0
-    assert result.teacher_forced.rel > result.pre_edit["teacher_forced"].rel
-    assert set(result.pre_edit) == {"teacher_forced", "generated"}
+    assert result.scores["teacher_forced"].rel > result.pre_edit["teacher_forced"].rel
+    kinds = {"teacher_forced", "answer_em", "prefix_em"}
+    assert set(result.pre_edit) == set(result.scores) == kinds
     data = json.loads(json.dumps(result.to_dict()))
-    for kind in ("teacher_forced", "generated"):
-        assert set(data[kind]) == {"rel", "gen", "loc"}
+    for kind in kinds:
+        assert set(data["scores"][kind]) == {"rel", "gen", "loc"}
 
 
 def test_chunks_roll_back_between_groups(tokenizer):
@@ -69,7 +72,7 @@ def test_chunks_roll_back_between_groups(tokenizer):
 
     result, editor = run_protocol(
         model,
-        tokenizer,
+        PromptFormat.create(tokenizer),
         RECORDS,
         make,
         method="WISE",
@@ -91,7 +94,13 @@ def test_slice_baseline_skips_records_without_probe():
 def test_empty_records_are_refused(tokenizer):
     with pytest.raises(ValueError, match="no records"):
         run_protocol(
-            tiny_model(), tokenizer, [], lambda: None, method="WISE", mode="merge", dataset="toy"
+            tiny_model(),
+            PromptFormat.create(tokenizer),
+            [],
+            lambda: None,
+            method="WISE",
+            mode="merge",
+            dataset="toy",
         )
 
 
@@ -102,9 +111,9 @@ def test_dataset_metrics_hallucination_and_temporal(tokenizer):
     prompt, target = EDITS[0]
     editor.edit(prompt, target)
     records = [EditRecord(prompt, target, extra={"ood_rephrase": prompt})]
-    perplexity = dataset_metrics("hallucination", editor, records)["perplexity"]
+    perplexity = dataset_metrics("hallucination", editor, editor.format, records)["perplexity"]
     assert 1.0 <= perplexity["edited"] < perplexity["pre_edit"]
-    ood = dataset_metrics("temporal", editor, records)["ood_gen"]
+    ood = dataset_metrics("temporal", editor, editor.format, records)["ood_gen"]
     # OOD Gen on the prompt itself: success exactly when the per-token perplexity < 1/0.8
     assert ood["edited"] == float(perplexity["edited"] < 1 / 0.8) and ood["pre_edit"] == 0.0
-    assert dataset_metrics("zsre", editor, records) == {}
+    assert dataset_metrics("zsre", editor, editor.format, records) == {}

@@ -6,6 +6,7 @@ from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
 from wise_edit.core.fastpath import capture, fast_lm_loss, full_lm_loss
+from wise_edit.core.prompts import PromptFormat
 from wise_edit.core.rows import build_rows
 
 
@@ -44,7 +45,7 @@ def test_fast_path_matches_full_forward(family, tokenizer):
         p.requires_grad_(False)
     editor = WiseEditor(model, tokenizer, fast_config())
     prefixes = ["Because of the rain", "I think that"]
-    rows = build_rows(tokenizer, EDITS[0][0], EDITS[0][1], prefixes)
+    rows = build_rows(PromptFormat.create(tokenizer), EDITS[0][0], EDITS[0][1], prefixes)
     fast_loss, fast_grad = _loss_and_grad(editor, rows, fast=True)
     full_loss, full_grad = _loss_and_grad(editor, rows, fast=False)
     torch.testing.assert_close(fast_loss, full_loss, atol=1e-5, rtol=0)
@@ -55,7 +56,7 @@ def test_fast_path_matches_full_forward(family, tokenizer):
 def test_fast_path_at_layer_zero(tokenizer):
     model = tiny_model("llama")
     editor = WiseEditor(model, tokenizer, fast_config(layer=0))
-    rows = build_rows(tokenizer, *EDITS[1], ["The day"])
+    rows = build_rows(PromptFormat.create(tokenizer), *EDITS[1], ["The day"])
     fast_loss, fast_grad = _loss_and_grad(editor, rows, fast=True)
     full_loss, full_grad = _loss_and_grad(editor, rows, fast=False)
     torch.testing.assert_close(fast_loss, full_loss, atol=1e-5, rtol=0)
@@ -65,7 +66,7 @@ def test_fast_path_at_layer_zero(tokenizer):
 def test_replay_restores_layer_forward(tokenizer):
     model = tiny_model("llama")
     editor = WiseEditor(model, tokenizer, fast_config())
-    rows = build_rows(tokenizer, *EDITS[0], [])
+    rows = build_rows(PromptFormat.create(tokenizer), *EDITS[0], [])
     _loss_and_grad(editor, rows, fast=True)
     assert all("forward" not in vars(layer) for layer in editor.layers)
 

@@ -7,6 +7,7 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor, metrics
+from wise_edit.core.prompts import PromptFormat
 from wise_edit.core.rows import target_ids
 
 
@@ -15,9 +16,14 @@ def model():
     return tiny_model("llama", seed=5)
 
 
-def _greedy_text(model, tokenizer, prompt, n):
-    ids = metrics.greedy_continuation(model, tokenizer, prompt, n)
-    return ids, tokenizer.decode(ids)
+@pytest.fixture
+def fmt(tokenizer):
+    return PromptFormat.create(tokenizer, "raw")
+
+
+def _greedy_text(model, fmt, prompt, n):
+    ids = metrics.greedy_continuation(model, fmt, prompt, n)
+    return ids, fmt.tokenizer.decode(ids)
 
 
 def test_target_logits_equal_one_full_forward(model, tokenizer):
@@ -30,21 +36,21 @@ def test_target_logits_equal_one_full_forward(model, tokenizer):
     torch.testing.assert_close(cached, full[-n - 1 : -1], atol=1e-5, rtol=1e-4)
 
 
-def test_token_accuracy_is_one_for_the_models_own_continuation(model, tokenizer, monkeypatch):
+def test_token_accuracy_is_one_for_the_models_own_continuation(model, fmt, monkeypatch):
     prompt = EDITS[1][0]
-    ids, text = _greedy_text(model, tokenizer, prompt, 4)
+    ids, text = _greedy_text(model, fmt, prompt, 4)
     # byte-level BPE need not re-encode a decoded string to the same ids; pin them
-    monkeypatch.setattr(metrics, "target_ids", lambda tok, target: ids)
-    assert metrics.token_accuracy(model, tokenizer, prompt, text) == 1.0
-    assert metrics.generated_match(model, tokenizer, prompt, text) == 1.0
+    monkeypatch.setattr(PromptFormat, "target_ids", lambda self, target: ids)
+    assert metrics.token_accuracy(model, fmt, prompt, text) == 1.0
+    assert metrics.prefix_match(model, fmt, prompt, text) == 1.0
 
 
-def test_token_accuracy_counts_positions(model, tokenizer):
+def test_token_accuracy_counts_positions(model, fmt, tokenizer):
     prompt, target = EDITS[2]
     tgt = target_ids(tokenizer, target)
     logits = metrics.target_logits(model, tokenizer(prompt)["input_ids"], tgt)
     expected = (logits.argmax(-1) == torch.tensor(tgt)).float().mean().item()
-    assert metrics.token_accuracy(model, tokenizer, prompt, target) == pytest.approx(expected)
+    assert metrics.token_accuracy(model, fmt, prompt, target) == pytest.approx(expected)
 
 
 def test_agreement():
@@ -56,37 +62,35 @@ def test_agreement():
         metrics.agreement([], [])
 
 
-def test_perplexity_and_ood(model, tokenizer):
+def test_perplexity_and_ood(model, fmt, tokenizer):
     prompt, target = EDITS[3]
     p_ids, t_ids = tokenizer(prompt)["input_ids"], target_ids(tokenizer, target)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0, len(p_ids) - 1 : -1]
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(t_ids)).item()
-    assert metrics.perplexity(model, tokenizer, prompt, target) == pytest.approx(
-        math.exp(nll), rel=1e-4
-    )
-    assert metrics.ood_success(model, tokenizer, prompt, target) == float(nll < -math.log(0.8))
+    assert metrics.perplexity(model, fmt, prompt, target) == pytest.approx(math.exp(nll), rel=1e-4)
+    assert metrics.ood_success(model, fmt, prompt, target) == float(nll < -math.log(0.8))
     assert pytest.approx(0.2231, abs=1e-4) == metrics.OOD_LOSS_LIMIT
 
 
-def test_generated_match_normalises_whitespace_and_case(monkeypatch, model, tokenizer):
+def test_prefix_match_normalises_whitespace_and_case(monkeypatch, model, fmt, tokenizer):
     monkeypatch.setattr(
         metrics, "greedy_continuation", lambda *a: tokenizer(" eliel  SAARINEN,")["input_ids"]
     )
-    assert metrics.generated_match(model, tokenizer, "Who?", "Eliel Saarinen") == 1.0
-    assert metrics.generated_match(model, tokenizer, "Who?", "Alvar Aalto") == 0.0
+    assert metrics.prefix_match(model, fmt, "Who?", "Eliel Saarinen") == 1.0
+    assert metrics.prefix_match(model, fmt, "Who?", "Alvar Aalto") == 0.0
     assert metrics.normalise("  A\n b ") == "a b"
 
 
-def test_metrics_route_on_the_prompt(tokenizer):
+def test_metrics_route_on_the_prompt(tokenizer, fmt):
     """Through an editor, teacher forcing continues the prompt's routing decision."""
     model = tiny_model("llama")
     editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=2.0))
     prompt, target = EDITS[0]
     with editor.layer.disabled():
-        before = metrics.token_accuracy(model, tokenizer, prompt, target)
+        before = metrics.token_accuracy(model, fmt, prompt, target)
     editor.edit(prompt, target)
-    after = metrics.token_accuracy(model, tokenizer, prompt, target)
+    after = metrics.token_accuracy(model, fmt, prompt, target)
     assert after > before
     with editor.layer.trial(editor.memories[0].delta):
         forced = metrics.target_logits(
@@ -96,3 +100,39 @@ def test_metrics_route_on_the_prompt(tokenizer):
         model, tokenizer(prompt)["input_ids"], target_ids(tokenizer, target)
     )
     assert torch.equal(forced, routed)
+
+
+def test_answer_normalisation_on_hand_made_strings():
+    assert metrics.normalise_answer("  Paris.\n") == "paris"
+    assert metrics.normalise_answer("Eliel  SAARINEN!?") == "eliel saarinen"
+    assert metrics.normalise_answer("U.S.") == "u.s"  # only trailing punctuation goes
+    assert metrics.exact_answer("Paris.", "paris") == 1.0
+    assert metrics.exact_answer("Volkswagen Group Group Group", "Volkswagen Group") == 0.0
+    assert metrics.exact_answer("Lamiinae 2016 201", "Lamiinae") == 0.0
+    assert metrics.exact_answer("", "Paris") == 0.0
+    assert metrics.starts_with("Volkswagen Group Group", "volkswagen group") == 1.0
+    assert metrics.contains("It is made by Volvo, I think.", "volvo") == 1.0
+    assert metrics.contains("It is made by Saab.", "Volvo.") == 0.0
+
+
+def test_answer_text_ends_at_the_stop_or_the_first_newline(fmt, tokenizer):
+    eos = tokenizer.eos_token_id
+    said = tokenizer(" Eliel Saarinen")["input_ids"]
+    more = tokenizer(" river")["input_ids"]
+    assert metrics.answer_text(fmt, said + [eos] + more) == "Eliel Saarinen"
+    assert metrics.answer_text(fmt, said + tokenizer("\nriver")["input_ids"]) == "Eliel Saarinen"
+    assert metrics.answer_text(fmt, said + more) == "Eliel Saarinen river"
+    assert metrics.reply_text(fmt, said + [eos] + more) == " Eliel Saarinen"
+
+
+def test_answer_match_needs_the_answer_to_stop(monkeypatch, model, fmt, tokenizer):
+    target, eos = "Eliel Saarinen", tokenizer.eos_token_id
+    stopped = tokenizer(" Eliel Saarinen")["input_ids"] + [eos]
+    rambles = tokenizer(" Eliel Saarinen Saarinen Saarinen")["input_ids"]
+    monkeypatch.setattr(metrics, "greedy_continuation", lambda *a: stopped)
+    assert metrics.answer_match(model, fmt, "Who?", target) == 1.0
+    assert metrics.prefix_match(model, fmt, "Who?", target) == 1.0
+    monkeypatch.setattr(metrics, "greedy_continuation", lambda *a: rambles)
+    assert metrics.answer_match(model, fmt, "Who?", target) == 0.0
+    assert metrics.prefix_match(model, fmt, "Who?", target) == 1.0  # what it could not see
+    assert metrics.reply_contains(model, fmt, "Who?", target) == 1.0

@@ -43,7 +43,7 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
     editor = WiseEditor(
         model,
         tokenizer,
-        WiseConfig.for_model(model),
+        WiseConfig.for_model(model, prompt_format="raw"),
         irrelevant_prompts=load_zsre_irrelevant(DATA, limit=200),
     )
     before = {p: _answer(editor, p) for p in UNRELATED}
@@ -74,7 +74,7 @@ def test_baselines_learn_two_zsre_edits(smollm2, method):
     model, tokenizer = smollm2
     records = load_zsre(DATA, limit=2)
     cls = editor_class(method)
-    editor = cls(model, tokenizer, cls.config_class.for_model(model))
+    editor = cls(model, tokenizer, cls.config_class.for_model(model, prompt_format="raw"))
     before = {p: _answer(editor, p) for p in UNRELATED}
     for record in records:
         editor.edit(record.prompt, record.target)
@@ -112,14 +112,48 @@ def test_small_zsre_benchmark_through_the_cli(tmp_path):
                 str(out),
                 "--latency-repeats",
                 "2",
+                "--format",
+                "raw",
             ]
         )
         == 0
     )
     result = json.loads((out / "results.json").read_text())
-    assert result["teacher_forced"]["loc"] == 1.0 and result["generated"]["loc"] == 1.0
-    assert result["teacher_forced"]["rel"] >= 0.8 > result["pre_edit"]["teacher_forced"]["rel"]
-    assert result["generated"]["rel"] >= 0.5 > result["pre_edit"]["generated"]["rel"]
+    scores, pre = result["scores"], result["pre_edit"]
+    assert scores["teacher_forced"]["loc"] == 1.0 and scores["answer_em"]["loc"] == 1.0
+    assert scores["teacher_forced"]["rel"] >= 0.8 > pre["teacher_forced"]["rel"]
+    assert scores["answer_em"]["rel"] >= 0.5 > pre["answer_em"]["rel"]
     assert result["extra"]["routing"]["share_routed_to_side_memory"]["unrelated"] == 0.0
     assert result["seconds_per_edit"] > 0 and result["peak_memory_mb"] > 0
     assert (out / "routing.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
+def test_chat_edits_answer_in_the_template_and_stop(smollm2):
+    """The default on a chat model: edits made in its chat template are answered, and
+    ended, when a user asks through `apply_chat_template` and `model.generate`."""
+    model, tokenizer = smollm2
+    records = load_zsre(DATA, limit=2)
+    editor = WiseEditor(
+        model,
+        tokenizer,
+        WiseConfig.for_model(model),
+        irrelevant_prompts=load_zsre_irrelevant(DATA, limit=200),
+    )
+    assert editor.format.kind == "chat"
+
+    def reply(prompt):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+        return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    before = {p: reply(p) for p in UNRELATED}
+    for record in records:
+        editor.edit(record.prompt, record.target)
+    for record in records:
+        assert reply(record.prompt).strip() == record.target
+    assert {p: reply(p) for p in UNRELATED} == before
+    editor.detach()

@@ -96,3 +96,14 @@ def test_score_unit_is_the_median_of_mean_token_norms():
     )
     mask = torch.tensor([[1, 0], [1, 1], [1, 1]])
     assert score_unit(outputs, mask) == pytest.approx(5.0)
+
+
+def test_mean_inputs_and_nearest():
+    from wise_edit.wise.router import mean_inputs, nearest
+
+    acts = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(mean_inputs(acts, mask), torch.tensor([[2.0, 1.0]]))
+    keys = torch.tensor([[0.0, 1.0], [2.0, 1.1], [-1.0, 0.0], [1.0, 1.0]])
+    assert nearest(torch.tensor([2.0, 1.0]), keys, 2) == [1, 3]
+    assert nearest(torch.tensor([2.0, 1.0]), keys, 9) == [1, 3, 0, 2]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from wise_edit.core.prompts import PromptFormat
 from wise_edit.core.rows import build_rows, encode_prompts, left_pad, pad_id, target_ids
 
 
@@ -15,7 +16,7 @@ def test_left_pad_aligns_the_ends():
 def test_rows_layout(tokenizer):
     prompt, target = "Who designed Lahti Town Hall?", "Eliel Saarinen"
     prefixes = ["The sky", "Because of this, the river"]
-    rows = build_rows(tokenizer, prompt, target, prefixes)
+    rows = build_rows(PromptFormat.create(tokenizer), prompt, target, prefixes)
     tgt = target_ids(tokenizer, target)
     texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -39,7 +40,9 @@ def test_target_gets_one_leading_space(tokenizer):
 
 
 def test_encode_prompts_is_left_padded(tokenizer):
-    ids, mask = encode_prompts(tokenizer, ["Hi", "Who designed Lahti Town Hall?"])
+    ids, mask = encode_prompts(
+        PromptFormat.create(tokenizer), ["Hi", "Who designed Lahti Town Hall?"]
+    )
     assert mask[0, -1] == 1 and mask[0, 0] == 0 and bool(mask[1].all())
     assert ids[0, mask[0] == 0].eq(pad_id(tokenizer)).all()
 
@@ -50,9 +53,9 @@ def test_encode_prompts_is_left_padded(tokenizer):
 )
 def test_what_cannot_be_learned_raises(tokenizer, prompt, target, message):
     with pytest.raises(ValueError, match=message):
-        build_rows(tokenizer, prompt, target, [])
+        build_rows(PromptFormat.create(tokenizer), prompt, target, [])
 
 
 def test_rows_move_to_a_device(tokenizer):
-    rows = build_rows(tokenizer, "Who?", "Bob", []).to(torch.device("cpu"))
+    rows = build_rows(PromptFormat.create(tokenizer), "Who?", "Bob", []).to(torch.device("cpu"))
     assert rows.input_ids.device.type == "cpu"

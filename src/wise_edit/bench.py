@@ -12,15 +12,22 @@ from typing import Any
 
 from . import metrics, models
 from .core.draft import Editor
+from .core.prompts import PromptFormat
 from .data import (
     EditRecord,
+    load_counterfact_pool,
     load_dataset,
     load_hallucination,
     load_temporal,
     load_zsre_irrelevant,
+    load_zsre_same_form,
 )
-from .evaluation import BenchResult, latency_ratio, run_protocol
+from .evaluation import BenchResult, Scores, latency_ratio, run_protocol
 from .methods import editor_class, make_config
+
+# Records after the T edited ones whose prompts probe the router: unrelated prompts in
+# the edits' own sentence form (at most this many).
+SAME_FORM_PROBES = 50
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +37,18 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     into ``args.overrides``."""
     cls = editor_class(args.method)
     data_dir = Path(args.data_dir)
-    records = load_dataset(args.data, data_dir, limit=args.edits)
+    loaded = load_dataset(args.data, data_dir, limit=args.edits + SAME_FORM_PROBES)
+    records, same_form = loaded[: args.edits], [r.prompt for r in loaded[args.edits :]]
     if len(records) < args.edits:
         raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
     pool = _irrelevant_pool(args.data, data_dir)
     model, tokenizer = models.load(args.model)
     config = make_config(cls, model, args.overrides)
+    fmt = PromptFormat.create(tokenizer, config.prompt_format)
     mode = cls.variant_of(config)
     name = args.method.lower() + (f"-{mode}" if mode else "")
-    out = Path(args.out or f"runs/{args.data}-T{args.edits}-{name}")
+    dataset = Path(args.data).stem if args.data.endswith(".jsonl") else args.data
+    out = Path(args.out or f"runs/{dataset}-T{args.edits}-{fmt.kind}-{name}")
     out.mkdir(parents=True, exist_ok=True)
 
     def make_editor() -> Editor:
@@ -46,12 +56,12 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
 
     result, editor = run_protocol(
         model,
-        tokenizer,
+        fmt,
         records,
         make_editor,
         method=cls.method,
         mode=mode,
-        dataset=args.data,
+        dataset=dataset,
         chunk=args.chunk,
     )
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
@@ -61,8 +71,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["command"] = "wise-edit " + " ".join(getattr(args, "argv", []) or [])
     result.extra.update(editor.summary())
     if args.chunk is None:
-        result.extra.update(dataset_metrics(args.data, editor, records))
-    routing = routing_scores(editor, records)
+        result.extra.update(dataset_metrics(args.data, editor, fmt, records))
+    routing = routing_scores(editor, records, same_form)
     if routing is not None:
         result.extra["routing"] = routing["summary"]
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
@@ -76,19 +86,31 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     return result
 
 
-def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str]:
-    """The unrelated prompts the margin loss pushes away: ZsRE's NQ questions, or the
-    training split of the other sets (as the paper's D_irr)."""
-    if dataset == "zsre":
-        return load_zsre_irrelevant(data_dir)
+def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str] | None:
+    """The unrelated prompts the router is trained against: for ZsRE (and a user's JSONL)
+    NQ questions and ZsRE questions about other subjects (the edits' own form), for
+    CounterFact its held-out tail, else the training split of the set (as the paper's
+    D_irr). None (the built-in neutral pool) for a JSONL when ZsRE is not there."""
+    if dataset == "counterfact":
+        return load_counterfact_pool(data_dir)
+    if dataset == "zsre" or dataset.endswith(".jsonl"):
+        try:
+            return load_zsre_irrelevant(data_dir) + load_zsre_same_form(data_dir)
+        except FileNotFoundError:
+            if dataset == "zsre":
+                raise
+            logger.warning("no ZsRE data in %s: the built-in unrelated pool is used", data_dir)
+            return None
     loader = load_hallucination if dataset == "hallucination" else load_temporal
     return [r.prompt for r in loader(data_dir, split="train")]
 
 
-def dataset_metrics(dataset: str, editor: Editor, records: list[EditRecord]) -> dict[str, Any]:
+def dataset_metrics(
+    dataset: str, editor: Editor, fmt: PromptFormat, records: list[EditRecord]
+) -> dict[str, Any]:
     """The set-specific metrics of the paper: Hallucination's perplexity of the target
     (lower is better) and Temporal's OOD Gen, each edited and pre-edit."""
-    model, tokenizer = editor.model, editor.tokenizer
+    model = editor.model
     if dataset == "hallucination":
         name, fn, pairs = "perplexity", metrics.perplexity, [(r.prompt, r.target) for r in records]
     elif dataset == "temporal":
@@ -100,7 +122,7 @@ def dataset_metrics(dataset: str, editor: Editor, records: list[EditRecord]) -> 
         return {}
 
     def mean() -> float:
-        return round(statistics.fmean(fn(model, tokenizer, p, t) for p, t in pairs), 4)
+        return round(statistics.fmean(fn(model, fmt, p, t) for p, t in pairs), 4)
 
     edited = mean()
     with editor.disabled():
@@ -108,16 +130,20 @@ def dataset_metrics(dataset: str, editor: Editor, records: list[EditRecord]) -> 
     return {name: {"edited": edited, "pre_edit": pre}}
 
 
-def routing_scores(editor: Editor, records: list[EditRecord]) -> dict[str, Any] | None:
-    """Which prompts reach the edits' memory: edit prompts, paraphrases and unrelated
-    prompts, and for methods that route by a score against a threshold the scores (the
-    paper's Figure 3). None for methods that edit the weights themselves."""
+def routing_scores(
+    editor: Editor, records: list[EditRecord], same_form: list[str] | None = None
+) -> dict[str, Any] | None:
+    """Which prompts reach the edits' memory: edit prompts, paraphrases, the locality
+    probes ("unrelated") and unedited records' prompts of the same set ("same-form
+    unrelated"), and for methods that route by a score against a threshold the scores
+    (the paper's Figure 3). None for methods that edit the weights themselves."""
     if not editor.routes:
         return None
     groups = {
         "edit prompts": [r.prompt for r in records],
         "paraphrases": [r.rephrase for r in records if r.rephrase],
         "unrelated": [r.loc for r in records if r.loc],
+        "same-form unrelated": list(same_form or []),
     }
     scores: dict[str, list[float]] = {}
     routed: dict[str, float] = {}
@@ -146,7 +172,12 @@ def plot_routing(routing: dict[str, Any], path: Path) -> None:
         logger.warning("matplotlib is not installed; skipping %s", path)
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {"edit prompts": "tab:red", "paraphrases": "tab:orange", "unrelated": "tab:blue"}
+    colours = {
+        "edit prompts": "tab:red",
+        "paraphrases": "tab:orange",
+        "unrelated": "tab:blue",
+        "same-form unrelated": "tab:green",
+    }
     for name, values in routing["scores"].items():
         ax.scatter(range(len(values)), values, s=14, label=name, color=colours.get(name))
     for i, eps in enumerate(routing["thresholds"]):
@@ -166,20 +197,47 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+COLUMNS = (
+    ("answer EM", "answer_em", ("rel", "gen")),
+    ("gen. Loc", "answer_em", ("loc",)),
+    ("TF", "teacher_forced", ("rel", "gen", "loc")),
+    ("prefix EM", "prefix_em", ("rel", "gen")),
+    ("reply contains", "reply_contains", ("rel", "gen")),
+)
+"""The report's columns, led by what a user sees: (label, metric kind, fields)."""
+
+
+def _header() -> list[str]:
+    names = {"rel": "Rel", "gen": "Gen", "loc": "Loc"}
+    return [
+        label if label.endswith("Loc") else f"{label} {names[f]}"
+        for label, _, fields in COLUMNS
+        for f in fields
+    ]
+
+
+def _cells(scores: dict[str, Any]) -> list[str]:
+    out = []
+    for _, kind, fields in COLUMNS:
+        values = scores.get(kind) or {}
+        if isinstance(values, Scores):
+            values = {"rel": values.rel, "gen": values.gen, "loc": values.loc}
+        out += [_fmt(values.get(f)) for f in fields]
+    return out
+
+
 def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
-    tf, gen = result.teacher_forced, result.generated
-    pre_tf, pre_gen = result.pre_edit["teacher_forced"], result.pre_edit["generated"]
     lat = result.extra.get("latency", {})
     title = f"{result.method}-{result.mode}" if result.mode else result.method
+    header = _header()
+    pre = [c if "Loc" not in h else "–" for h, c in zip(header, _cells(result.pre_edit))]
     lines = [
-        f"### {title}, {result.dataset}, T = {result.edits}",
+        f"### {title}, {result.dataset}, {result.prompt_format} prompts, T = {result.edits}",
         "",
-        "| | TF Rel | TF Gen | TF Loc | gen. EM Rel | gen. EM Gen | gen. Loc |",
-        "|---|---|---|---|---|---|---|",
-        f"| pre-edit | {_fmt(pre_tf.rel)} | {_fmt(pre_tf.gen)} | – | {_fmt(pre_gen.rel)} | "
-        f"{_fmt(pre_gen.gen)} | – |",
-        f"| edited | {_fmt(tf.rel)} | {_fmt(tf.gen)} | {_fmt(tf.loc)} | {_fmt(gen.rel)} | "
-        f"{_fmt(gen.gen)} | {_fmt(gen.loc)} |",
+        "| | " + " | ".join(header) + " |",
+        "|---" * (len(header) + 1) + "|",
+        "| pre-edit | " + " | ".join(pre) + " |",
+        "| edited | " + " | ".join(_cells(result.scores)) + " |",
         "",
         f"- seconds per edit: {result.seconds_per_edit:.2f}; mean steps per edit: "
         f"{result.extra.get('steps_per_edit')}"
@@ -206,8 +264,21 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scores_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The metric kinds of a results.json; runs written before answer EM existed have
+    "teacher_forced" and "generated" (today's prefix EM, its Loc a shorter continuation)."""
+    if "scores" in data:
+        return data["scores"]
+    gen = data.get("generated", {})
+    return {
+        "teacher_forced": data.get("teacher_forced", {}),
+        "prefix_em": gen,
+        "answer_em": {"loc": gen.get("loc")},
+    }
+
+
 def comparison_table(runs: list[str]) -> str:
-    """One row per bench run (folder or results.json): Rel/Gen/Loc of both metric kinds
+    """One row per bench run (folder or results.json): every metric kind's Rel/Gen/Loc
     and seconds per edit, sorted by dataset, T, then the order given."""
     rows = []
     for order, run in enumerate(runs):
@@ -217,18 +288,11 @@ def comparison_table(runs: list[str]) -> str:
             raise FileNotFoundError(f"{run}: no results.json (is it a `wise-edit bench` folder?)")
         data = json.loads(path.read_text())
         rows.append((data["dataset"], data["edits"], order, data))
-    lines = [
-        "| method | data | T | TF Rel | TF Gen | TF Loc | gen. Rel | gen. Gen | gen. Loc "
-        "| s/edit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["method", "data", "format", "T", *_header(), "s/edit"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dataset, edits, _, data in sorted(rows, key=lambda r: r[:3]):
-        tf, gen = data["teacher_forced"], data["generated"]
         name = data["method"] + (f"-{data['mode']}" if data.get("mode") else "")
-        cells = [tf["rel"], tf["gen"], tf["loc"], gen["rel"], gen["gen"], gen["loc"]]
-        lines.append(
-            f"| {name} | {dataset} | {edits} | "
-            + " | ".join(_fmt(c) for c in cells)
-            + f" | {data['seconds_per_edit']:.2f} |"
-        )
+        cells = [name, dataset, data.get("prompt_format", "raw"), str(edits)]
+        cells += _cells(_scores_of(data)) + [f"{data['seconds_per_edit']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -21,8 +21,16 @@ from .core.persistence import (
     save_layout,
     saved_config,
 )
+from .core.prompts import FORMAT_NAMES, PromptFormat
 from .core.rows import check_text
-from .data import DATASETS, default_data_dir, load_dataset, load_zsre_irrelevant, read_jsonl
+from .data import (
+    DATASETS,
+    default_data_dir,
+    load_dataset,
+    load_zsre_irrelevant,
+    load_zsre_same_form,
+    read_jsonl,
+)
 from .methods import METHODS, editor_class, load_editor, make_config
 from .stream import apply_stream, plan_stream
 from .wise import WiseEditor
@@ -43,6 +51,13 @@ def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> N
         )
     group.add_argument("--mode", choices=["merge", "retrieve"], default=None, help="WISE only")
     group.add_argument("--layer", type=int, default=None)
+    group.add_argument(
+        "--format",
+        choices=list(FORMAT_NAMES),
+        default=None,
+        help="prompt_format: raw text or the chat template (default auto: chat when the "
+        "tokenizer has a chat template)",
+    )
     group.add_argument(
         "--set",
         metavar="FIELD=VALUE",
@@ -70,6 +85,8 @@ def parse_overrides(args: argparse.Namespace, cls: type[EditorBase]) -> dict[str
         overrides["mode"] = args.mode
     if args.layer is not None:
         overrides["layer"] = args.layer
+    if args.format is not None:
+        overrides["prompt_format"] = args.format
     return overrides
 
 
@@ -78,19 +95,19 @@ def _config(model: Any, args: argparse.Namespace, cls: type[EditorBase] = WiseEd
 
 
 def _pool(data_dir: str | Path) -> list[str] | None:
-    """ZsRE's NQ questions as the unrelated-prompt pool; the built-in neutral pool, with a
-    warning naming the path, when they are not there."""
+    """ZsRE's NQ questions and ZsRE questions about other subjects as the unrelated-prompt
+    pool; the built-in neutral pool, with a warning naming the path, when not there."""
     try:
-        return load_zsre_irrelevant(data_dir)
+        return load_zsre_irrelevant(data_dir) + load_zsre_same_form(data_dir)
     except FileNotFoundError as err:
         logger.warning("%s; training against the built-in unrelated-prompt pool instead", err)
         return None
 
 
-def _answer(editor: Any, prompt: str, max_new_tokens: int = 12) -> str:
-    ids = metrics.greedy_continuation(editor.model, editor.tokenizer, prompt, max_new_tokens)
-    text = editor.tokenizer.decode(ids, skip_special_tokens=True)
-    return " ".join(text.split()) or "<ends at once>"
+def _answer(editor: Any, prompt: str, fmt: PromptFormat, max_new_tokens: int = 24) -> str:
+    """The model's reply to ``prompt`` in ``fmt``, until it stops (or the budget ends)."""
+    ids = metrics.greedy_continuation(editor.model, fmt, prompt, max_new_tokens)
+    return " ".join(metrics.reply_text(fmt, ids).split()) or "<ends at once>"
 
 
 # ---------------------------------------------------------------------------- commands
@@ -105,9 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "Water freezes at a temperature of",
     ]
     editor = WiseEditor(model, tokenizer, _config(model, args), irrelevant_prompts=_pool(data_dir))
+    fmt = editor.format
+    print(f"Edits are trained and asked in the {fmt.kind} prompt format.")
     with editor.disabled():
-        before = {r.prompt: _answer(editor, r.prompt) for r in records}
-        before_unrelated = {p: _answer(editor, p) for p in unrelated}
+        before = {r.prompt: _answer(editor, r.prompt, fmt) for r in records}
+        before_unrelated = {p: _answer(editor, p, fmt) for p in unrelated}
     print("\nBefore editing:")
     for r in records:
         print(f"  Q: {r.prompt}\n     model: {before[r.prompt]!r}   (edit target: {r.target!r})")
@@ -118,21 +137,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"done in {elapsed:.0f} s ({elapsed / len(records):.1f} s per edit)\n\nAfter editing:")
     hits = 0
     for r in records:
-        answer = _answer(editor, r.prompt)
-        ok = answer.lower().startswith(r.target.lower())
+        answer = _answer(editor, r.prompt, fmt)
+        ok = bool(metrics.exact_answer(answer, r.target))
         hits += ok
-        para = _answer(editor, r.rephrase) if r.rephrase else ""
+        para = _answer(editor, r.rephrase, fmt) if r.rephrase else ""
         print(f"  Q: {r.prompt}\n     model: {answer!r}  {'OK' if ok else 'MISS'}")
         if r.rephrase:
             print(f"  paraphrase: {r.rephrase}\n     model: {para!r}")
     print("\nUnrelated prompts (should be unchanged):")
     same = 0
     for p in unrelated:
-        now = _answer(editor, p)
+        now = _answer(editor, p, fmt)
         same += now == before_unrelated[p]
         print(f"  {p!r} -> {now!r}  {'unchanged' if now == before_unrelated[p] else 'CHANGED'}")
     print(
-        f"\n{hits}/{len(records)} edits answered by generation; "
+        f"\n{hits}/{len(records)} edits answered exactly (the answer, then stop); "
         f"{same}/{len(unrelated)} unrelated prompts unchanged."
     )
     return 0
@@ -221,8 +240,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_text(prompt, "prompt")
     model, tokenizer = models.load(args.model)
     editor = load_editor(model, tokenizer, args.edits)
+    fmt = PromptFormat.create(tokenizer, "chat" if args.chat else "raw")
     for prompt in args.prompt:
-        answer = _answer(editor, prompt, args.max_new_tokens)
+        answer = _answer(editor, prompt, fmt, args.max_new_tokens)
         print(f"{prompt} -> {answer!r}   [{_where(editor, prompt)}]")
     return 0
 
@@ -274,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m",
         help=f"bundled name ({', '.join(models.BUNDLED)}) or a local HF folder",
     )
-    bench.add_argument("--data", choices=DATASETS, default="zsre")
+    bench.add_argument(
+        "--data",
+        default="zsre",
+        help=f"{', '.join(DATASETS)}, or a JSONL file of edits (prompt, target, optional "
+        "rephrase, loc, loc_ans)",
+    )
     bench.add_argument("--data-dir", default=str(default_data_dir()))
     bench.add_argument("--edits", type=int, default=10, help="T: records edited in sequence")
     bench.add_argument(
@@ -331,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="ask in the tokenizer's chat template (user turn) and print the reply",
+    )
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
     return parser

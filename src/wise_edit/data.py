@@ -21,8 +21,11 @@ from .core.rows import check_text
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("zsre", "hallucination", "temporal")
-"""Names `load_dataset` accepts."""
+DATASETS = ("zsre", "counterfact", "hallucination", "temporal")
+"""Names `load_dataset` accepts (beside the path of a JSONL file)."""
+
+COUNTERFACT_POOL = 1000
+"""The last this many CounterFact records are the unrelated-prompt pool, never edited."""
 
 SPLITS = ("edit", "train")
 """`edit`: the records to edit; `train`: same layout, used as irrelevant prompts."""
@@ -177,6 +180,51 @@ def load_zsre_irrelevant(data_dir: str | os.PathLike[str], limit: int | None = N
     return prompts
 
 
+def load_zsre_same_form(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[str]:
+    """ZsRE questions about other subjects (`src` of `zsre/zsre_loc_1k.json`, MEND's train
+    split, disjoint from the edit set): unrelated prompts in the edits' own sentence form,
+    the negatives a router confuses with edits (NQ questions are easy ones)."""
+    path = _data_file(data_dir, "zsre/zsre_loc_1k.json")
+    return [
+        _required_text(raw, "src", f"{path}: record {i}")
+        for i, raw in enumerate(_read_records(path, limit), start=1)
+    ]
+
+
+def load_counterfact(
+    data_dir: str | os.PathLike[str], limit: int | None = None
+) -> list[EditRecord]:
+    """CounterFact (`counterfact/counterfact-train.json`, 10000 records, ROME's
+    counterfactual completions): prompt, `target_new`, paraphrase `rephrase_prompt`,
+    locality probe `locality_prompt` / `locality_ground_truth`, which shares the edit's
+    relation and sentence form ("Michel Rocard is a native speaker of"). The last
+    `COUNTERFACT_POOL` records are kept out: they are the unrelated-prompt pool."""
+    path = _data_file(data_dir, "counterfact/counterfact-train.json")
+    records = _load_mapped(
+        path,
+        None,
+        prompt="prompt",
+        target="target_new",
+        rephrase="rephrase_prompt",
+        loc="locality_prompt",
+        loc_ans="locality_ground_truth",
+    )[:-COUNTERFACT_POOL]
+    return records if limit is None else records[:limit]
+
+
+def load_counterfact_pool(data_dir: str | os.PathLike[str]) -> list[str]:
+    """Unrelated prompts for the router from CounterFact's last `COUNTERFACT_POOL`
+    records, never edited: their prompts and locality prompts (the edits' own forms)."""
+    path = _data_file(data_dir, "counterfact/counterfact-train.json")
+    records = _read_records(path, None)
+    first = len(records) - COUNTERFACT_POOL
+    out = []
+    for i, raw in enumerate(records[first:], start=first + 1):
+        where = f"{path}: record {i}"
+        out += [_required_text(raw, "prompt", where), _required_text(raw, "locality_prompt", where)]
+    return out
+
+
 def load_hallucination(
     data_dir: str | os.PathLike[str], split: str = "edit", limit: int | None = None
 ) -> list[EditRecord]:
@@ -294,11 +342,20 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
 def load_dataset(
     name: str, data_dir: str | os.PathLike[str], limit: int | None = None
 ) -> list[EditRecord]:
-    """The edit split of a benchmark by name (see `DATASETS`)."""
+    """The edit split of a benchmark by name (see `DATASETS`), or the records of a JSONL
+    file (`load_jsonl`) when ``name`` ends in ``.jsonl``."""
+    _check_limit(limit)
+    if name.endswith(".jsonl"):
+        records = load_jsonl(name)
+        return records if limit is None else records[:limit]
+    if name == "counterfact":
+        return load_counterfact(data_dir, limit)
     if name == "zsre":
         return load_zsre(data_dir, limit)
     if name == "hallucination":
         return load_hallucination(data_dir, "edit", limit)
     if name == "temporal":
         return load_temporal(data_dir, "edit", limit)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    raise ValueError(
+        f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)} or a .jsonl file"
+    )

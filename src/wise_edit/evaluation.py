@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .core.draft import Editor
-from .core.rows import target_ids
+from .core.prompts import PromptFormat
 from .data import EditRecord
 
 logger = logging.getLogger(__name__)
@@ -35,12 +35,14 @@ class Scores:
 
 @dataclass
 class BenchResult:
+    """``scores`` / ``pre_edit``: metric kind name (see `kinds_for`) -> its scores."""
+
     method: str
     mode: str
     edits: int
     dataset: str
-    teacher_forced: Scores
-    generated: Scores
+    prompt_format: str
+    scores: dict[str, Scores]
     pre_edit: dict[str, Scores]
     seconds_per_edit: float
     peak_memory_mb: float
@@ -56,32 +58,39 @@ def _mean(values: list[float]) -> float | None:
 
 @dataclass(frozen=True)
 class MetricKind:
-    """One way of scoring: how a prompt's answer is scored (Rel/Gen), what is recorded on
-    a locality probe, and how a probe's before/after records compare (Loc)."""
+    """One way of scoring: how a prompt's answer is scored (Rel/Gen) and, for kinds that
+    have a locality form, what is recorded on a locality probe and how a probe's
+    before/after records compare (Loc)."""
 
     name: str
-    answer: Callable[[nn.Module, Any, str, str], float]
-    probe: Callable[[nn.Module, Any, EditRecord], list[int]]
-    same: Callable[[list[int], list[int]], float]
-
-
-def loc_budget(tokenizer: Any, record: EditRecord) -> int:
-    return len(target_ids(tokenizer, record.loc_ans or "x")) + metrics.EXTRA_NEW_TOKENS
+    answer: Callable[[nn.Module, PromptFormat, str, str], float]
+    probe: Callable[[nn.Module, PromptFormat, EditRecord], list[int]] | None = None
+    same: Callable[[list[int], list[int]], float] | None = None
 
 
 TEACHER_FORCED = MetricKind(
     "teacher_forced",
     metrics.token_accuracy,
-    lambda model, tok, r: metrics.target_predictions(model, tok, r.loc, r.loc_ans),
+    lambda model, fmt, r: metrics.target_predictions(model, fmt, r.loc, r.loc_ans),
     metrics.agreement,
 )
-GENERATED = MetricKind(
-    "generated",
-    metrics.generated_match,
-    lambda model, tok, r: metrics.greedy_continuation(model, tok, r.loc, loc_budget(tok, r)),
+# Locality in generated form: the probe's continuation (ANSWER_NEW_TOKENS, or until the
+# model stops) is unchanged token for token, in the format the editor uses.
+ANSWER_EM = MetricKind(
+    "answer_em",
+    metrics.answer_match,
+    lambda model, fmt, r: metrics.greedy_continuation(model, fmt, r.loc, metrics.ANSWER_NEW_TOKENS),
     lambda before, after: float(before == after),
 )
-KINDS = (TEACHER_FORCED, GENERATED)
+PREFIX_EM = MetricKind("prefix_em", metrics.prefix_match)
+REPLY_CONTAINS = MetricKind("reply_contains", metrics.reply_contains)
+
+
+def kinds_for(fmt: PromptFormat) -> tuple[MetricKind, ...]:
+    """The metric kinds a bench reports: reply contains only for chat prompts."""
+    kinds = (ANSWER_EM, TEACHER_FORCED, PREFIX_EM)
+    return (*kinds, REPLY_CONTAINS) if fmt.is_chat else kinds
+
 
 Baseline = dict[str, list[list[int]]]  # kind name -> the unedited model's probe records
 
@@ -90,32 +99,36 @@ def _probed(records: Sequence[EditRecord]) -> list[EditRecord]:
     return [r for r in records if r.loc and r.loc_ans]
 
 
-def locality_baseline(model: nn.Module, tokenizer: Any, records: Sequence[EditRecord]) -> Baseline:
-    return {k.name: [k.probe(model, tokenizer, r) for r in _probed(records)] for k in KINDS}
+def locality_baseline(
+    model: nn.Module, fmt: PromptFormat, records: Sequence[EditRecord]
+) -> Baseline:
+    return {
+        k.name: [k.probe(model, fmt, r) for r in _probed(records)]
+        for k in kinds_for(fmt)
+        if k.probe is not None
+    }
 
 
 def score(
     kind: MetricKind,
     model: nn.Module,
-    tokenizer: Any,
+    fmt: PromptFormat,
     records: Sequence[EditRecord],
     base: Baseline | None,
 ) -> Scores:
     """Rel on the prompts, Gen on the paraphrases, Loc against the unedited baseline."""
     probed = _probed(records)
     loc = None
-    if base is not None and probed:
+    if base is not None and probed and kind.probe is not None and kind.same is not None:
         loc = _mean(
             [
-                kind.same(before, kind.probe(model, tokenizer, r))
+                kind.same(before, kind.probe(model, fmt, r))
                 for before, r in zip(base[kind.name], probed)
             ]
         )
     return Scores(
-        rel=_mean([kind.answer(model, tokenizer, r.prompt, r.target) for r in records]),
-        gen=_mean(
-            [kind.answer(model, tokenizer, r.rephrase, r.target) for r in records if r.rephrase]
-        ),
+        rel=_mean([kind.answer(model, fmt, r.prompt, r.target) for r in records]),
+        gen=_mean([kind.answer(model, fmt, r.rephrase, r.target) for r in records if r.rephrase]),
         loc=loc,
     )
 
@@ -130,7 +143,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run_protocol(
     model: nn.Module,
-    tokenizer: Any,
+    fmt: PromptFormat,
     records: Sequence[EditRecord],
     make_editor: Callable[[], Editor],
     *,
@@ -142,8 +155,8 @@ def run_protocol(
 ) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
-    scores averaged, as the reference does for small T. Returns the result and the last
-    editor (still attached)."""
+    scores averaged, as the reference does for small T. ``fmt``: how prompts are written
+    (the editors' own format). Returns the result and the last editor (still attached)."""
     records = list(records)
     if not records:
         raise ValueError("no records to edit")
@@ -152,9 +165,11 @@ def run_protocol(
         torch.cuda.reset_peak_memory_stats(device)
     size = chunk or len(records)
     groups = [records[i : i + size] for i in range(0, len(records), size)]
-    base = locality_baseline(model, tokenizer, records)
-    pre = {k.name: score(k, model, tokenizer, records, None) for k in KINDS}
-    tf_parts, gen_parts, times = [], [], []
+    kinds = kinds_for(fmt)
+    base = locality_baseline(model, fmt, records)
+    pre = {k.name: score(k, model, fmt, records, None) for k in kinds}
+    parts: dict[str, list[tuple[int, Scores]]] = {k.name: [] for k in kinds}
+    times: list[float] = []
     bar = tqdm(total=len(records), desc=f"{method} edits", unit="edit", disable=not progress)
     editor: Editor | None = None
     offset = 0
@@ -169,8 +184,8 @@ def run_protocol(
             bar.update(1)
             bar.set_postfix(s_per_edit=f"{statistics.fmean(times):.2f}")
         part = _slice_baseline(base, records, offset, len(group))
-        tf_parts.append((len(group), score(TEACHER_FORCED, model, tokenizer, group, part)))
-        gen_parts.append((len(group), score(GENERATED, model, tokenizer, group, part)))
+        for kind in kinds:
+            parts[kind.name].append((len(group), score(kind, model, fmt, group, part)))
         offset += len(group)
     bar.close()
     result = BenchResult(
@@ -178,8 +193,8 @@ def run_protocol(
         mode=mode,
         edits=len(records),
         dataset=dataset,
-        teacher_forced=_weighted(tf_parts),
-        generated=_weighted(gen_parts),
+        prompt_format=fmt.kind,
+        scores={name: _weighted(p) for name, p in parts.items()},
         pre_edit=pre,
         seconds_per_edit=round(statistics.fmean(times), 3),
         peak_memory_mb=round(peak_memory_mb(device), 1),

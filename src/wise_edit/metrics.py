@@ -1,10 +1,16 @@
-"""Editing metrics, each a small function over a model (edited or not) and token ids.
+"""Editing metrics, each a small function over a model (edited or not), the
+`PromptFormat` prompts are written in (raw text or a chat turn), and strings.
 
-Two kinds, reported side by side:
+Reported side by side:
 - teacher-forced token accuracy, as the reference harness computes it (comparable with
   the paper's tables): feed prompt + target, compare the argmax at each target position
   with the gold token;
-- generated exact match: greedy decoding from the prompt alone, as a user would see it.
+- answer exact match, what a user sees: greedy decoding until the model stops (the
+  format's stop or EOS, or the first newline), at most `ANSWER_NEW_TOKENS`; the whole
+  answer must equal the target up to case, whitespace and trailing punctuation;
+- prefix exact match (the earlier "generated EM"): the first len(target) + 2 generated
+  tokens start with the target; it cannot see an answer that does not stop;
+- reply contains (chat): the target appears in the assistant's reply.
 
 The prompt is always processed first and the target continues its KV cache, so the
 routing decision is made from the prompt tokens, exactly as during generation.
@@ -14,21 +20,22 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+import string
 
 import torch
 from torch import nn
 
-from .core.rows import pad_id, target_ids
+from .core.prompts import PromptFormat
+from .core.rows import pad_id
 
 OOD_LOSS_LIMIT = -math.log(0.8)  # Temporal: a rephrase counts when P(target) > 0.8 per token
-# Generated metrics decode the reference's length plus this many tokens, so an answer that
-# is right but tokenized differently still fits.
+# Prefix EM decodes the reference's length plus this many tokens, so an answer that is
+# right but tokenized differently still fits.
 EXTRA_NEW_TOKENS = 2
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return tokenizer(prompt)["input_ids"]
+# Answers (and locality continuations) are generated for at most this many tokens: the
+# budget of the published free-generation re-evaluations.
+ANSWER_NEW_TOKENS = 24
+_TRAILING = string.punctuation + " "
 
 
 @torch.no_grad()
@@ -49,16 +56,16 @@ def target_logits(model: nn.Module, prompt: list[int], target: list[int]) -> tor
     return torch.cat([first, rest], dim=1)[0]
 
 
-def token_accuracy(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
+def token_accuracy(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
     """Teacher-forced share of target tokens predicted right (the paper's Rel/Gen)."""
-    tgt = target_ids(tokenizer, target)
-    logits = target_logits(model, _prompt_ids(tokenizer, prompt), tgt)
+    tgt = fmt.target_ids(target)
+    logits = target_logits(model, fmt.prompt_ids(prompt), tgt)
     return (logits.argmax(-1).cpu() == torch.tensor(tgt)).float().mean().item()
 
 
-def target_predictions(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> list[int]:
+def target_predictions(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> list[int]:
     """Argmax tokens at the target positions (the locality comparison's raw material)."""
-    logits = target_logits(model, _prompt_ids(tokenizer, prompt), target_ids(tokenizer, target))
+    logits = target_logits(model, fmt.prompt_ids(prompt), fmt.target_ids(target))
     return logits.argmax(-1).tolist()
 
 
@@ -69,49 +76,97 @@ def agreement(before: list[int], after: list[int]) -> float:
     return sum(int(a == b) for a, b in zip(before, after)) / len(before)
 
 
-def target_nll(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
+def target_nll(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
     """Mean negative log-likelihood per target token."""
-    tgt = target_ids(tokenizer, target)
-    logits = target_logits(model, _prompt_ids(tokenizer, prompt), tgt).float()
+    tgt = fmt.target_ids(target)
+    logits = target_logits(model, fmt.prompt_ids(prompt), tgt).float()
     return nn.functional.cross_entropy(logits.cpu(), torch.tensor(tgt)).item()
 
 
-def perplexity(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
+def perplexity(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
     """Hallucination Rel: perplexity of the target given the prompt (lower is better)."""
-    return math.exp(target_nll(model, tokenizer, prompt, target))
+    return math.exp(target_nll(model, fmt, prompt, target))
 
 
-def ood_success(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
+def ood_success(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
     """Temporal OOD Gen: 1 when the target's loss is below -log(0.8)."""
-    return float(target_nll(model, tokenizer, prompt, target) < OOD_LOSS_LIMIT)
+    return float(target_nll(model, fmt, prompt, target) < OOD_LOSS_LIMIT)
 
 
 @torch.no_grad()
 def greedy_continuation(
-    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int
+    model: nn.Module, fmt: PromptFormat, prompt: str, max_new_tokens: int
 ) -> list[int]:
-    """Token ids greedy decoding adds after the prompt."""
+    """Token ids greedy decoding adds after the prompt, up to and including the first of
+    the format's stop tokens (`PromptFormat.stop_ids`)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=device)
+    ids = torch.tensor([fmt.prompt_ids(prompt)], device=device)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=pad_id(tokenizer),
+        eos_token_id=fmt.stop_ids() or None,
+        pad_token_id=pad_id(fmt.tokenizer),
     )
     return out[0, ids.shape[1] :].tolist()
 
 
 def normalise(text: str) -> str:
+    """Whitespace collapsed, lower case."""
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def generated_match(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> float:
-    """Generated exact match: 1 when the greedy continuation starts with the target
-    (whitespace and case normalised)."""
-    budget = len(target_ids(tokenizer, target)) + EXTRA_NEW_TOKENS
-    text = tokenizer.decode(
-        greedy_continuation(model, tokenizer, prompt, budget), skip_special_tokens=True
-    )
+def normalise_answer(text: str) -> str:
+    """`normalise`, then trailing punctuation dropped ("Paris." == "paris")."""
+    return normalise(text).rstrip(_TRAILING)
+
+
+def reply_text(fmt: PromptFormat, ids: list[int]) -> str:
+    """The generated ids up to the first stop token, as text."""
+    stops = set(fmt.stop_ids())
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return fmt.tokenizer.decode(ids[:end], skip_special_tokens=True)
+
+
+def answer_text(fmt: PromptFormat, ids: list[int]) -> str:
+    """The answer in generated ids: the reply up to its first newline (leading
+    whitespace skipped)."""
+    return reply_text(fmt, ids).lstrip().split("\n", 1)[0]
+
+
+def exact_answer(answer: str, target: str) -> float:
+    """1 when the whole answer is the target, up to case, whitespace and trailing
+    punctuation; an answer that goes on after the target is wrong."""
+    return float(normalise_answer(answer) == normalise_answer(target))
+
+
+def starts_with(text: str, target: str) -> float:
+    """1 when the text starts with the target (whitespace and case normalised)."""
     return float(normalise(text).startswith(normalise(target)))
+
+
+def contains(text: str, target: str) -> float:
+    """1 when the target appears in the text (whitespace and case normalised)."""
+    return float(normalise_answer(target) in normalise(text))
+
+
+def answer_match(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+    """Answer exact match: generate until the model stops, compare the whole answer."""
+    budget = max(ANSWER_NEW_TOKENS, len(fmt.target_ids(target)) + EXTRA_NEW_TOKENS)
+    ids = greedy_continuation(model, fmt, prompt, budget)
+    return exact_answer(answer_text(fmt, ids), target)
+
+
+def prefix_match(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+    """Prefix exact match: the first len(target) + 2 generated tokens start with the
+    target (what "generated EM" meant before answers were required to stop)."""
+    budget = len(fmt.target_ids(target)) + EXTRA_NEW_TOKENS
+    ids = greedy_continuation(model, fmt, prompt, budget)
+    return starts_with(fmt.tokenizer.decode(ids, skip_special_tokens=True), target)
+
+
+def reply_contains(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+    """Chat: the target appears in the assistant's reply (until its end of turn)."""
+    ids = greedy_continuation(model, fmt, prompt, ANSWER_NEW_TOKENS)
+    return contains(reply_text(fmt, ids), target)

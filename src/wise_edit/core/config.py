@@ -15,6 +15,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ..families import decoder_layers, default_layer_index, family_of, infer_layers_path
+from .prompts import FORMAT_NAMES, FormatName
 
 TARGET_FIELDS = ("layer", "target_module", "layers_path")
 StopOn = Literal["loss", "lm"]
@@ -174,11 +175,29 @@ class EditConfig(TargetConfig):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything an editor samples."})
+    prompt_format: FormatName = field(
+        default="auto",
+        metadata={
+            "help": "How edits are written and asked: 'raw' text, or 'chat' (the tokenizer's "
+            "chat template: user turn = prompt, assistant turn = target; routing reads only "
+            "the user's text, not the template's fixed tokens). 'auto': chat when the "
+            "tokenizer has a chat template, else raw."
+        },
+    )
+    train_stop: bool = field(
+        default=True,
+        metadata={
+            "help": "Train each target followed by the token that ends the answer (EOS for "
+            "raw prompts, end of turn for chat), so the edited model answers and stops. "
+            "False: the target alone, as in the paper."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate(
             [
+                ("prompt_format", self.prompt_format in FORMAT_NAMES, f"one of {FORMAT_NAMES}"),
                 ("lr", self.lr > 0, "must be > 0"),
                 ("max_steps", self.max_steps >= 1, "must be >= 1"),
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),

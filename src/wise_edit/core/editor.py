@@ -38,6 +38,7 @@ from .fastpath import Captured, capture
 from .fit import Fitted, fit
 from .layer import AttachedLayer
 from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
+from .prompts import PromptFormat
 from .rows import EditRows, build_rows, check_text, context_limit, encode_prompts, pad_id
 from .seeds import unrelated_generator
 from .validate import SaveChecker
@@ -78,6 +79,7 @@ class EditorBase:
         if isinstance(module, AttachedLayer):
             raise ValueError(f"{self.target_path} already has an editor attached")
         check_value_module(module, self.target_path)
+        self.format = PromptFormat.create(tokenizer, config.prompt_format)
         self.irrelevant_prompts = list(irrelevant_prompts or NEUTRAL_PROMPTS)
         if not self.irrelevant_prompts or not all(
             isinstance(p, str) and p.strip() for p in self.irrelevant_prompts
@@ -122,10 +124,18 @@ class EditorBase:
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)  # GPT-2 passes it by position
-        self.layer.routing.begin(
-            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-            ids if isinstance(ids, torch.Tensor) else None,
-        )
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            ids = None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            mask = None if ids is None else torch.ones_like(ids)
+        if mask is not None and ids is not None and ids.shape == mask.shape:
+            mask = self._routing_mask(ids, mask)
+        self.layer.routing.begin(mask, ids)
+
+    def _routing_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The tokens the layer's routing decision reads: a chat template's fixed tokens
+        are left out for layers that average a score over the sequence."""
+        return self.format.content_mask(ids, mask) if self.layer.reads_content else mask
 
     # ------------------------------------------------------------------ serving
     @property
@@ -249,7 +259,9 @@ class EditorBase:
         """Validated training rows of one edit, on the editor's device."""
         if not isinstance(prompt, str) or not isinstance(target, str):
             raise TypeError("prompt and target must be strings")
-        rows = build_rows(self.tokenizer, prompt, target, self._row_prefixes())
+        rows = build_rows(
+            self.format, prompt, target, self._row_prefixes(), stop=self.config.train_stop
+        )
         limit = context_limit(self.model.config)
         if limit is not None and rows.input_ids.shape[1] > limit:
             raise ValueError(
@@ -291,13 +303,13 @@ class EditorBase:
 
     @torch.no_grad()
     def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs of the wrapped module (B, T, I) and token mask (B, T) of a left-padded
-        prompt batch."""
-        ids, mask = encode_prompts(self.tokenizer, prompts)
+        """Inputs of the wrapped module (B, T, I) of a left-padded prompt batch in the
+        editor's format, and the mask (B, T) of the tokens routing reads."""
+        ids, mask = encode_prompts(self.format, prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with editing_mode(self.model):
             acts = self._capture_ids(ids, mask, keep_lower_output=False).acts
-        return acts, mask
+        return acts, self._routing_mask(ids, mask)
 
     def _irrelevant_sample(self, count: int) -> list[str]:
         """Unrelated prompts for this edit, drawn from the pool by a generator seeded from

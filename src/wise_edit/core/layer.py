@@ -101,6 +101,11 @@ class AttachedLayer(nn.Module):
     the original as ``base_layer`` (bias and GPT-2 Conv1D layout included) and can be
     switched off (``disabled``) to behave exactly as the unedited model."""
 
+    # True: routing averages a score over the sequence's tokens, so the routing mask
+    # leaves out a chat template's fixed tokens; False: the mask marks every real token
+    # (layers that read the last token, which must be the one the edit trained at).
+    reads_content: bool = False
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer

@@ -67,6 +67,11 @@ class ForeignFolderError(ValueError):
     """The target folder holds something that is not a save we may replace."""
 
 
+# Config fields added after saves were first written, with the value the older saves'
+# edits were made with: raw prompts, targets trained without a stop token.
+MADE_WITHOUT = {"prompt_format": "raw", "train_stop": False}
+
+
 @dataclass
 class Saved:
     """One save's contents: ``config`` holds the config fields (without ``method``),
@@ -342,4 +347,6 @@ def _read_once(folder: Path) -> Saved:
     method = config.pop("method", None) or state.get("method")
     if not isinstance(method, str):
         raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
+    for name, value in MADE_WITHOUT.items():
+        config.setdefault(name, value)
     return Saved(method, config, state, tensors)

@@ -1,8 +1,11 @@
 """Turning one edit (prompt, target) into the training rows WISE learns from.
 
-Each edit becomes ``prefix_j + ". " + prompt`` for every generated prefix, plus the raw
-prompt, each followed by the target tokens. Rows are left-padded so that the target
-occupies the same tail positions in every row.
+Each edit becomes ``prefix_j + ". " + prompt`` for every generated prefix, plus the
+prompt alone, each written in the editor's `PromptFormat` (raw text or a chat turn) and
+followed by the target tokens and, unless turned off, the token that ends the answer
+(EOS, or the chat template's end of turn): an edit that is not trained to stop is said
+and then continued with whatever the model says next. Rows are left-padded so that the
+target occupies the same tail positions in every row.
 """
 
 from __future__ import annotations
@@ -12,6 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .prompts import PromptFormat, target_ids
+
+__all__ = [
+    "EditRows",
+    "build_rows",
+    "check_text",
+    "encode_prompts",
+    "left_pad",
+    "pad_id",
+    "target_ids",
+]
+
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -19,8 +34,10 @@ SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 class EditRows:
     input_ids: torch.Tensor  # (R, T) left-padded; row 0 is the raw prompt
     attention_mask: torch.Tensor  # (R, T)
-    prompt_mask: torch.Tensor  # (R, T) 1 on prompt tokens (prefix included), 0 on pad/target
-    targets: torch.Tensor  # (R, n) the target ids, the same in every row
+    # (R, T) 1 on the prompt tokens a routing score reads (augmentation prefix included,
+    # a chat template's fixed tokens not), 0 on pad and target
+    prompt_mask: torch.Tensor
+    targets: torch.Tensor  # (R, n) the target ids (and the stop), the same in every row
 
     def to(self, device: torch.device) -> EditRows:
         return EditRows(
@@ -38,12 +55,6 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def target_ids(tokenizer, target: str) -> list[int]:
-    """The target as the model should continue the prompt: with one leading space."""
-    text = target if target[:1].isspace() else " " + target
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -55,10 +66,10 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch (the layout generation uses)."""
-    seqs = [tokenizer(p)["input_ids"] for p in prompts]
-    return left_pad(seqs, pad_id(tokenizer))
+def encode_prompts(fmt: PromptFormat, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch (the layout generation uses) and its attention mask."""
+    seqs = [fmt.prompt_ids(p) for p in prompts]
+    return left_pad(seqs, pad_id(fmt.tokenizer))
 
 
 def check_text(text: str, what: str) -> None:
@@ -77,18 +88,25 @@ def check_text(text: str, what: str) -> None:
         raise ValueError(f"{what} {text!r} has no visible characters")
 
 
-def build_rows(tokenizer, prompt: str, target: str, prefixes: list[str]) -> EditRows:
-    """Rows for one edit; raises ValueError for inputs that cannot be learned."""
+def build_rows(
+    fmt: PromptFormat, prompt: str, target: str, prefixes: list[str], stop: bool = False
+) -> EditRows:
+    """Rows for one edit, ``stop``: the target is followed by ``fmt.stop``. Raises
+    ValueError for inputs that cannot be learned."""
     check_text(prompt, "edit prompt")
     check_text(target, "edit target")
-    tgt = target_ids(tokenizer, target)
+    tokenizer = fmt.tokenizer
+    tgt = fmt.target_ids(target)
     if not tgt or not tokenizer.decode(tgt, skip_special_tokens=True).strip():
         raise ValueError(f"edit target {target!r} tokenizes to no tokens")
+    if stop and fmt.stop is not None:
+        tgt = tgt + [fmt.stop]
     texts = [prompt] + [f"{p}. {prompt}" for p in prefixes]
-    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    prompts = [fmt.prompt_ids(t) for t in texts]
     ids, mask = left_pad([p + tgt for p in prompts], pad_id(tokenizer))
     prompt_mask = mask.clone()
     prompt_mask[:, -len(tgt) :] = 0
+    prompt_mask = fmt.content_mask(ids, prompt_mask)
     targets = torch.tensor([tgt] * len(texts), dtype=torch.long)
     return EditRows(ids, mask, prompt_mask, targets)
 

@@ -117,6 +117,23 @@ class WiseConfig(EditConfig):
             "uses all of them at every step."
         },
     )
+    hard_negatives: int = field(
+        default=4,
+        metadata={
+            "help": "Unrelated prompts per edit, beside `irrelevant_rows` random ones, chosen "
+            "as the pool prompts nearest to the edit prompt (cosine of the mean value-matrix "
+            "input over the routed tokens): typically the edit's own sentence form with "
+            "another subject, the prompts a router trained on random negatives lets in. "
+            "0: random negatives only (the paper)."
+        },
+    )
+    hard_negative_candidates: int = field(
+        default=256,
+        metadata={
+            "help": "Pool prompts (drawn once with the seed) that hard negatives are chosen "
+            "among; their activations are computed once per editor."
+        },
+    )
     margin_weight: float = field(
         default=10.0,
         metadata={
@@ -155,6 +172,8 @@ class WiseConfig(EditConfig):
             ),
             ("prefix_top_k", self.prefix_top_k >= 1, "must be >= 1"),
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
+            ("hard_negatives", self.hard_negatives >= 0, "must be >= 0"),
+            ("hard_negative_candidates", self.hard_negative_candidates >= 1, "must be >= 1"),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
         ]
         self._validate(checks)

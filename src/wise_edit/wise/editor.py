@@ -19,14 +19,21 @@ from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.persistence import STATE_FILE
 from ..core.rows import SEED_WORDS, EditRows, left_pad, pad_id
-from ..core.seeds import mask_generator, merge_generator, replay_generator
+from ..core.seeds import candidate_generator, mask_generator, merge_generator, replay_generator
 from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
 from .config import WiseConfig
 from .layer import SideMemory, WiseLayer
 from .masks import clamp_to_bound, masked_step, random_masks
 from .merging import get_merge
-from .router import margin_loss, replay_loss, score_unit, sequence_scores
+from .router import (
+    margin_loss,
+    mean_inputs,
+    nearest,
+    replay_loss,
+    score_unit,
+    sequence_scores,
+)
 
 __all__ = ["EditResult", "WiseEditor"]
 
@@ -115,6 +122,7 @@ class WiseEditor(EditorBase):
         self.score_scale: float | None = self.config.score_scale
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
+        self._candidates: tuple[list[str], torch.Tensor] | None = None  # hard-negative pool
 
     @classmethod
     def variant_of(cls, config: WiseConfig) -> str:
@@ -153,14 +161,44 @@ class WiseEditor(EditorBase):
 
     def _draft(self, rows: EditRows, lower: Captured, target: str) -> _WiseDraft:
         plan = self._plan()
+        unrelated = self._irrelevant_sample(self.config.irrelevant_rows)
+        unrelated += self._hard_negatives(lower.acts[:1], rows.prompt_mask[:1], unrelated)
         return _WiseDraft(
             self.config,
             plan,
             (lower.acts, rows.prompt_mask),
-            self._prompt_batch_acts(self._irrelevant_sample(self.config.irrelevant_rows)),
+            self._prompt_batch_acts(unrelated),
             self._replay_acts(plan.memory),
             self._ensure_scale(),
         )
+
+    def _hard_negatives(
+        self, acts: torch.Tensor, mask: torch.Tensor, taken: list[str]
+    ) -> list[str]:
+        """The pool prompts nearest to the edit prompt (acts (1, T, I), mask (1, T)), not
+        already in ``taken``."""
+        k = self.config.hard_negatives
+        if not k:
+            return []
+        prompts, keys = self._candidate_pool()
+        query = mean_inputs(acts, mask)[0].to(keys.device)
+        picks = [prompts[i] for i in nearest(query, keys, k + len(taken))]
+        return [p for p in picks if p not in taken][:k]
+
+    @torch.no_grad()
+    def _candidate_pool(self) -> tuple[list[str], torch.Tensor]:
+        """Pool prompts hard negatives are chosen among, and their mean inputs (N, I);
+        drawn with the seed and computed once (derived, not saved)."""
+        if self._candidates is None:
+            pool, n = self.irrelevant_prompts, self.config.hard_negative_candidates
+            order = torch.randperm(len(pool), generator=candidate_generator(self.config.seed))
+            prompts = [pool[i] for i in order[:n].tolist()]
+            keys = [
+                mean_inputs(*self._prompt_batch_acts(prompts[i : i + 32])).cpu()
+                for i in range(0, len(prompts), 32)
+            ]
+            self._candidates = (prompts, torch.cat(keys))
+        return self._candidates
 
     def _plan(self) -> _Plan:
         memories = self.layer.memories

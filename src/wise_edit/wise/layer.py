@@ -195,6 +195,8 @@ class WiseLayer(AttachedLayer):
     Rows routed to the main memory get exactly ``base_layer``'s output.
     """
 
+    reads_content = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()

@@ -59,3 +59,17 @@ def score_unit(outputs: torch.Tensor, token_mask: torch.Tensor) -> float:
     per_token = torch.linalg.vector_norm(outputs.float(), dim=-1)  # (B, T)
     per_seq = (per_token * token_mask).sum(-1) / token_mask.sum(-1)
     return float(per_seq.median())
+
+
+def mean_inputs(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean value-matrix input over its masked tokens: (B, T, I) -> (B, I)."""
+    weights = mask.to(acts.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (acts * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def nearest(query: torch.Tensor, keys: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` rows of ``keys`` (N, I) most similar to ``query`` (I,) by
+    cosine, most similar first: the unrelated prompts a router most easily confuses
+    with an edit (hard negatives)."""
+    sims = F.cosine_similarity(keys.float(), query.float().unsqueeze(0), dim=-1)  # (N,)
+    return sims.topk(min(k, len(sims))).indices.tolist()
