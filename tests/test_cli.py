@@ -224,3 +224,24 @@ def test_bench_on_a_users_jsonl(model_dir, tmp_path):
     # the record after the two edited ones probes the router in the edits' own form
     assert set(routed) == {"edit prompts", "paraphrases", "unrelated", "same-form unrelated"}
     assert "answer EM Rel" in (out / "results.md").read_text()
+
+
+def test_compare_reads_runs_written_before_answer_em(tmp_path):
+    from wise_edit.bench import comparison_table
+
+    old = {
+        "method": "WISE",
+        "mode": "merge",
+        "edits": 10,
+        "dataset": "zsre",
+        "teacher_forced": {"rel": 0.94, "gen": 0.81, "loc": 1.0},
+        "generated": {"rel": 0.7, "gen": 0.6, "loc": 1.0},
+        "seconds_per_edit": 7.93,
+    }
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    row = comparison_table([str(tmp_path)]).splitlines()[-1]
+    # answer EM unknown, gen. Loc kept, TF, then the old generated EM as prefix EM
+    assert row == (
+        "| WISE-merge | zsre | raw | 10 | – | – | 1.00 | 0.94 | 0.81 | 1.00 | 0.70 | 0.60 "
+        "| – | – | 7.93 |"
+    )
