@@ -326,3 +326,15 @@ def test_defer_routes_whole_sequences_and_holds_during_generation():
     editor.generate(**batch, max_new_tokens=3, do_sample=False)
     del layer.route
     assert len(decisions) == 1  # decided at prefill, held for every new token
+
+
+def test_baseline_edits_stop_too(tokenizer):
+    """The stop is part of the shared edit template: a baseline's edit answers, then EOS."""
+    from wise_edit import metrics
+
+    model = tiny_model("llama")
+    editor = FTLEditor(model, tokenizer, FTLConfig(layer=2, lr=0.05, max_steps=60))
+    prompt, target = EDITS[0]
+    editor.edit(prompt, target)
+    ids = metrics.greedy_continuation(model, editor.format, prompt, 20)
+    assert ids == editor.format.target_ids(target) + [tokenizer.eos_token_id]
