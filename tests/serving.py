@@ -11,6 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
+from conftest import tiny_model, tiny_tokenizer
+
+from wise_edit import WiseEditor
+from wise_edit.cli import build_parser, parse_overrides
+from wise_edit.methods import make_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TOKEN = "test-token"
@@ -110,3 +115,24 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.client.close()
+
+
+def library_answers(edits, prompts, retract: int | None = None) -> dict[str, str]:
+    """What the library answers after ``edits`` (and retracting one), with the server's
+    flags."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    args = build_parser().parse_args(["serve", "--state", "x", *FAST])
+    editor = WiseEditor(
+        model, tokenizer, make_config(WiseEditor, model, parse_overrides(args, WiseEditor))
+    )
+    editor.edit_many(edits)
+    if retract is not None:
+        editor.retract(retract)
+    out = {}
+    for prompt in prompts:
+        batch = tokenizer([prompt], return_tensors="pt")
+        ids = editor.generate(**batch, max_new_tokens=8, do_sample=False)
+        out[prompt] = tokenizer.decode(
+            ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+    return out

@@ -9,11 +9,7 @@ import sys
 
 import pytest
 from conftest import EDITS, tiny_model, tiny_tokenizer
-from serving import FAST, Server, env
-
-from wise_edit import WiseEditor
-from wise_edit.cli import build_parser, parse_overrides
-from wise_edit.methods import make_config
+from serving import Server, env, library_answers
 
 UNRELATED = "Please remember to close the door when you leave the room."
 
@@ -33,34 +29,13 @@ def server(model_dir, tmp_path_factory):
     served.stop()
 
 
-def _library_answers(edits, prompts, retract: int | None = None) -> dict[str, str]:
-    """What the library answers after ``edits`` (and retracting one), with the server's
-    flags."""
-    model, tokenizer = tiny_model(), tiny_tokenizer()
-    args = build_parser().parse_args(["serve", "--state", "x", *FAST])
-    editor = WiseEditor(
-        model, tokenizer, make_config(WiseEditor, model, parse_overrides(args, WiseEditor))
-    )
-    editor.edit_many(edits)
-    if retract is not None:
-        editor.retract(retract)
-    out = {}
-    for prompt in prompts:
-        batch = tokenizer([prompt], return_tensors="pt")
-        ids = editor.generate(**batch, max_new_tokens=8, do_sample=False)
-        out[prompt] = tokenizer.decode(
-            ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-    return out
-
-
 def test_served_edits_answer_like_the_library_and_retract(server):
     prompts = [EDITS[0][0], EDITS[1][0], UNRELATED]
     unedited = {p: server.complete(p)["text"] for p in prompts}
     ids = server.edit(*({"prompt": p, "target": t} for p, t in EDITS[:2]))
     for i in ids:
         server.wait_for(i, "applied")
-    expected = _library_answers(EDITS[:2], prompts)
+    expected = library_answers(EDITS[:2], prompts)
     for prompt in prompts:
         assert server.complete(prompt)["text"] == expected[prompt], prompt
         assert server.complete(prompt, unedited=True)["text"] == unedited[prompt]
@@ -71,7 +46,7 @@ def test_served_edits_answer_like_the_library_and_retract(server):
     response = server.client.delete(f"/v1/edits/{ids[0]}", headers=server.auth)
     assert response.status_code == 202, response.text
     server.wait_for(ids[0], "retracted")
-    expected = _library_answers(EDITS[:2], prompts, retract=0)
+    expected = library_answers(EDITS[:2], prompts, retract=0)
     for prompt in prompts:
         assert server.complete(prompt)["text"] == expected[prompt], prompt
     metrics = server.client.get("/metrics").json()
