@@ -117,7 +117,9 @@ class Server:
         self.client.close()
 
 
-def library_answers(edits, prompts, retract: int | None = None) -> dict[str, str]:
+def library_answers(
+    edits, prompts, retract: int | None = None, max_tokens: int = 8
+) -> dict[str, str]:
     """What the library answers after ``edits`` (and retracting one), with the server's
     flags."""
     model, tokenizer = tiny_model(), tiny_tokenizer()
@@ -131,7 +133,7 @@ def library_answers(edits, prompts, retract: int | None = None) -> dict[str, str
     out = {}
     for prompt in prompts:
         batch = tokenizer([prompt], return_tensors="pt")
-        ids = editor.generate(**batch, max_new_tokens=8, do_sample=False)
+        ids = editor.generate(**batch, max_new_tokens=max_tokens, do_sample=False)
         out[prompt] = tokenizer.decode(
             ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
         )
