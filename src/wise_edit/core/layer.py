@@ -127,7 +127,7 @@ class AttachedLayer(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles start with fresh per-thread state (a thread-local cannot be
         copied)."""
-        state = dict(super().__getstate__())
+        state = self.__dict__.copy()
         state.pop("_calls", None)
         return state
 

@@ -99,12 +99,12 @@ class Api:
 
     # ------------------------------------------------------------------ OpenAI
     async def completions(self, request: Request) -> Response:
-        body = schema._object(await self._body(request), "body")
+        body = schema.json_object(await self._body(request), "body")
         prompt = schema.completion_prompt(body, self.limits)
         return await self._answer(body, prompt, True, "text_completion")
 
     async def chat(self, request: Request) -> Response:
-        body = schema._object(await self._body(request), "body")
+        body = schema.json_object(await self._body(request), "body")
         messages = schema.messages(body, self.limits)
         prompt, special = chat_prompt(self.service.editor.tokenizer, messages)
         return await self._answer(body, prompt, special, "chat.completion")

@@ -42,7 +42,7 @@ def parse_json(body: bytes, limits: Limits) -> Any:
         raise BadRequest(f"body is not valid JSON: {err}", "body") from None
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
+def json_object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"{where} must be a JSON object", where)
     return value
@@ -66,7 +66,7 @@ def text(body: dict[str, Any], name: str, limits: Limits, where: str = "") -> st
 def edits(payload: Any, limits: Limits) -> list[dict[str, str]]:
     """One ``{prompt, target, rephrase?}`` or a non-empty list of them."""
     many = isinstance(payload, list)
-    items = payload if many else [_object(payload, "body")]
+    items = payload if many else [json_object(payload, "body")]
     if not items:
         raise BadRequest("the list of edits is empty", "body")
     if len(items) > limits.max_edits_per_request:
@@ -74,7 +74,7 @@ def edits(payload: Any, limits: Limits) -> list[dict[str, str]]:
     out = []
     for i, item in enumerate(items):
         where = f"[{i}]." if many else ""
-        item = _object(item, where.rstrip(".") or "body")
+        item = json_object(item, where.rstrip(".") or "body")
         record = {"prompt": text(item, "prompt", limits, where)}
         record["target"] = text(item, "target", limits, where)
         if item.get("rephrase") is not None:
@@ -159,7 +159,7 @@ def messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
         raise BadRequest("messages must be a non-empty list", "messages")
     out = []
     for i, message in enumerate(value):
-        message = _object(message, f"messages[{i}]")
+        message = json_object(message, f"messages[{i}]")
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise BadRequest("role must be system, user or assistant", f"messages[{i}].role")
