@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import EDITS, tiny_model, tiny_tokenizer
@@ -52,6 +53,19 @@ def test_served_edits_answer_like_the_library_and_retract(server):
     metrics = server.client.get("/metrics").json()
     assert metrics["edits"]["retracted"] == 1 and metrics["editor"]["live_edits"] == 1
     assert metrics["latency"]["served"] > 0
+
+
+def test_concurrent_requests_answer_as_sequential_ones(server):
+    for i in server.edit(*({"prompt": p, "target": t} for p, t in EDITS[2:4])):
+        server.wait_for(i, "applied")
+    prompts = [p for p, _ in EDITS] + [UNRELATED]
+    sequential = {p: server.complete(p) for p in prompts}
+    assert len({c["wise_memory"] for c in sequential.values()}) >= 2  # different routes
+    jobs = prompts * 3
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(server.complete, jobs))
+    for prompt, answer in zip(jobs, answers):
+        assert answer == sequential[prompt], prompt
 
 
 def test_chat_streams_what_it_answers_whole(server):
