@@ -1,7 +1,7 @@
 """What retracting one edit costs, WISE-Merge against WISE-Retrieve: T synthetic edits,
 then the first one retracted; seconds and edits retrained, next to seconds per edit.
 
-    python benchmarks/retract_cost.py --model smollm2-135m --edits 10
+    python benchmarks/retract_cost.py --model smollm2-135m --edits 10 --set shard_size 5
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs=2, action="append", default=[], metavar=("FIELD", "INT"), type=str
     )
+    parser.add_argument("--modes", nargs="+", default=["merge", "retrieve"])
     args = parser.parse_args()
     args.set = [(k, int(v)) for k, v in args.set]
     torch.manual_seed(0)
     print("| mode | T | s/edit | retract s | edits retrained | memories |")
     print("|---|---|---|---|---|---|")
-    for mode in ("merge", "retrieve"):
+    for mode in args.modes:
         r = run(mode, args)
         print(
             f"| {mode} | {args.edits} | {r['s_per_edit']:.2f} | {r['retract_s']:.2f} | "

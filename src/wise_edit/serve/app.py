@@ -33,7 +33,9 @@ PAGE_SIZE = 50
 class Api:
     """The route handlers of one service."""
 
-    def __init__(self, service: EditService, model_name: str, token: str | None, limits: Limits):
+    def __init__(
+        self, service: EditService, model_name: str, token: str | None, limits: Limits
+    ) -> None:
         self.service, self.model_name, self.token, self.limits = service, model_name, token, limits
 
     # ------------------------------------------------------------------ plumbing

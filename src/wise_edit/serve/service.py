@@ -58,15 +58,24 @@ class Latencies:
 
     def summary(self) -> dict[str, Any]:
         values = sorted(self.seconds)
-        if not values:
-            return {"served": self.served, "p50_s": None, "p95_s": None}
-        pick = lambda q: round(values[min(len(values) - 1, int(q * len(values)))], 4)  # noqa: E731
-        return {"served": self.served, "p50_s": pick(0.5), "p95_s": pick(0.95)}
+        return {
+            "served": self.served,
+            "p50_s": _quantile(values, 0.5),
+            "p95_s": _quantile(values, 0.95),
+        }
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted ``values`` (nearest rank), None when empty."""
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4)
 
 
 class EditService:
-    """Owns the editor while serving. ``make_editor`` builds a fresh editor (first start);
-    afterwards the editor always comes from the checkpoint."""
+    """Owns the editor while serving: ``editor`` is new (first start) or loaded from the
+    state directory's checkpoint (`checkpoint_path`); `start` reconciles the log with it
+    and starts the worker, `stop` ends it with a last checkpoint."""
 
     def __init__(
         self,
