@@ -266,6 +266,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model with its edits over HTTP; see `wise_edit.serve`."""
+    try:
+        from .serve.run import ServeSettings, serve, token_from
+    except ImportError as err:
+        raise ValueError(f"serve needs the serve extra (wise-edit[serve]): {err}") from None
+    cls = editor_class(args.method or "wise")
+    settings = ServeSettings(
+        model=args.model,
+        state_dir=Path(args.state),
+        method=args.method or "wise",
+        overrides=parse_overrides(args, cls),
+        host=args.host,
+        port=args.port,
+        token=token_from(args.token),
+        checkpoint_every=args.checkpoint_every,
+    )
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wise-edit",
@@ -364,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the edited model over HTTP while edits stream in")
+    srv.add_argument("--model", default="smollm2-135m")
+    srv.add_argument("--state", required=True, help="edit log and checkpoints (made if absent)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--token", default=None, help="bearer token for writes (default: $WISE_EDIT_TOKEN)"
+    )
+    srv.add_argument("--checkpoint-every", type=int, default=10, help="applied edits per save")
+    _add_config_args(srv, method=True)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,6 +11,7 @@ paper's triangle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -193,6 +194,7 @@ class GraceEditor(EditorBase):
     config_class = GraceConfig
     layer_class = GraceLayer
     route_unit = "codebook entry"
+    retractable = True
     layer: GraceLayer
 
     @property
@@ -200,12 +202,18 @@ class GraceEditor(EditorBase):
         return self.layer.codebook
 
     def _draft(self, rows: EditRows, lower: Captured, target: str) -> _GraceDraft:
+        return self._draft_in(self.codebook, rows, lower, target)
+
+    def _draft_in(
+        self, book: Codebook, rows: EditRows, lower: Captured, target: str
+    ) -> _GraceDraft:
+        """The draft of an edit placed in ``book``."""
         position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
         key = lower.acts[0, position].float()
         label = " ".join(target.split())
-        placement = self.codebook.place(key, label, self.config.epsilon_init)
+        placement = book.place(key, label, self.config.epsilon_init)
         if placement.action == "expand":
-            start = self.codebook.values[placement.index].clone()
+            start = book.values[placement.index].clone()
         else:  # warm start: the layer's own output for this token
             with torch.no_grad():
                 start = self.layer.base_layer(lower.acts[0, position]).float()
@@ -215,6 +223,27 @@ class GraceEditor(EditorBase):
     def _commit(self, draft: Draft, result: EditResult) -> None:
         assert isinstance(draft, _GraceDraft)
         self.codebook.apply(draft.placement, draft.key, draft.label, draft.value.detach())
+
+    def _rebuild_without(self, edit_id: int) -> tuple[Callable[[], None], int]:
+        """A new codebook from every other live edit, in order: an edit can have moved or
+        split other keys' balls, so the whole book is rebuilt (a few hundred Adam steps
+        on one vector per edit). GRACE draws nothing at random, so the book equals the
+        one a stream without the edit builds."""
+        out_dim, in_dim = self.layer.weight.shape
+        book = Codebook(in_dim, out_dim, self.device)
+        kept = [i for i in self.live_edits() if i != edit_id]
+        for index in kept:
+            entry = self.edit_log[index]
+            rows = self._edit_rows(entry["prompt"], entry["target"])
+            lower = self._capture(rows, keep_lower_output=self.config.fast_path)
+            draft = self._draft_in(book, rows, lower, entry["target"])
+            self._fit(draft, rows, lower)
+            book.apply(draft.placement, draft.key, draft.label, draft.value.detach())
+
+        def install() -> None:
+            self.layer.codebook = book
+
+        return install, len(kept)
 
     def summary(self) -> dict[str, Any]:
         actions = [e.get("action") for e in self.edit_log]

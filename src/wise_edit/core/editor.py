@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -40,6 +40,7 @@ from .layer import AttachedLayer
 from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
 from .prompts import PromptFormat
 from .rows import EditRows, build_rows, check_text, context_limit, encode_prompts, pad_id
+from .rwlock import ReadWriteLock
 from .seeds import unrelated_generator
 from .validate import SaveChecker
 
@@ -58,6 +59,7 @@ class EditorBase:
     config_class: ClassVar[type[EditConfig]]
     layer_class: ClassVar[type[AttachedLayer]]
     routes: ClassVar[bool] = True  # False: the edit applies to every input, unrouted
+    retractable: ClassVar[bool] = False  # True: `retract` can take an edit back
     route_unit: ClassVar[str] = "edit memory"  # what `routed`'s indices count, for people
 
     def __init__(
@@ -87,6 +89,8 @@ class EditorBase:
             raise ValueError("irrelevant_prompts must be non-empty strings")
         self.fingerprint = weight_fingerprint(module, self.target_path, model)
         self.edit_log: list[dict[str, Any]] = []
+        # generation reads under `read`, a commit changes the state under `write`
+        self.state_lock = ReadWriteLock()
         self.layer = self._make_layer(module)
         set_submodule(model, self.target_path, self.layer)
         self._hook = model.base_model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
@@ -147,13 +151,16 @@ class EditorBase:
         return len(self.edit_log)
 
     def __call__(self, **inputs: Any) -> Any:
-        return self.model(**inputs)
+        with self.state_lock.read():
+            return self.model(**inputs)
 
     def generate(self, **inputs: Any) -> torch.Tensor:
         """`model.generate`; a per-sequence decision is held from the prompt for every
-        new token."""
+        new token. Safe to call from several threads, also while an edit trains: each call
+        keeps its own decision and sees the edits committed when it started."""
         inputs.setdefault("pad_token_id", pad_id(self.tokenizer))
-        return self.model.generate(**inputs)
+        with self.state_lock.read():
+            return self.model.generate(**inputs)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -174,12 +181,11 @@ class EditorBase:
         prompt's score (the paper's Fig. 3), from one pass over the prompts."""
         for prompt in prompts:
             check_text(prompt, "prompt")
-        acts, mask = self._prompt_batch_acts(list(prompts))
-        scores = self.layer.route_scores(acts, mask)
-        return (
-            self.layer.route(acts, mask).tolist(),
-            None if scores is None else scores.tolist(),
-        )
+        with self.state_lock.read():
+            acts, mask = self._prompt_batch_acts(list(prompts))
+            scores = self.layer.route_scores(acts, mask)
+            choice = self.layer.route(acts, mask)
+        return choice.tolist(), None if scores is None else scores.tolist()
 
     def summary(self) -> dict[str, Any]:
         """A few numbers about the editor's state, for benchmark reports."""
@@ -194,31 +200,17 @@ class EditorBase:
         self._check_attached()
         if meta is not None:
             meta = json.loads(json.dumps(dict(meta)))  # a copy, and proof it can be saved
-        cfg = self.config
         started = time.perf_counter()
         with editing_mode(self.model):
             rows = self._edit_rows(prompt, target)
-            lower = self._capture(rows, keep_lower_output=cfg.fast_path)
+            lower = self._capture(rows, keep_lower_output=self.config.fast_path)
             draft = self._draft(rows, lower, target)
-
-            def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
-                state = draft.layer_state()
-                with self.layer.trial(state):
-                    lm = self._lm_loss(rows, lower)
-                return draft.loss(lm, state), lm
-
-            fitted = fit(
-                loss_fn,
-                draft.update,
-                max_steps=cfg.max_steps,
-                early_stop_loss=cfg.early_stop_loss,
-                patience=cfg.early_stop_patience,
-                stop_on_lm=cfg.early_stop_on == "lm",
-            )
+            fitted = self._fit(draft, rows, lower)
         result = self._result(prompt, target, fitted, draft, started)
-        self._commit(draft, result)
         entry = {**asdict(result), **draft.log_fields()}
-        self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
+        with self.state_lock.write():
+            self._commit(draft, result)
+            self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
         logger.info(
             "%s edit %d -> memory %d shard %d: %d steps, loss %.4f",
             self.method,
@@ -229,6 +221,71 @@ class EditorBase:
             result.loss,
         )
         return result
+
+    def _fit(self, draft: Draft, rows: EditRows, lower: Captured) -> Fitted:
+        """Train ``draft`` on the edit's rows (inside `editing_mode`)."""
+        cfg = self.config
+
+        def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+            state = draft.layer_state()
+            with self.layer.trial(state):
+                lm = self._lm_loss(rows, lower)
+            return draft.loss(lm, state), lm
+
+        return fit(
+            loss_fn,
+            draft.update,
+            max_steps=cfg.max_steps,
+            early_stop_loss=cfg.early_stop_loss,
+            patience=cfg.early_stop_patience,
+            stop_on_lm=cfg.early_stop_on == "lm",
+        )
+
+    # ------------------------------------------------------------------ retraction
+    def retract(self, edit_id: int) -> dict[str, Any]:
+        """Take edit ``edit_id`` back: afterwards the model answers as if it had never
+        been made, and every other edit still holds. The edit stays in the log, marked
+        ``retracted`` (with what the retraction cost), so indices and resumed streams keep
+        their meaning. What holds the edit is rebuilt from the log without it; the
+        rebuild trains outside the lock and is swapped in atomically. Methods whose edits
+        are spread through shared weights (FT-L, FT-EWC, DEFER) raise `NotImplementedError`.
+        """
+        self._check_attached()
+        if not self.retractable:
+            raise NotImplementedError(
+                f"{self.method} cannot retract an edit: every edit changes the same shared "
+                "weights, so one cannot be taken out; re-run the stream without it"
+            )
+        entry = self._live_entry(edit_id)
+        started = time.perf_counter()
+        with editing_mode(self.model):
+            install, retrained = self._rebuild_without(edit_id)
+        cost = {"retrained_edits": retrained, "seconds": round(time.perf_counter() - started, 3)}
+        with self.state_lock.write():
+            install()
+            entry["retracted"] = cost
+        logger.info("%s edit %d retracted: %s", self.method, edit_id, cost)
+        return cost
+
+    def _live_entry(self, edit_id: Any) -> dict[str, Any]:
+        """The log entry of an applied, not yet retracted edit, or a ValueError."""
+        if not isinstance(edit_id, int) or isinstance(edit_id, bool):
+            raise TypeError(f"edit_id must be an int, got {edit_id!r}")
+        if not 0 <= edit_id < len(self.edit_log):
+            raise ValueError(f"edit_id {edit_id} is not in the log of {len(self.edit_log)} edits")
+        entry = self.edit_log[edit_id]
+        if entry.get("retracted"):
+            raise ValueError(f"edit {edit_id} is already retracted")
+        return entry
+
+    def live_edits(self) -> list[int]:
+        """Indices of the edits that hold (not retracted)."""
+        return [i for i, e in enumerate(self.edit_log) if not e.get("retracted")]
+
+    def _rebuild_without(self, edit_id: int) -> tuple[Callable[[], None], int]:
+        """Rebuild, aside, what holds ``edit_id`` from the log without it; return the
+        function that installs the rebuilt part and the number of edits retrained."""
+        raise NotImplementedError
 
     def _draft(self, rows: EditRows, lower: Captured, target: str) -> Draft:
         """What this edit trains, starting from the committed state."""
@@ -311,10 +368,12 @@ class EditorBase:
             acts = self._capture_ids(ids, mask, keep_lower_output=False).acts
         return acts, self._routing_mask(ids, mask)
 
-    def _irrelevant_sample(self, count: int) -> list[str]:
-        """Unrelated prompts for this edit, drawn from the pool by a generator seeded from
-        the edit index (reproducible, and the same after save/load)."""
-        gen = unrelated_generator(self.config.seed, len(self.edit_log))
+    def _irrelevant_sample(self, count: int, index: int | None = None) -> list[str]:
+        """Unrelated prompts for edit ``index`` (default: the next one), drawn from the
+        pool by a generator seeded from the edit index (reproducible, the same after
+        save/load and when a retraction retrains the edit)."""
+        index = len(self.edit_log) if index is None else index
+        gen = unrelated_generator(self.config.seed, index)
         count = min(count, len(self.irrelevant_prompts))
         picks = torch.randperm(len(self.irrelevant_prompts), generator=gen)[:count].tolist()
         return [self.irrelevant_prompts[i] for i in picks]

@@ -5,11 +5,15 @@ Only the side memory changes while an edit trains, so everything below the edite
 frozen part once; `replay_lower_layers` makes the lower decoder layers hand back that
 result instead of recomputing it; `target_logits` applies the LM head only where a target
 token is predicted.
+
+The hooks and replaced forwards act only in the thread that installed them: other
+threads (requests served while an edit trains) run the model as usual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +68,9 @@ def capture(
         found["acts"] = args[0].detach()
         raise _StopForward
 
-    handles = [value_module.register_forward_pre_hook(grab_acts)]
+    handles = [value_module.register_forward_pre_hook(_this_thread(grab_acts))]
     if keep_lower_output and layer_index > 0:
-        handles.append(layers[layer_index - 1].register_forward_hook(grab_lower))
+        handles.append(layers[layer_index - 1].register_forward_hook(_this_thread(grab_lower)))
     try:
         backbone(**backbone_inputs(input_ids, attention_mask))
     except _StopForward:
@@ -79,6 +83,16 @@ def capture(
     return Captured(acts=found["acts"], lower_output=found.get("lower"))
 
 
+def _this_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` for calls from the current thread; a no-op in every other thread."""
+    owner = threading.get_ident()
+
+    def guarded(*args: Any) -> Any:
+        return hook(*args) if threading.get_ident() == owner else None
+
+    return guarded
+
+
 @contextmanager
 def replay_lower_layers(layers: nn.ModuleList, layer_index: int, output: Any) -> Iterator[None]:
     """Layers below ``layer_index`` return ``output`` (the last one's real output) at once.
@@ -86,9 +100,17 @@ def replay_lower_layers(layers: nn.ModuleList, layer_index: int, output: Any) ->
     The model's own loop still runs (embeddings, masks, rotary tables: cheap), so this works
     for every family without re-implementing any of their forwards.
     """
+    owner = threading.get_ident()
+
+    def replaced(real: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return output if threading.get_ident() == owner else real(*args, **kwargs)
+
+        return forward
+
     with ExitStack() as stack:
         for layer in layers[:layer_index]:
-            layer.forward = lambda *args, **kwargs: output
+            layer.forward = replaced(layer.forward)
             stack.callback(delattr, layer, "forward")
         yield
 

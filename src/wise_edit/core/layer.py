@@ -4,10 +4,15 @@ decision it holds while a sequence is generated.
 A method's layer answers one question for routing, `route(acts, token_mask)`: which of
 its edit memories each sequence uses (-1: none, the unedited layer). Its forward and the
 editor's `routed(prompts)` query both go through that one function.
+
+What one call is doing (its routing decision, an edit's trial state, the unedited view)
+is held per thread, so that concurrent calls - generation requests served while an edit
+trains - never see each other's decisions or an edit that has not committed.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,10 +101,23 @@ def unrouted(acts: torch.Tensor) -> torch.Tensor:
     return torch.full((acts.shape[0],), -1, dtype=torch.long, device=acts.device)
 
 
+class _CallState(threading.local):
+    """What the calls of one thread are doing on a layer: their routing decision, the
+    trial state of an edit being trained, whether they see the unedited layer."""
+
+    def __init__(self) -> None:
+        self.routing = RoutingState()
+        self.trial: Any = None
+        self.disabled = False
+
+
 class AttachedLayer(nn.Module):
     """Base of every module wise-edit puts in place of a model's linear layer: it keeps
     the original as ``base_layer`` (bias and GPT-2 Conv1D layout included) and can be
-    switched off (``disabled``) to behave exactly as the unedited model."""
+    switched off (``disabled``) to behave exactly as the unedited model.
+
+    ``routing``, ``trial`` and ``disabled`` belong to the calling thread: a decision
+    made for one request, or an edit training in one thread, is invisible to others."""
 
     # True: routing averages a score over the sequence's tokens, so the routing mask
     # leaves out a chat template's fixed tokens; False: the mask marks every real token
@@ -109,9 +127,31 @@ class AttachedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.routing = RoutingState()
-        self._disabled = False
-        self._trial: Any = None
+        self._calls = _CallState()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles start with fresh per-thread state (a thread-local cannot be
+        copied)."""
+        state = self.__dict__.copy()
+        state.pop("_calls", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._calls = _CallState()
+
+    @property
+    def routing(self) -> RoutingState:
+        """The calling thread's routing decision."""
+        return self._calls.routing
+
+    @property
+    def _trial(self) -> Any:
+        return self._calls.trial
+
+    @property
+    def _disabled(self) -> bool:
+        return self._calls.disabled
 
     @property
     def weight(self) -> torch.Tensor:
@@ -122,20 +162,22 @@ class AttachedLayer(nn.Module):
     def trial(self, state: Any) -> Iterator[None]:
         """Compute with ``state`` (what an edit is training, in the form the layer's
         forward reads) instead of what is committed: the editing forward."""
-        previous, self._trial = self._trial, state
+        calls = self._calls
+        previous, calls.trial = calls.trial, state
         try:
             yield
         finally:
-            self._trial = previous
+            calls.trial = previous
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Behave as the unedited layer (pre-edit scores, prefix generation)."""
-        previous, self._disabled = self._disabled, True
+        calls = self._calls
+        previous, calls.disabled = calls.disabled, True
         try:
             yield
         finally:
-            self._disabled = previous
+            calls.disabled = previous
 
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Which edit memory each sequence uses: (B,) long, -1 = the unedited layer.

@@ -6,7 +6,7 @@ calibration (score unit, augmentation prefixes)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,7 @@ class WiseEditor(EditorBase):
     config_class = WiseConfig
     layer_class = WiseLayer
     route_unit = "side memory"
+    retractable = True
     config: WiseConfig
     layer: WiseLayer
 
@@ -160,15 +161,20 @@ class WiseEditor(EditorBase):
         return self.prefixes
 
     def _draft(self, rows: EditRows, lower: Captured, target: str) -> _WiseDraft:
-        plan = self._plan()
-        unrelated = self._irrelevant_sample(self.config.irrelevant_rows)
+        return self._draft_for(self._plan(), rows, lower, len(self.edit_log))
+
+    def _draft_for(self, plan: _Plan, rows: EditRows, lower: Captured, index: int) -> _WiseDraft:
+        """The draft of edit ``index`` under ``plan``; its random draws depend on the
+        edit's index only, so retraining it in a rebuild draws the same."""
+        cfg = self.config
+        unrelated = self._irrelevant_sample(cfg.irrelevant_rows, index)
         unrelated += self._hard_negatives(lower.acts[:1], rows.prompt_mask[:1], unrelated)
         return _WiseDraft(
-            self.config,
+            cfg,
             plan,
             (lower.acts, rows.prompt_mask),
             self._prompt_batch_acts(unrelated),
-            self._replay_acts(plan.memory),
+            self._replay_acts(plan.memory, index),
             self._ensure_scale(),
         )
 
@@ -204,11 +210,15 @@ class WiseEditor(EditorBase):
         memories = self.layer.memories
         memory = memories[-1] if len(memories) else None
         if memory is None or memory.closed:
-            index = len(memories)
+            return self._plan_in(None, len(memories))
+        return self._plan_in(memory, len(memories) - 1)
+
+    def _plan_in(self, memory: SideMemory | None, index: int) -> _Plan:
+        """The next edit of memory number ``index`` (None: a memory that starts now)."""
+        if memory is None:
             masks = self._group_masks(index, 0)
             zeros = torch.zeros_like(self.layer.weight, dtype=torch.float32)
             return _Plan(index, True, 0, masks, zeros)
-        index = len(memories) - 1
         masks = list(memory.masks) or self._group_masks(index, memory.merges)
         shard = memory.group_edits // self.config.shard_size
         return _Plan(index, False, shard, masks, memory.delta)
@@ -218,24 +228,31 @@ class WiseEditor(EditorBase):
         gen = mask_generator(cfg.seed, memory, group)
         return random_masks(self.layer.weight.shape, cfg.mask_ratio, cfg.shards_per_merge, gen)
 
-    def _replay_acts(self, memory: int) -> Acts | None:
-        """Prompt activations of edits held by earlier memories (retrieve mode, replay on)."""
+    def _replay_acts(self, memory: int, index: int) -> Acts | None:
+        """Prompt activations of edits held by earlier memories (retrieve mode, replay on),
+        for edit ``index``."""
         if not self.config.replay:  # validated: only in retrieve mode
             return None
         ids = [i for m in list(self.layer.memories)[:memory] for i in m.edit_ids]
         if not ids:
             return None
-        gen = replay_generator(self.config.seed, len(self.edit_log))
+        gen = replay_generator(self.config.seed, index)
         picks = torch.randperm(len(ids), generator=gen)[: self.config.replay_rows].tolist()
         return self._stacked_prompt_acts([ids[i] for i in picks])
 
     def _commit(self, draft: Draft, result: EditResult) -> None:
         assert isinstance(draft, _WiseDraft)
-        cfg, plan = self.config, draft.plan
+        plan = draft.plan
         memory = self.layer.new_memory() if plan.new_memory else self.layer.memories[plan.memory]
-        memory.add_edit(result.index, plan.shard, draft.step.detach(), plan.masks)
+        self._fold(memory, draft, result.index)
+
+    def _fold(self, memory: SideMemory, draft: _WiseDraft, index: int) -> None:
+        """Add trained edit ``index`` to ``memory``: its step, a merge when the group is
+        full, the threshold over the memory's edits."""
+        cfg, plan = self.config, draft.plan
+        memory.add_edit(index, plan.shard, draft.step.detach(), plan.masks)
         acts, mask = draft.edit_acts
-        self._prompt_acts[result.index] = acts[0][mask[0].bool()].cpu()
+        self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
         if memory.group_edits == cfg.edits_per_memory():
             memory.merge(
                 get_merge(cfg.merge_method),
@@ -245,6 +262,35 @@ class WiseEditor(EditorBase):
                 close=cfg.mode == "retrieve",
             )
         memory.refresh_threshold(*self._stacked_prompt_acts(memory.edit_ids), cfg.threshold_ratio)
+
+    # ------------------------------------------------------------------ retraction
+    def _rebuild_without(self, edit_id: int) -> tuple[Callable[[], None], int]:
+        """Retrain the side memory that holds ``edit_id`` from scratch on its other edits,
+        in their order, each with its own random draws. Retrieve: one small memory (at
+        most ``edits_per_memory() - 1`` edits retrained); a memory that was closed stays
+        closed, holding its edits unmerged. Merge: the one memory holds every edit, so
+        every other edit is retrained - a retraction costs as much as the whole stream -
+        and each is drawn with the index it has among the live edits, so the memory equals
+        the one a stream without the edit builds."""
+        number = next(i for i, m in enumerate(self.layer.memories) if edit_id in m.edit_ids)
+        old = self.layer.memories[number]
+        kept = [i for i in old.edit_ids if i != edit_id]
+        draws = kept if self.config.mode == "retrieve" else list(range(len(kept)))
+        fresh = SideMemory(self.layer.weight.shape, self.layer.weight.device)
+        for index, draw in zip(kept, draws):
+            entry = self.edit_log[index]
+            rows = self._edit_rows(entry["prompt"], entry["target"])
+            lower = self._capture(rows, keep_lower_output=self.config.fast_path)
+            draft = self._draft_for(self._plan_in(fresh, number), rows, lower, draw)
+            self._fit(draft, rows, lower)
+            self._fold(fresh, draft, index)
+        if old.closed:
+            fresh.close()
+
+        def install() -> None:
+            self.layer.memories[number] = fresh
+
+        return install, len(kept)
 
     # ------------------------------------------------------------------ edit prompts
     def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> Acts:

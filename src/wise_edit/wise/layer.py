@@ -119,6 +119,10 @@ class SideMemory(nn.Module):
         self._group_edits = 0
         self._closed = close
 
+    def close(self) -> None:
+        """Take no further edits (retrieve mode; a rebuilt memory keeps being closed)."""
+        self._closed = True
+
     def refresh_threshold(self, acts: torch.Tensor, token_mask: torch.Tensor, ratio: float) -> None:
         """epsilon from the prompt activations (N, T, I) of all edits the memory holds now:
         later edits and merges move the scores of earlier ones, so a threshold frozen at

@@ -1,0 +1,232 @@
+"""The HTTP layer (Starlette): routes, the bearer token, JSON errors, OpenAI shapes.
+
+Everything the app needs lives on the objects `create_app` is given; nothing is global.
+Generation runs in worker threads (it is blocking torch code), so requests are served
+concurrently, each with its own routing decision.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import schema
+from .prompts import chat_prompt
+from .schema import BadRequest, Limits
+from .service import Completion, EditService
+
+PAGE_SIZE = 50
+
+
+class Api:
+    """The route handlers of one service."""
+
+    def __init__(
+        self, service: EditService, model_name: str, token: str | None, limits: Limits
+    ) -> None:
+        self.service, self.model_name, self.token, self.limits = service, model_name, token, limits
+
+    # ------------------------------------------------------------------ plumbing
+    def _authorize(self, request: Request) -> None:
+        """Write endpoints: ``Authorization: Bearer <token>`` when a token was set."""
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), self.token):
+            raise BadRequest("missing or wrong bearer token", "Authorization", 401)
+
+    async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            raise BadRequest(f"body is over {self.limits.max_body_bytes} bytes", "body", 413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.limits.max_body_bytes:
+                raise BadRequest(f"body is over {self.limits.max_body_bytes} bytes", "body", 413)
+        return schema.parse_json(body, self.limits)
+
+    def _edit_id(self, request: Request) -> tuple[int, dict[str, Any]]:
+        raw = request.path_params["edit_id"]
+        if not raw.isdigit():
+            raise BadRequest("edit id must be a positive integer", "id", 404)
+        edit = self.service.log.get(int(raw))
+        if edit is None:
+            raise BadRequest(f"no edit with id {raw}", "id", 404)
+        return int(raw), edit
+
+    # ------------------------------------------------------------------ edits
+    async def post_edits(self, request: Request) -> Response:
+        self._authorize(request)
+        records = schema.edits(await self._body(request), self.limits)
+        ids = await run_in_threadpool(self.service.submit, records)
+        return JSONResponse({"ids": ids, "status": "pending"}, status_code=202)
+
+    async def get_edit(self, request: Request) -> Response:
+        return JSONResponse(self._edit_id(request)[1])
+
+    async def list_edits(self, request: Request) -> Response:
+        after = _query_int(request, "after", 0, 0)
+        limit = _query_int(request, "limit", PAGE_SIZE, 1, 1000)
+        items = self.service.log.page(after, limit)
+        more = len(items) == limit
+        return JSONResponse(
+            {"data": items, "next_after": items[-1]["id"] if more else None, "has_more": more}
+        )
+
+    async def delete_edit(self, request: Request) -> Response:
+        self._authorize(request)
+        edit_id, edit = self._edit_id(request)
+        if not self.service.editor.retractable:
+            raise BadRequest(f"{self.service.editor.method} cannot retract edits", "id", 409)
+        if edit["status"] in ("failed", "retracted") or edit["retract_requested"]:
+            raise BadRequest(f"edit {edit_id} is {edit['status']}; nothing to retract", "id", 409)
+        await run_in_threadpool(self.service.retract, edit_id)
+        return JSONResponse(
+            {"id": edit_id, "status": edit["status"], "retract_requested": True}, 202
+        )
+
+    # ------------------------------------------------------------------ OpenAI
+    async def completions(self, request: Request) -> Response:
+        body = schema.json_object(await self._body(request), "body")
+        prompt = schema.completion_prompt(body, self.limits)
+        return await self._answer(body, prompt, True, "text_completion")
+
+    async def chat(self, request: Request) -> Response:
+        body = schema.json_object(await self._body(request), "body")
+        messages = schema.messages(body, self.limits)
+        prompt, special = chat_prompt(self.service.editor.tokenizer, messages)
+        return await self._answer(body, prompt, special, "chat.completion")
+
+    async def _answer(
+        self, body: dict[str, Any], prompt: str, special: bool, kind: str
+    ) -> Response:
+        ask = schema.sampling(body, self.limits, self.model_name)
+        args = (prompt, ask.max_tokens, ask.temperature, ask.stop, ask.unedited, special)
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": ask.model,
+        }
+        if ask.stream:
+            pieces = self.service.stream(*args)
+            return StreamingResponse(_sse(pieces, head, kind), media_type="text/event-stream")
+        done: Completion = await run_in_threadpool(self.service.complete, *args)
+        return JSONResponse({**head, "object": kind, **_choices(done, kind), "usage": _usage(done)})
+
+    # ------------------------------------------------------------------ reports
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "method": self.service.editor.method})
+
+    async def metrics(self, request: Request) -> Response:
+        return JSONResponse(self.service.metrics())
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": self.model_name, "object": "model"}]}
+        )
+
+    async def dashboard(self, request: Request) -> Response:
+        page = resources.files("wise_edit.serve").joinpath("static/index.html").read_text()
+        return HTMLResponse(page)
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        raise BadRequest(f"{name} must be an integer from {low} to {high or 'any'}", name)
+    return int(raw)
+
+
+def _choices(done: Completion, kind: str, text: str | None = None) -> dict[str, Any]:
+    """One choice in the OpenAI shape, plus which edit memory answered."""
+    content = done.text if text is None else text
+    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
+    if kind == "chat.completion":
+        choice["message"] = {"role": "assistant", "content": content}
+    else:
+        choice.update(text=content, logprobs=None)
+    choice["wise_memory"] = done.memory
+    return {"choices": [choice]}
+
+
+def _usage(done: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+async def _sse(pieces: Iterator[Any], head: dict[str, Any], kind: str) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: chunks, then ``data: [DONE]``."""
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    async for piece in iterate_in_threadpool(pieces):
+        if isinstance(piece, Completion):
+            choice: dict[str, Any] = {"index": 0, "finish_reason": piece.finish_reason}
+            choice.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
+            choice["wise_memory"] = piece.memory
+            yield _event({**head, "object": chunk_kind, "choices": [choice]})
+            break
+        delta: dict[str, Any] = (
+            {"delta": {"role": "assistant", "content": piece}}
+            if kind == "chat.completion"
+            else {"text": piece}
+        )
+        yield _event({**head, "object": chunk_kind, "choices": [{"index": 0, **delta}]})
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def _bad_request(request: Request, err: Exception) -> Response:
+    assert isinstance(err, BadRequest)
+    kind = "authentication_error" if err.status == 401 else "invalid_request_error"
+    error = {"message": err.message, "type": kind, "param": err.param, "code": err.status}
+    return JSONResponse({"error": error}, status_code=err.status)
+
+
+async def _http_error(request: Request, err: Exception) -> Response:
+    """Unknown paths and methods answer JSON too."""
+    assert isinstance(err, HTTPException)
+    error = {"message": err.detail, "type": "invalid_request_error", "param": "path"}
+    return JSONResponse({"error": {**error, "code": err.status_code}}, err.status_code)
+
+
+def create_app(
+    service: EditService, model_name: str, token: str | None = None, limits: Limits | None = None
+) -> Starlette:
+    """The ASGI app of ``service``. The service is started and stopped with the app."""
+    api = Api(service, model_name, token, limits or Limits())
+    routes = [
+        Route("/", api.dashboard),
+        Route("/health", api.health),
+        Route("/metrics", api.metrics),
+        Route("/v1/models", api.models),
+        Route("/v1/edits", api.post_edits, methods=["POST"]),
+        Route("/v1/edits", api.list_edits, methods=["GET"]),
+        Route("/v1/edits/{edit_id}", api.get_edit, methods=["GET"]),
+        Route("/v1/edits/{edit_id}", api.delete_edit, methods=["DELETE"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes, exception_handlers={BadRequest: _bad_request, HTTPException: _http_error}
+    )

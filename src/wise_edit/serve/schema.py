@@ -1,0 +1,167 @@
+"""Request bodies, checked field by field: a bad one is a `BadRequest` naming the field,
+raised before anything changes. Limits are a `Limits` object given at start."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BadRequest(ValueError):
+    """A 4xx answer: ``status``, a message, and the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_body_bytes: int = field(default=256 * 1024, metadata={"help": "request body size"})
+    max_prompt_chars: int = field(default=4000, metadata={"help": "prompt, target, message"})
+    max_tokens: int = field(default=256, metadata={"help": "largest max_tokens a request gets"})
+    max_edits_per_request: int = field(default=100, metadata={"help": "edits in one POST"})
+    max_stops: int = field(default=4, metadata={"help": "stop strings (OpenAI's limit)"})
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def parse_json(body: bytes, limits: Limits) -> Any:
+    if len(body) > limits.max_body_bytes:
+        raise BadRequest(f"body is over {limits.max_body_bytes} bytes", "body", 413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"body is not valid JSON: {err}", "body") from None
+
+
+def json_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a JSON object", where)
+    return value
+
+
+def text(body: dict[str, Any], name: str, limits: Limits, where: str = "") -> str:
+    """A required non-blank string of at most ``max_prompt_chars``."""
+    param = f"{where}{name}"
+    if name not in body:
+        raise BadRequest(f"{param} is required", param)
+    value = body[name]
+    if not isinstance(value, str):
+        raise BadRequest(f"{param} must be a string", param)
+    if not value.strip():
+        raise BadRequest(f"{param} must not be empty", param)
+    if len(value) > limits.max_prompt_chars:
+        raise BadRequest(f"{param} is over {limits.max_prompt_chars} characters", param)
+    return value
+
+
+def edits(payload: Any, limits: Limits) -> list[dict[str, str]]:
+    """One ``{prompt, target, rephrase?}`` or a non-empty list of them."""
+    many = isinstance(payload, list)
+    items = payload if many else [json_object(payload, "body")]
+    if not items:
+        raise BadRequest("the list of edits is empty", "body")
+    if len(items) > limits.max_edits_per_request:
+        raise BadRequest(f"over {limits.max_edits_per_request} edits in one request", "body")
+    out = []
+    for i, item in enumerate(items):
+        where = f"[{i}]." if many else ""
+        item = json_object(item, where.rstrip(".") or "body")
+        record = {"prompt": text(item, "prompt", limits, where)}
+        record["target"] = text(item, "target", limits, where)
+        if item.get("rephrase") is not None:
+            record["rephrase"] = text(item, "rephrase", limits, where)
+        unknown = sorted(set(item) - {"prompt", "target", "rephrase"})
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}", f"{where}{unknown[0]}")
+        out.append(record)
+    return out
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What the OpenAI endpoints share: how much and how to generate."""
+
+    model: str
+    max_tokens: int
+    temperature: float
+    stop: list[str]
+    stream: bool
+    unedited: bool  # wise-edit's own field: answer with the edits switched off
+
+
+def sampling(body: dict[str, Any], limits: Limits, default_model: str) -> Sampling:
+    model = body.get("model", default_model)
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string", "model")
+    max_tokens = body.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        raise BadRequest("max_tokens must be an integer", "max_tokens")
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise BadRequest(f"max_tokens must be between 1 and {limits.max_tokens}", "max_tokens")
+    temperature = body.get("temperature", 0.0)
+    if temperature is None:
+        temperature = 0.0
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise BadRequest("temperature must be a number", "temperature")
+    if not math.isfinite(temperature) or not 0 <= temperature <= 2:
+        raise BadRequest("temperature must be between 0 and 2", "temperature")
+    return Sampling(
+        model,
+        max_tokens,
+        float(temperature),
+        _stops(body.get("stop"), limits),
+        _flag(body, "stream"),
+        _flag(body, "unedited"),
+    )
+
+
+def _stops(value: Any, limits: Limits) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("stop must be a non-empty string or a list of them", "stop")
+    if len(stops) > limits.max_stops:
+        raise BadRequest(f"at most {limits.max_stops} stop strings", "stop")
+    return stops
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false", name)
+    return value
+
+
+def completion_prompt(body: dict[str, Any], limits: Limits) -> str:
+    """/v1/completions: ``prompt`` is one string (or a list holding one)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequest("prompt must be one string (batches are not served)", "prompt")
+        body = {"prompt": prompt[0]}
+    return text(body, "prompt", limits)
+
+
+def messages(body: dict[str, Any], limits: Limits) -> list[dict[str, str]]:
+    """/v1/chat/completions: a non-empty list of ``{role, content}``."""
+    value = body.get("messages")
+    if not isinstance(value, list) or not value:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    out = []
+    for i, message in enumerate(value):
+        message = json_object(message, f"messages[{i}]")
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise BadRequest("role must be system, user or assistant", f"messages[{i}].role")
+        out.append({"role": role, "content": text(message, "content", limits, f"messages[{i}].")})
+    return out

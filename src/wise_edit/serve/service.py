@@ -1,0 +1,351 @@
+"""The edit service: one editor, its durable log, one worker thread that applies edits
+and retractions in arrival order, checkpoints, and generation for any number of
+concurrent requests.
+
+State directory: ``edits.sqlite`` (the log, `EditLog`) and ``checkpoint/`` (an editor
+save, written with the locked atomic `SaveFolder`). On start the checkpoint is loaded and
+every op after it is applied again; an op whose effect the checkpoint already holds (a
+crash between the save and the log's note of it) is only marked done, so every accepted
+edit is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TextIteratorStreamer
+
+from ..core.editor import EditorBase
+from ..core.persistence import SaveFolder, save_layout
+from .log import EditLog, Op
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "edits.sqlite"
+CHECKPOINT_DIR = "checkpoint"
+EDIT_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer and where it came from."""
+
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    memory: int | None  # the edit memory that answered; None: the unedited model
+
+
+@dataclass
+class Latencies:
+    """Recent request latencies, for /metrics."""
+
+    seconds: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    served: int = 0
+
+    def add(self, value: float) -> None:
+        self.seconds.append(value)
+        self.served += 1
+
+    def summary(self) -> dict[str, Any]:
+        values = sorted(self.seconds)
+        return {
+            "served": self.served,
+            "p50_s": _quantile(values, 0.5),
+            "p95_s": _quantile(values, 0.95),
+        }
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted ``values`` (nearest rank), None when empty."""
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4)
+
+
+class EditService:
+    """Owns the editor while serving: ``editor`` is new (first start) or loaded from the
+    state directory's checkpoint (`checkpoint_path`); `start` reconciles the log with it
+    and starts the worker, `stop` ends it with a last checkpoint."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        editor: EditorBase,
+        checkpoint_every: int = 10,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.state_dir = Path(state_dir)
+        self.editor = editor
+        self.checkpoint_every = checkpoint_every
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = EditLog(self.state_dir / LOG_FILE)
+        self.latency = Latencies()
+        self._folder = SaveFolder(self.state_dir / CHECKPOINT_DIR)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._since_checkpoint = 0
+        self._index: dict[int, int] = {}  # service edit id -> index in the editor's log
+
+    # ------------------------------------------------------------------ lifecycle
+    @staticmethod
+    def checkpoint_path(state_dir: str | Path) -> Path | None:
+        """The checkpoint to resume from, if the state directory holds one."""
+        path = Path(state_dir) / CHECKPOINT_DIR
+        return path if save_layout(path) is not None else None
+
+    def start(self) -> None:
+        """Lock the state directory, reconcile the log with the checkpoint, start the
+        worker."""
+        self._folder.__enter__()  # held while serving: a second server fails fast
+        self._reconcile()
+        if save_layout(self._folder.path) is None:
+            self._checkpoint()  # the config is in the state directory from the start
+        self._worker = threading.Thread(target=self._run, name="wise-edit-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self, checkpoint: bool = True) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join()
+        if checkpoint and self._since_checkpoint:
+            self._checkpoint()
+        self._folder.__exit__(None, None, None)
+        self.log.close()
+
+    def _reconcile(self) -> None:
+        """Ops after the checkpoint are redone; those the checkpoint already reflects are
+        marked done with the status the checkpoint gives them."""
+        for index, entry in enumerate(self.editor.edit_log):
+            service_id = (entry.get("meta") or {}).get("id")
+            if isinstance(service_id, int):
+                self._index[service_id] = index
+        self.log.redo_after(self.log.checkpoint_seq())
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, records: list[dict[str, Any]]) -> list[int]:
+        """Log edits durably; the worker applies them in order."""
+        ids = self.log.add_edits(records)
+        self._wake.set()
+        return ids
+
+    def retract(self, edit_id: int) -> None:
+        self.log.request_retraction(edit_id)
+        self._wake.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every logged op was done within ``timeout`` seconds (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self.log.next_op() is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    # ------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            op = self.log.next_op()
+            if op is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self._do(op)
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint()
+
+    def _do(self, op: Op) -> None:
+        edit = self.log.get(op.edit_id) or {}
+        if op.kind == "edit":
+            self._apply(op, edit)
+        else:
+            self._retract(op, edit)
+
+    def _apply(self, op: Op, edit: dict[str, Any]) -> None:
+        if op.edit_id in self._index:  # the checkpoint already holds it
+            entry = self.editor.edit_log[self._index[op.edit_id]]
+            self.log.finish(op, "retracted" if entry.get("retracted") else "applied")
+            return
+        meta = {"id": op.edit_id, **({"rephrase": edit["rephrase"]} if "rephrase" in edit else {})}
+        try:
+            result = self.editor.edit(edit["prompt"], edit["target"], meta=meta)
+        except EDIT_ERRORS as err:
+            self.log.finish(op, "failed", error=str(err))
+            return
+        self._index[op.edit_id] = result.index
+        self._since_checkpoint += 1
+        self.log.finish(
+            op, "applied", memory=result.memory, steps=result.steps, seconds=result.seconds
+        )
+
+    def _retract(self, op: Op, edit: dict[str, Any]) -> None:
+        index = self._index.get(op.edit_id)
+        if index is None:  # its edit failed: nothing to take back
+            self.log.finish(op, edit.get("status", "failed"))
+            return
+        if not self.editor.edit_log[index].get("retracted"):
+            try:
+                self.editor.retract(index)
+            except (*EDIT_ERRORS, NotImplementedError) as err:
+                self.log.finish(op, "applied", error=f"retraction failed: {err}")
+                return
+            self._since_checkpoint += 1
+        self.log.finish(op, "retracted")
+
+    def _checkpoint(self) -> None:
+        """Save the editor (locked, written beside the old save and swapped in), then
+        note in the log which op it reflects."""
+        seq = self.log.last_done_seq()
+        self._folder.write(self.editor.snapshot())
+        self.log.set_checkpoint_seq(seq)
+        self._since_checkpoint = 0
+        logger.info("checkpoint after op %d", seq)
+
+    # ------------------------------------------------------------------ generation
+    def complete(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        stop: list[str],
+        unedited: bool = False,
+        special_tokens: bool = True,
+    ) -> Completion:
+        """Generate an answer to ``prompt`` with the edits committed now."""
+        started = time.perf_counter()
+        pieces = list(self.stream(prompt, max_tokens, temperature, stop, unedited, special_tokens))
+        text = "".join(p for p in pieces[:-1] if isinstance(p, str))
+        done = pieces[-1]
+        assert isinstance(done, Completion)
+        self.latency.add(time.perf_counter() - started)
+        return Completion(
+            text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.memory
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        stop: list[str],
+        unedited: bool = False,
+        special_tokens: bool = True,
+    ) -> Iterator[str | Completion]:
+        """Text pieces as they are generated, then a `Completion` (empty text) with the
+        finish reason, token counts and the memory that answered. Text is cut before the
+        first stop string. ``special_tokens`` False: the prompt already has them (a chat
+        template's output)."""
+        editor, tokenizer = self.editor, self.editor.tokenizer
+        batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=special_tokens)
+        batch = {k: v.to(editor.device) for k, v in batch.items()}
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=self._generate,
+            args=(batch, max_tokens, temperature, stop, unedited, streamer, out),
+            daemon=True,
+        )
+        thread.start()
+        text, sent, stopped = "", 0, False
+        for piece in streamer:
+            if stopped:
+                continue
+            text += piece
+            cut = _cut(text, stop)
+            stopped = cut is not None
+            upto = len(text) if cut is None else cut
+            safe = upto if stopped else max(sent, upto - max((len(s) for s in stop), default=0))
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        cut = _cut(text, stop)
+        end = len(text) if cut is None else cut
+        if end > sent:
+            yield text[sent:end]
+        new = out["tokens"]
+        eos = tokenizer.eos_token_id
+        ended = cut is not None or (len(new) < max_tokens) or (bool(new) and new[-1] == eos)
+        yield Completion(
+            "",
+            "stop" if ended else "length",
+            int(batch["input_ids"].shape[1]),
+            len(new),
+            None if unedited else self.memory_of(prompt),
+        )
+
+    def _generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        max_tokens: int,
+        temperature: float,
+        stop: list[str],
+        unedited: bool,
+        streamer: TextIteratorStreamer,
+        out: dict[str, Any],
+    ) -> None:
+        """Runs in its own thread (the streamer is read in the caller's)."""
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+        )
+        if stop:
+            sampling.update(stop_strings=stop, tokenizer=self.editor.tokenizer)
+        try:
+            with torch.no_grad():
+                if unedited:
+                    with self.editor.disabled():
+                        ids = self.editor.generate(
+                            **batch, max_new_tokens=max_tokens, streamer=streamer, **sampling
+                        )
+                else:
+                    ids = self.editor.generate(
+                        **batch, max_new_tokens=max_tokens, streamer=streamer, **sampling
+                    )
+            out["tokens"] = ids[0, batch["input_ids"].shape[1] :].tolist()
+        except Exception as err:  # handed to the request thread, which raises it
+            out["error"] = err
+            streamer.end()
+
+    def memory_of(self, prompt: str) -> int | None:
+        """The edit memory that answers ``prompt`` (None: the unedited model)."""
+        if not self.editor.routes:
+            return 0 if self.editor.num_edits else None
+        index = self.editor.routed([prompt])[0]
+        return None if index < 0 else index
+
+    # ------------------------------------------------------------------ reports
+    def metrics(self) -> dict[str, Any]:
+        editor = self.editor
+        summary = editor.summary()
+        return {
+            "edits": self.log.counts(),
+            "editor": {
+                "method": editor.method,
+                "edits_in_log": editor.num_edits,
+                "live_edits": len(editor.live_edits()),
+                "memories": summary.get("memories"),
+                "route_unit": editor.route_unit,
+            },
+            "latency": self.latency.summary(),
+            "checkpoint_seq": self.log.checkpoint_seq(),
+        }
+
+
+def _cut(text: str, stop: list[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None

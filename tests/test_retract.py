@@ -1,0 +1,107 @@
+"""Retraction: the retracted prompt is answered as by a model that never had the edit,
+the other edits hold, the log says so; methods that cannot retract say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EDITS, fast_config, tiny_model
+
+from wise_edit import WiseEditor, load_editor
+from wise_edit.baselines import FTLConfig, FTLEditor, GraceConfig, GraceEditor
+
+
+def _greedy(editor, tokenizer, prompt: str, tokens: int = 6) -> list[int]:
+    batch = tokenizer([prompt], return_tensors="pt")
+    out = editor.generate(**batch, max_new_tokens=tokens, do_sample=False)
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def _unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
+    model = tiny_model()
+    batch = tokenizer([prompt], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def _wise(tokenizer, mode: str) -> WiseEditor:
+    config = fast_config(mode=mode, shard_size=1, shards_per_merge=2, max_steps=20)
+    editor = WiseEditor(tiny_model(), tokenizer, config)
+    editor.edit_many(EDITS[:4])
+    return editor
+
+
+def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
+    editor = _wise(tokenizer, "retrieve")  # memories: [0, 1], [2, 3]
+    before = {p: _greedy(editor, tokenizer, p) for p, _ in EDITS[:4]}
+    untouched = editor.memories[1].delta.clone()
+    prompt = EDITS[1][0]
+    assert before[prompt] != _unedited(tokenizer, prompt)  # the edit held
+
+    cost = editor.retract(1)
+
+    assert _greedy(editor, tokenizer, prompt) == _unedited(tokenizer, prompt)
+    assert editor.routed([p for p, _ in EDITS[:4]]) == [0, -1, 1, 1]
+    assert torch.equal(editor.memories[1].delta, untouched)
+    for p, _ in EDITS[2:4]:
+        assert _greedy(editor, tokenizer, p) == before[p]
+    assert editor.memories[0].edit_ids == (0,) and editor.memories[0].closed
+    assert editor.edit_log[1]["retracted"] == cost and cost["retrained_edits"] == 1
+    assert editor.live_edits() == [0, 2, 3]
+
+
+def test_wise_merge_retraction_equals_a_stream_without_the_edit(tokenizer):
+    editor = _wise(tokenizer, "merge")
+    cost = editor.retract(1)
+    config = fast_config(mode="merge", shard_size=1, shards_per_merge=2, max_steps=20)
+    never = WiseEditor(tiny_model(), tokenizer, config)
+    never.edit_many([EDITS[i] for i in (0, 2, 3)])
+    assert torch.equal(editor.memories[0].delta, never.memories[0].delta)
+    assert editor.thresholds == never.thresholds
+    for p, _ in EDITS[:4]:
+        assert _greedy(editor, tokenizer, p) == _greedy(never, tokenizer, p), p
+    assert cost["retrained_edits"] == 3  # merge mode: every other edit
+
+
+def test_retracted_wise_state_saves_loads_and_keeps_editing(tokenizer, tmp_path):
+    editor = _wise(tokenizer, "retrieve")
+    editor.retract(0)
+    editor.save_pretrained(tmp_path / "s")
+    again = load_editor(tiny_model(), tokenizer, tmp_path / "s")
+    for p, _ in EDITS[:4]:
+        assert _greedy(again, tokenizer, p) == _greedy(editor, tokenizer, p)
+    assert again.edit_log[0]["retracted"]
+    again.edit(*EDITS[4])
+    assert again.routed([EDITS[4][0]]) == [len(again.memories) - 1]
+    with pytest.raises(ValueError, match="already retracted"):
+        again.retract(0)
+
+
+def test_grace_retraction_equals_a_stream_without_the_edit(tokenizer):
+    config = GraceConfig(layer=2, max_steps=15, epsilon_init=1.0)
+    editor = GraceEditor(tiny_model(), tokenizer, config)
+    editor.edit_many(EDITS[:4])
+    editor.retract(2)
+    never = GraceEditor(tiny_model(), tokenizer, config)
+    never.edit_many([EDITS[i] for i in (0, 1, 3)])
+    assert torch.equal(editor.codebook.keys, never.codebook.keys)
+    assert torch.equal(editor.codebook.values, never.codebook.values)
+    for p, _ in EDITS[:4]:
+        assert _greedy(editor, tokenizer, p) == _greedy(never, tokenizer, p)
+    assert _greedy(editor, tokenizer, EDITS[2][0]) == _unedited(tokenizer, EDITS[2][0])
+
+
+def test_methods_that_cannot_retract_say_why(tokenizer):
+    editor = FTLEditor(tiny_model(), tokenizer, FTLConfig(layer=2, max_steps=3))
+    editor.edit(*EDITS[0])
+    with pytest.raises(NotImplementedError, match="cannot retract"):
+        editor.retract(0)
+
+
+@pytest.mark.parametrize("bad", [-1, 9, "0", True])
+def test_bad_edit_ids_change_nothing(tokenizer, bad):
+    editor = _wise(tokenizer, "retrieve")
+    log = [dict(e) for e in editor.edit_log]
+    with pytest.raises((ValueError, TypeError)):
+        editor.retract(bad)
+    assert editor.edit_log == log
