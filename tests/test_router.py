@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from wise_edit.wise.router import (
+    candidate_memories,
     margin_loss,
     replay_loss,
     route,
+    route_sparse,
     score_unit,
     sequence_scores,
     threshold,
@@ -107,3 +109,30 @@ def test_mean_inputs_and_nearest():
     keys = torch.tensor([[0.0, 1.0], [2.0, 1.1], [-1.0, 0.0], [1.0, 1.0]])
     assert nearest(torch.tensor([2.0, 1.0]), keys, 2) == [1, 3]
     assert nearest(torch.tensor([2.0, 1.0]), keys, 9) == [1, 3, 0, 2]
+
+
+def test_candidate_memories_are_those_of_the_nearest_keys():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    owners = torch.tensor([0, 1, 1, 2])
+    queries = torch.tensor([[2.0, 0.1], [0.1, 3.0]])
+    assert candidate_memories(queries, keys, owners, 2).tolist() == [[0, 1], [1, 1]]
+    assert candidate_memories(queries, keys, owners, 9).shape == (2, 4)
+
+
+def test_sparse_route_equals_dense_route_when_every_memory_is_a_candidate():
+    torch.manual_seed(0)
+    for _ in range(20):
+        scores = torch.rand(5, 7) * 10  # (M, B)
+        scores[1, 3] = scores[2, 3] = 11.0  # a tie
+        thresholds = torch.rand(5) * 8
+        everything = torch.arange(5).repeat(7, 1)  # (B, M)
+        sparse = route_sparse(everything, lambda m, rows, s=scores: s[m][rows], thresholds)
+        assert torch.equal(sparse, route(scores, thresholds))
+
+
+def test_sparse_route_only_considers_the_candidates():
+    scores = torch.tensor([[9.0, 1.0], [5.0, 5.0], [1.0, 9.0]])  # (M=3, B=2)
+    thresholds = torch.tensor([2.0, 2.0, 2.0])
+    candidates = torch.tensor([[1, 2], [0, 1]])  # row 0 cannot see memory 0
+    out = route_sparse(candidates, lambda m, rows: scores[m][rows], thresholds)
+    assert out.tolist() == [1, 1]

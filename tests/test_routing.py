@@ -1,9 +1,12 @@
 """Routing: edited prompts use the side memory, everything else is the unedited model bit
 for bit, per row of any batch, and generation keeps the prompt's decision."""
 
+import json
+
 import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
+from safetensors.torch import load_file, save_file
 
 from wise_edit import WiseEditor
 from wise_edit.neutral import NEUTRAL_PROMPTS
@@ -113,3 +116,34 @@ def test_routing_with_several_memories_is_top1(tokenizer):
     assert len(editor.memories) == 3 and all(m.closed for m in editor.memories)
     assert editor.routed([p for p, _ in EDITS[:3]]) == [0, 1, 2]
     assert editor.routed(UNRELATED) == [-1, -1]
+
+
+def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
+    """Keys of the nearest edits pick the memories to score; on these edits the decision
+    equals the dense one, and keys survive a save (and are rebuilt for older saves)."""
+    config = fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=25)
+    dense = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
+    dense.edit_many(EDITS[:4])
+    prompts = [p for p, _ in EDITS[:4]] + UNRELATED
+    expected = dense.routed(prompts)
+    assert expected[:4] == [0, 1, 2, 3]
+    dense.save_pretrained(tmp_path / "s")
+    config_file = tmp_path / "s" / "editor_config.json"
+    data = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**data, "route_candidates": 2}))
+    sparse = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
+    assert sparse.layer.candidates == 2 and len(sparse.memories) == 4
+    assert [len(m.keys) for m in sparse.memories] == [1, 1, 1, 1]
+    assert sparse.routed(prompts) == expected
+    keys = [m.keys.clone() for m in sparse.memories]
+    sparse.detach()
+    tensors = load_file(str(tmp_path / "s" / "editor_model.safetensors"))
+    for i in range(4):  # a save from before the index: keys are recomputed, the same
+        del tensors[f"memory.{i}.keys"]
+    save_file(tensors, str(tmp_path / "s" / "editor_model.safetensors"))
+    state_file = tmp_path / "s" / "editor_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("tensor_sha256")
+    state_file.write_text(json.dumps(state))
+    old = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
+    assert all(torch.equal(a, m.keys) for a, m in zip(keys, old.memories))

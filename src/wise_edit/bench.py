@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from .data import (
     load_zsre_irrelevant,
     load_zsre_same_form,
 )
-from .evaluation import BenchResult, Scores, latency_ratio, run_protocol
+from .evaluation import (
+    PROTOCOL_FILE,
+    BenchResult,
+    Checkpointing,
+    Scores,
+    latency_ratio,
+    run_protocol,
+)
 from .methods import editor_class, make_config
 
 # Records after the T edited ones whose prompts probe the router: unrelated prompts in
@@ -54,6 +62,10 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     def make_editor() -> Editor:
         return cls(model, tokenizer, config, irrelevant_prompts=pool)
 
+    def load_editor(path: Path) -> Editor:
+        return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts=pool)
+
+    checkpoint = _checkpointing(args, out, load_editor, config.to_dict(), fmt.kind)
     result, editor = run_protocol(
         model,
         fmt,
@@ -63,6 +75,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         mode=mode,
         dataset=dataset,
         chunk=args.chunk,
+        checkpoint=checkpoint,
+        eval_sample=args.eval_sample,
     )
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
@@ -84,6 +98,35 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     print(markdown_table(result, args))
     print(f"wrote {', '.join(str(out / f) for f in written)}")
     return result
+
+
+def _checkpointing(
+    args: argparse.Namespace,
+    out: Path,
+    load: Callable[[Path], Editor],
+    config: dict[str, Any],
+    prompt_format: str,
+) -> Checkpointing | None:
+    """Checkpoints in OUT/checkpoint when asked for (or when resuming); a run that finds
+    one there without --resume is refused rather than silently restarted."""
+    folder = out / "checkpoint"
+    exists = (folder / PROTOCOL_FILE).is_file()
+    if exists and not args.resume:
+        raise ValueError(f"{folder} holds a checkpointed run: --resume continues it")
+    if not (args.resume or args.checkpoint_every):
+        return None
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.resume and not exists:
+        print(f"{folder} holds no checkpoint yet; starting the run")
+    settings = {
+        "method": args.method,
+        "model": args.model,
+        "config": config,
+        "prompt_format": prompt_format,
+        "eval_sample": args.eval_sample,
+    }
+    return Checkpointing(folder, args.checkpoint_every or 10, load, settings)
 
 
 def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str] | None:
@@ -245,6 +288,12 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
         + (f"; codebook keys: {result.extra['keys']}" if "keys" in result.extra else ""),
         f"- peak memory: {result.peak_memory_mb:.0f} MB",
     ]
+    sample = result.extra.get("eval_sample")
+    if sample:
+        lines.append(
+            f"- scored on a fixed random sample of {sample['records']} of the {result.edits} "
+            f"edits (seed {sample['seed']}); all {result.edits} were edited"
+        )
     if lat:
         lines.append(
             f"- forward latency edited / unedited: {lat['ratio']:.3f} "

@@ -331,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default=None, help="output folder (default runs/<data>-T-mode)")
     bench.add_argument("--latency-repeats", type=int, default=5)
+    bench.add_argument(
+        "--eval-sample",
+        type=int,
+        default=None,
+        metavar="K",
+        help="score a fixed random sample of K of the T edits (seeded; all T are edited)",
+    )
+    bench.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save the run to OUT/checkpoint every N edits, so a killed run can --resume",
+    )
+    bench.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in OUT/checkpoint (same records and settings)",
+    )
     _add_config_args(bench, method=True)
     bench.set_defaults(func=cmd_bench)
 

@@ -3,13 +3,18 @@ model on all T (the paper's Eq. 9), with pre-edit scores of the unedited model b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .core.draft import Editor
+from .core.persistence import SaveFolder, save_layout
 from .core.prompts import PromptFormat
 from .data import EditRecord
 
@@ -141,6 +147,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+@dataclass
+class Checkpointing:
+    """A long run that survives being killed: the pre-edit scores are written once to
+    ``folder/protocol.json``, the editor to ``folder/editor`` (a locked atomic save) every
+    ``every`` edits; ``load`` re-attaches a saved editor (with the run's unrelated pool)."""
+
+    folder: Path
+    every: int
+    load: Callable[[Path], Editor]
+    settings: dict[str, Any] = field(default_factory=dict)  # must match on resume
+
+
 def run_protocol(
     model: nn.Module,
     fmt: PromptFormat,
@@ -152,42 +170,51 @@ def run_protocol(
     dataset: str,
     chunk: int | None = None,
     progress: bool = True,
+    checkpoint: Checkpointing | None = None,
+    eval_sample: int | None = None,
 ) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
     scores averaged, as the reference does for small T. ``fmt``: how prompts are written
-    (the editors' own format). Returns the result and the last editor (still attached)."""
+    (the editors' own format). ``eval_sample``: score a fixed random sample of that many
+    records (seeded; the editing always covers all). ``checkpoint``: save as it goes and
+    continue a killed run where it stopped. Returns the result and the last editor
+    (still attached)."""
     records = list(records)
     if not records:
         raise ValueError("no records to edit")
+    if checkpoint is not None and chunk is not None:
+        raise ValueError("checkpoints are for one long stream; they do not combine with chunks")
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     size = chunk or len(records)
     groups = [records[i : i + size] for i in range(0, len(records), size)]
+    scored = sample_indices(len(records), eval_sample)
     kinds = kinds_for(fmt)
-    base = locality_baseline(model, fmt, records)
-    pre = {k.name: score(k, model, fmt, records, None) for k in kinds}
+    start = _Start.load(checkpoint, records, scored) if checkpoint else None
+    if start is None:
+        start = _Start.compute(model, fmt, records, scored, kinds)
+        if checkpoint is not None:
+            start.write(checkpoint, records)
     parts: dict[str, list[tuple[int, Scores]]] = {k.name: [] for k in kinds}
-    times: list[float] = []
     bar = tqdm(total=len(records), desc=f"{method} edits", unit="edit", disable=not progress)
+    chosen = [records[i] for i in scored]
     editor: Editor | None = None
-    offset = 0
+    offset = done = 0
+    seconds: list[float] = []
     for group in groups:
         if editor is not None:
             editor.detach()
-        editor = make_editor()
-        for record in group:
-            started = time.perf_counter()
-            editor.edit(record.prompt, record.target)
-            times.append(time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(s_per_edit=f"{statistics.fmean(times):.2f}")
-        part = _slice_baseline(base, records, offset, len(group))
+        editor = _edit_group(editor_for(checkpoint, make_editor, group), group, bar, checkpoint)
+        seconds += [entry["seconds"] for entry in editor.edit_log]
+        picked = [records[i] for i in scored if offset <= i < offset + len(group)]
+        part = _slice_baseline(start.base, chosen, done, len(picked))
         for kind in kinds:
-            parts[kind.name].append((len(group), score(kind, model, fmt, group, part)))
-        offset += len(group)
+            parts[kind.name].append((len(picked), score(kind, model, fmt, picked, part)))
+        offset, done = offset + len(group), done + len(picked)
     bar.close()
+    assert editor is not None  # records is not empty
     result = BenchResult(
         method=method,
         mode=mode,
@@ -195,12 +222,119 @@ def run_protocol(
         dataset=dataset,
         prompt_format=fmt.kind,
         scores={name: _weighted(p) for name, p in parts.items()},
-        pre_edit=pre,
-        seconds_per_edit=round(statistics.fmean(times), 3),
+        pre_edit=start.pre,
+        seconds_per_edit=round(statistics.fmean(seconds), 3),
         peak_memory_mb=round(peak_memory_mb(device), 1),
     )
-    assert editor is not None  # records is not empty
+    if eval_sample is not None:
+        result.extra["eval_sample"] = {"records": len(scored), "seed": SAMPLE_SEED}
     return result, editor
+
+
+SAMPLE_SEED = 0  # the evaluation sample of `--eval-sample`, the same for every method
+
+
+def sample_indices(total: int, sample: int | None) -> list[int]:
+    """Indices of the records scored: all, or a fixed random ``sample`` of them (sorted)."""
+    if sample is None or sample >= total:
+        return list(range(total))
+    if sample < 1:
+        raise ValueError(f"eval sample must be >= 1, got {sample}")
+    gen = torch.Generator().manual_seed(SAMPLE_SEED)
+    return sorted(torch.randperm(total, generator=gen)[:sample].tolist())
+
+
+@dataclass
+class _Start:
+    """What a run computes before its first edit: the unedited model's locality probes
+    and pre-edit scores on the scored records."""
+
+    base: Baseline
+    pre: dict[str, Scores]
+
+    @classmethod
+    def compute(cls, model, fmt, records, scored, kinds) -> _Start:  # noqa: ANN001
+        chosen = [records[i] for i in scored]
+        base = locality_baseline(model, fmt, chosen)
+        return cls(base, {k.name: score(k, model, fmt, chosen, None) for k in kinds})
+
+    def write(self, checkpoint: Checkpointing, records: Sequence[EditRecord]) -> None:
+        data = {
+            "records_sha256": _records_digest(records),
+            "settings": checkpoint.settings,
+            "base": self.base,
+            "pre_edit": {name: asdict(s) for name, s in self.pre.items()},
+        }
+        checkpoint.folder.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.folder / "protocol.json.tmp"
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, checkpoint.folder / PROTOCOL_FILE)
+
+    @classmethod
+    def load(cls, checkpoint: Checkpointing, records, scored) -> _Start | None:  # noqa: ANN001
+        path = checkpoint.folder / PROTOCOL_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("records_sha256") != _records_digest(records):
+            raise ValueError(f"{path}: the checkpoint was made for other records")
+        differ = sorted(
+            k
+            for k in set(data.get("settings", {})) | set(checkpoint.settings)
+            if data.get("settings", {}).get(k) != checkpoint.settings.get(k)
+        )
+        if differ:
+            raise ValueError(f"{path}: the checkpoint was made with other settings: {differ}")
+        pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
+        return cls(data["base"], pre)
+
+
+PROTOCOL_FILE = "protocol.json"
+
+
+def _records_digest(records: Sequence[EditRecord]) -> str:
+    text = json.dumps([[r.prompt, r.target, r.rephrase, r.loc, r.loc_ans] for r in records])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def editor_for(
+    checkpoint: Checkpointing | None, make_editor: Callable[[], Editor], group: list[EditRecord]
+) -> Editor:
+    """A fresh editor, or the checkpointed one of a killed run (checked to hold a prefix
+    of ``group``)."""
+    saved = None if checkpoint is None else checkpoint.folder / "editor"
+    if saved is None or save_layout(saved) is None:
+        return make_editor()
+    editor = checkpoint.load(saved)  # type: ignore[union-attr]
+    done = [(e["prompt"], e["target"]) for e in editor.edit_log]
+    if done != [(r.prompt, r.target) for r in group[: len(done)]]:
+        editor.detach()
+        raise ValueError(f"{saved}: the checkpointed edits are not this run's first records")
+    return editor
+
+
+def _edit_group(
+    editor: Editor, group: list[EditRecord], bar: Any, checkpoint: Checkpointing | None
+) -> Editor:
+    """Edit the group's records the editor does not hold yet, checkpointing as it goes."""
+    done = editor.num_edits
+    bar.update(done)
+    with ExitStack() as stack:
+        folder = None
+        if checkpoint is not None:
+            folder = stack.enter_context(SaveFolder(checkpoint.folder / "editor"))
+        unsaved = 0
+        for record in group[done:]:
+            result = editor.edit(record.prompt, record.target)
+            unsaved += 1
+            bar.update(1)
+            bar.set_postfix(s_per_edit=f"{result.seconds:.2f}")
+            if folder is not None and checkpoint is not None and unsaved >= checkpoint.every:
+                folder.write(editor.snapshot())
+                unsaved = 0
+        if folder is not None and unsaved:
+            folder.write(editor.snapshot())
+    return editor
 
 
 def _slice_baseline(base: Baseline, records: list[EditRecord], start: int, count: int) -> Baseline:

@@ -143,6 +143,15 @@ class WiseConfig(EditConfig):
             "prompts stayed above the threshold on SmolLM2 (docs/RESULTS.md, sweep)."
         },
     )
+    route_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "Retrieval index for many memories: 0 scores every side memory on "
+            "every sequence (exact); k > 0 scores only the memories of the k edit keys "
+            "nearest (cosine of the mean value-matrix input) to the sequence, once there "
+            "are more than k memories."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
 
     def __post_init__(self) -> None:
@@ -172,6 +181,7 @@ class WiseConfig(EditConfig):
             ),
             ("prefix_top_k", self.prefix_top_k >= 1, "must be >= 1"),
             ("irrelevant_rows", self.irrelevant_rows >= 1, "must be >= 1"),
+            ("route_candidates", self.route_candidates >= 0, "must be >= 0"),
             ("hard_negatives", self.hard_negatives >= 0, "must be >= 0"),
             ("hard_negative_candidates", self.hard_negative_candidates >= 1, "must be >= 1"),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),

@@ -253,6 +253,7 @@ class WiseEditor(EditorBase):
         memory.add_edit(index, plan.shard, draft.step.detach(), plan.masks)
         acts, mask = draft.edit_acts
         self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
+        memory.add_key(self._prompt_acts[index].float().mean(0))
         if memory.group_edits == cfg.edits_per_memory():
             memory.merge(
                 get_merge(cfg.merge_method),
@@ -296,10 +297,12 @@ class WiseEditor(EditorBase):
     def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> Acts:
         """Prompt activations of past edits, padded into one batch. Cached per edit (they
         are frozen below the edited layer)."""
-        for i in edit_ids:
-            if i not in self._prompt_acts:
-                self._prompt_acts[i] = self._recompute_prompt_acts(i)
-        return _stack_ragged([self._prompt_acts[i] for i in edit_ids], self.device)
+        return _stack_ragged([self._prompt_acts_of(i) for i in edit_ids], self.device)
+
+    def _prompt_acts_of(self, index: int) -> torch.Tensor:
+        if index not in self._prompt_acts:
+            self._prompt_acts[index] = self._recompute_prompt_acts(index)
+        return self._prompt_acts[index]
 
     def _recompute_prompt_acts(self, index: int) -> torch.Tensor:
         """After loading: an edit's prompt activations computed exactly as when it was
@@ -389,6 +392,13 @@ class WiseEditor(EditorBase):
         for i, meta in enumerate(state["memories"]):
             memory = self.layer.new_memory()
             memory.restore(meta, tensors, f"memory.{i}", self.config.edits_per_memory())
+            if len(memory.keys) != len(memory.edit_ids):  # saved before the retrieval index
+                memory.keys = memory.keys[:0]
+                for index in memory.edit_ids:
+                    memory.add_key(self._prompt_acts_of(index).float().mean(0))
+
+    def _make_layer(self, module: nn.Module) -> WiseLayer:
+        return WiseLayer(module, self.config.route_candidates)
 
 
 def _stack_ragged(acts: list[torch.Tensor], device: torch.device) -> Acts:

@@ -12,7 +12,14 @@ from torch import nn
 from ..core.layer import AttachedLayer, unrouted
 from ..core.validate import SaveChecker
 from .merging import MergeFn
-from .router import route, sequence_scores, threshold
+from .router import (
+    candidate_memories,
+    mean_inputs,
+    route,
+    route_sparse,
+    sequence_scores,
+    threshold,
+)
 
 if TYPE_CHECKING:
     from .config import WiseConfig
@@ -30,6 +37,8 @@ class SideMemory(nn.Module):
     def __init__(self, shape: torch.Size, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("delta", torch.zeros(shape, device=device), persistent=False)
+        # one key per edit: the mean of its prompt's value-matrix inputs (retrieval index)
+        self.register_buffer("keys", torch.zeros((0, shape[1]), device=device), persistent=False)
         self._masks: list[torch.Tensor] = []
         self._shard_values: list[torch.Tensor] = []
         self._epsilon = float("inf")  # routing threshold; inf until the memory holds an edit
@@ -80,6 +89,10 @@ class SideMemory(nn.Module):
         return sequence_scores(acts, self.delta, token_mask)
 
     # ------------------------------------------------------------------ changes
+    def add_key(self, key: torch.Tensor) -> None:
+        """Index an edit of this memory by its key (I,)."""
+        self.keys = torch.cat([self.keys, key.float().view(1, -1).to(self.keys.device)])
+
     def add_edit(
         self, edit_id: int, shard: int, step: torch.Tensor, group_masks: Sequence[torch.Tensor]
     ) -> None:
@@ -141,7 +154,7 @@ class SideMemory(nn.Module):
         }
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.delta": self.delta}
+        out = {f"{prefix}.delta": self.delta, f"{prefix}.keys": self.keys}
         out.update({f"{prefix}.mask.{j}": m for j, m in enumerate(self._masks)})
         out.update({f"{prefix}.shard.{j}": v for j, v in enumerate(self._shard_values)})
         return out
@@ -165,6 +178,8 @@ class SideMemory(nn.Module):
         masks = check.integer(meta, "masks", high=config.shards_per_merge)
         shards = check.integer(meta, "shards", high=masks)
         check.tensor(f"{prefix}.delta", shape, bound=config.norm_bound)
+        if f"{prefix}.keys" in check.tensors:  # saves before the retrieval index have none
+            check.tensor(f"{prefix}.keys", (len(ids), shape[1]))
         for j in range(masks):
             mask = check.tensor(f"{prefix}.mask.{j}", shape, kind="bool")
             if j < shards:
@@ -180,6 +195,8 @@ class SideMemory(nn.Module):
         """Load what `state` and `tensors` wrote; the count of edits in the current
         group follows from the merges done (every merged group was full)."""
         self.delta.copy_(tensors[f"{prefix}.delta"])
+        if f"{prefix}.keys" in tensors:
+            self.keys = tensors[f"{prefix}.keys"].float().to(self.delta.device)
         self._masks = [tensors[f"{prefix}.mask.{j}"] for j in range(int(meta["masks"]))]
         self._shard_values = [
             tensors[f"{prefix}.shard.{j}"].to(self.delta.device) for j in range(int(meta["shards"]))
@@ -201,9 +218,10 @@ class WiseLayer(AttachedLayer):
 
     reads_content = True
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, candidates: int = 0) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
+        self.candidates = candidates  # 0: score every memory; k: those of the k nearest keys
 
     def new_memory(self) -> SideMemory:
         weight = self.weight
@@ -218,11 +236,29 @@ class WiseLayer(AttachedLayer):
     def thresholds(self, device: torch.device) -> torch.Tensor:
         return torch.tensor([m.epsilon for m in self.memories], device=device)
 
+    def key_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every edit's key (E, I) and the memory it lives in (E,)."""
+        keys = [m.keys.to(device) for m in self.memories]
+        owners = [torch.full((len(k),), i, dtype=torch.long) for i, k in enumerate(keys)]
+        return torch.cat(keys), torch.cat(owners).to(device)
+
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Top-1 memory whose score clears its own threshold (Algorithm 2), -1 for none."""
+        """Top-1 memory whose score clears its own threshold (Algorithm 2), -1 for none.
+        With ``candidates`` and more memories than that, only the memories of each
+        sequence's nearest edit keys are scored (exactly); the rest cannot win."""
         if not len(self.memories):
             return unrouted(acts)
-        return route(self.scores(acts, token_mask), self.thresholds(acts.device))
+        thresholds = self.thresholds(acts.device)
+        if not self.candidates or len(self.memories) <= self.candidates:
+            return route(self.scores(acts, token_mask), thresholds)
+        keys, owners = self.key_index(acts.device)
+        queries = mean_inputs(acts, token_mask)  # (B, I)
+        candidates = candidate_memories(queries, keys, owners, self.candidates)  # (B, k)
+
+        def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
+            return self.memories[memory].scores(acts[rows], token_mask[rows])
+
+        return route_sparse(candidates, score, thresholds)
 
     def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's best activation score over the memories."""

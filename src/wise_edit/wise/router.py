@@ -3,6 +3,8 @@ that makes it possible (Eq. 5). Pure tensor functions; the layer and the editor 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +75,39 @@ def nearest(query: torch.Tensor, keys: torch.Tensor, k: int) -> list[int]:
     with an edit (hard negatives)."""
     sims = F.cosine_similarity(keys.float(), query.float().unsqueeze(0), dim=-1)  # (N,)
     return sims.topk(min(k, len(sims))).indices.tolist()
+
+
+def candidate_memories(
+    queries: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The memories of the ``k`` edit keys (E, I) most similar by cosine to each query
+    (B, I): (B, k') memory indices, k' = min(k, E), most similar first (may repeat).
+    ``owners`` (E,) names the memory each key's edit lives in."""
+    q = F.normalize(queries.float(), dim=-1)
+    keyed = F.normalize(keys.float(), dim=-1)
+    top = (q @ keyed.t()).topk(min(k, keys.shape[0]), dim=-1).indices  # (B, k')
+    return owners[top]
+
+
+def route_sparse(
+    candidates: torch.Tensor,
+    score_fn: Callable[[int, torch.Tensor], torch.Tensor],
+    thresholds: torch.Tensor,
+) -> torch.Tensor:
+    """`route` computed only where it can matter: each row's top-1 among its
+    ``candidates`` (B, k) memories, by exact score, then that memory's threshold.
+    ``score_fn(memory, rows)`` gives the scores of the rows (a bool mask) against one
+    memory. Ties go to the lower memory index, as in `route`."""
+    batch = candidates.shape[0]
+    best = torch.full((batch,), float("-inf"), device=candidates.device)
+    index = torch.full((batch,), -1, dtype=torch.long, device=candidates.device)
+    for memory in candidates.unique().tolist():  # ascending: ties keep the lower index
+        rows = (candidates == memory).any(dim=1)
+        scores = score_fn(memory, rows).to(best.device)
+        better = scores > best[rows]
+        best[rows] = torch.where(better, scores, best[rows])
+        index[rows] = torch.where(
+            better, torch.full_like(scores, memory, dtype=torch.long), index[rows]
+        )
+    passed = best > thresholds[index.clamp(min=0)]
+    return torch.where((index >= 0) & passed, index, torch.full_like(index, -1))
