@@ -15,13 +15,12 @@ scoring picks on these memories, not how well trained memories route.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from wise_edit import WiseConfig, WiseEditor, models
 from wise_edit.data import default_data_dir, load_zsre
+from wise_edit.evaluation import latency_ratio
 from wise_edit.wise.router import mean_inputs
 
 
@@ -44,22 +43,6 @@ def build(editor: WiseEditor, prompts: list[str], count: int) -> None:
         memory.refresh_threshold(acts[p : p + 1], mask[p : p + 1], 0.88)
 
 
-def median_forward(editor: WiseEditor, batch: dict, repeats: int) -> tuple[float, float]:
-    def timed() -> float:
-        started = time.perf_counter()
-        with torch.no_grad():
-            editor.model(**batch)
-        return time.perf_counter() - started
-
-    timed()
-    edited, plain = [], []
-    for _ in range(repeats):
-        edited.append(timed())
-        with editor.disabled():
-            plain.append(timed())
-    return statistics.median(edited), statistics.median(plain)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memories", type=int, nargs="+", default=[20, 100, 200, 600])
@@ -79,17 +62,16 @@ def main() -> None:
     for count in args.memories:
         editor = WiseEditor(model, tokenizer, WiseConfig.for_model(model, mode="retrieve"))
         build(editor, [r.prompt for r in records[:count]], count)
-        batch = tokenizer(probe, return_tensors="pt", padding=True)
-        dense_s, plain_s = median_forward(editor, batch, args.repeats)
+        dense = latency_ratio(editor, probe, args.repeats)["ratio"]
         dense_route = [editor.routed(g) for g in (probe[:16], rephrased, probe[16:])]
         editor.layer.candidates = args.candidates
-        index_s, plain2_s = median_forward(editor, batch, args.repeats)
+        index = latency_ratio(editor, probe, args.repeats)["ratio"]
         index_route = [editor.routed(g) for g in (probe[:16], rephrased, probe[16:])]
         agree = [
             sum(a == b for a, b in zip(d, s)) / len(d) for d, s in zip(dense_route, index_route)
         ]
         print(
-            f"| {count} | {dense_s / plain_s:.2f} | {index_s / plain2_s:.2f} | "
+            f"| {count} | {dense:.2f} | {index:.2f} | "
             + " / ".join(f"{a:.2f}" for a in agree)
             + " |",
             flush=True,

@@ -162,6 +162,15 @@ def poison_lm_loss(monkeypatch, at_call: int) -> dict:
     return calls
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny llama with its tokenizer: a local model folder for the CLI and server."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()

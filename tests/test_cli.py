@@ -3,19 +3,11 @@
 import json
 
 import pytest
-from conftest import EDITS, tiny_model, tiny_tokenizer
+from conftest import EDITS, tiny_model
 
 from wise_edit.cli import build_parser, main
 
 FAST = ["--set", "max_steps=3", "--set", "prefix_count=1", "--set", "prefix_lengths=[2]"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate", "compare"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EDITS, fast_config, tiny_model, tiny_tokenizer
+from conftest import EDITS, fast_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 from wise_edit import WiseConfig, WiseEditor, load_editor
@@ -23,14 +23,6 @@ from wise_edit.core.persistence import (
 )
 
 FAST = ["--set", "max_steps=3", "--set", "prefix_count=1", "--set", "prefix_lengths=[2]"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def _jsonl(path: Path, edits) -> Path:

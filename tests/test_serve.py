@@ -9,18 +9,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import EDITS, tiny_model, tiny_tokenizer
+from conftest import EDITS
 from serving import Server, env, library_answers
 
 UNRELATED = "Please remember to close the door when you leave the room."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

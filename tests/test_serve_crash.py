@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import EDITS, tiny_model, tiny_tokenizer
+from conftest import EDITS
 from serving import Server, library_answers
 
 # Runs the CLI with the checkpoint writer stopping, after writing the new save beside the
@@ -29,14 +29,6 @@ sys.exit(main())
 """
 
 PROMPTS = [p for p, _ in EDITS] + ["Please remember to close the door when you leave the room."]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
