@@ -36,6 +36,19 @@ def smollm2():
     return models.load("smollm2-135m")
 
 
+@pytest.fixture(autouse=True)
+def _detach_after(smollm2):
+    """A failed test must not leave its editor attached to the shared model."""
+    yield
+    from wise_edit.core.layer import AttachedLayer
+
+    model = smollm2[0]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AttachedLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.base_layer)
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
 def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm2):
     model, tokenizer = smollm2
