@@ -30,7 +30,9 @@ def test_a_save_from_the_old_layout_loads_and_computes_the_same():
     batch = tokenizer(expected["prompts"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = editor(**batch).logits[:, -1]
-    assert torch.equal(logits, load_file(str(LEGACY / "expected.safetensors"))["logits"])
+    # equal up to float summation order (the fixture was computed with one CPU thread)
+    expected_logits = load_file(str(LEGACY / "expected.safetensors"))["logits"]
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     editor.edit(*EDITS[3])  # and it continues
     assert editor.num_edits == expected["num_edits"] + 1
 
