@@ -162,22 +162,25 @@ class AttachedLayer(nn.Module):
     def trial(self, state: Any) -> Iterator[None]:
         """Compute with ``state`` (what an edit is training, in the form the layer's
         forward reads) instead of what is committed: the editing forward."""
-        calls = self._calls
-        previous, calls.trial = calls.trial, state
-        try:
+        with self._for_this_call("trial", state):
             yield
-        finally:
-            calls.trial = previous
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Behave as the unedited layer (pre-edit scores, prefix generation)."""
+        with self._for_this_call("disabled", True):
+            yield
+
+    @contextmanager
+    def _for_this_call(self, name: str, value: Any) -> Iterator[None]:
+        """Set one of this thread's call settings for the block, then put it back."""
         calls = self._calls
-        previous, calls.disabled = calls.disabled, True
+        previous = getattr(calls, name)
+        setattr(calls, name, value)
         try:
             yield
         finally:
-            calls.disabled = previous
+            setattr(calls, name, previous)
 
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Which edit memory each sequence uses: (B,) long, -1 = the unedited layer.
