@@ -4,7 +4,7 @@ bit-equal, the norm bound, and the seeded mask streams."""
 import torch
 
 from wise_edit.core.seeds import mask_generator, merge_generator
-from wise_edit.wise.masks import clamp_to_bound, masked_step, random_masks
+from wise_edit.wise.masks import clamp_to_bound, heavy_ball, masked_step, random_masks
 
 
 def test_masks_have_the_ratio_and_overlap_about_ratio_squared():
@@ -59,3 +59,13 @@ def test_clamp_keeps_the_memory_within_the_bound_of_the_weight():
     out = clamp_to_bound(step, base, 1.0)
     torch.testing.assert_close(base + out, torch.tensor([1.0, -1.0, 0.3]))
     assert clamp_to_bound(step, base, None) is step
+
+
+def test_heavy_ball_sums_past_gradients_and_mask_still_holds():
+    grad1, grad2 = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
+    first = heavy_ball(None, grad1, 0.8)
+    assert torch.equal(first, grad1)
+    second = heavy_ball(first, grad2, 0.8)
+    assert torch.allclose(second, torch.tensor([0.8 * 1.0 + 0.5, 0.8 * 2.0 - 1.0]))
+    step = masked_step(torch.zeros(2), second, torch.tensor([1.0, 0.0]), lr=1.0)
+    assert step[1].item() == 0.0 and step[0].item() == -second[0].item()

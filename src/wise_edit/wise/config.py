@@ -75,6 +75,13 @@ class WiseConfig(EditConfig):
         metadata={"help": "epsilon = ratio * min activation score over a memory's edit prompts."},
     )
     lr: float = field(default=1.0, metadata={"help": "SGD learning rate on the side memory."})
+    momentum: float = field(
+        default=0.0,
+        metadata={
+            "help": "Heavy-ball momentum of that SGD (0: plain SGD, the paper). The velocity "
+            "is a sum of past masked gradients, so the update keeps their subspace."
+        },
+    )
     max_steps: int = field(default=70, metadata={"help": "Optimisation steps per edit, at most."})
     early_stop_loss: float = field(
         default=0.05,
@@ -169,6 +176,7 @@ class WiseConfig(EditConfig):
             ("gamma", self.gamma >= 0, "must be >= 0"),
             ("score_scale", self.score_scale is None or self.score_scale > 0, "must be > 0"),
             ("threshold_ratio", 0.0 < self.threshold_ratio <= 1.0, "must be in (0, 1]"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "must be in [0, 1)"),
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "must be > 0 or None"),
             ("replay_rows", self.replay_rows >= 1, "must be >= 1"),
             ("replay", not (self.replay and self.mode == "merge"), "applies to mode='retrieve'"),

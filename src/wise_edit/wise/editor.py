@@ -24,7 +24,7 @@ from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
 from .config import WiseConfig
 from .layer import SideMemory, WiseLayer
-from .masks import clamp_to_bound, masked_step, random_masks
+from .masks import clamp_to_bound, heavy_ball, masked_step, random_masks
 from .merging import get_merge
 from .router import (
     margin_loss,
@@ -69,6 +69,7 @@ class _WiseDraft(Draft):
         self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
         self.mask = plan.masks[plan.shard].to(plan.base_delta.device, torch.float32)
         self.step = torch.zeros_like(plan.base_delta, requires_grad=True)
+        self.velocity: torch.Tensor | None = None
 
     def layer_state(self) -> torch.Tensor:
         return self.plan.base_delta + self.step
@@ -92,6 +93,9 @@ class _WiseDraft(Draft):
         cfg = self.config
         (grad,) = torch.autograd.grad(loss, self.step)
         with torch.no_grad():
+            if cfg.momentum:
+                grad = heavy_ball(self.velocity, grad, cfg.momentum)
+                self.velocity = grad
             new = masked_step(self.step, grad, self.mask, cfg.lr)
             self.step.copy_(clamp_to_bound(new, self.plan.base_delta, cfg.norm_bound))
 

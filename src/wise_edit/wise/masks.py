@@ -24,6 +24,13 @@ def masked_step(
     return delta - lr * grad * mask
 
 
+def heavy_ball(velocity: torch.Tensor | None, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The next velocity ``momentum * velocity + grad`` (``grad`` on the first step). Fed
+    to `masked_step` in place of the gradient; masking happens there, so entries outside
+    the shard still never move."""
+    return grad if velocity is None else momentum * velocity + grad
+
+
 def clamp_to_bound(
     step: torch.Tensor, base_delta: torch.Tensor, bound: float | None
 ) -> torch.Tensor:
