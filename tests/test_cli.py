@@ -237,3 +237,17 @@ def test_compare_reads_runs_written_before_answer_em(tmp_path):
         "| WISE-merge | zsre | raw | 10 | – | – | 1.00 | 0.94 | 0.81 | 1.00 | 0.70 | 0.60 "
         "| – | – | 7.93 |"
     )
+
+
+def test_serve_request_limits_are_flags(monkeypatch, tmp_path):
+    import wise_edit.serve.run as run
+
+    seen = {}
+    monkeypatch.setattr(run, "serve", lambda settings: seen.setdefault("s", settings))
+    args = build_parser().parse_args(
+        ["serve", "--state", str(tmp_path), "--max-prompt-chars", "12", "--max-tokens", "7"]
+    )
+    assert args.func(args) == 0
+    limits = seen["s"].limits
+    assert (limits.max_prompt_chars, limits.max_tokens) == (12, 7)
+    assert limits.max_body_bytes == 256 * 1024  # untouched flags keep their defaults

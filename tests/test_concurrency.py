@@ -38,6 +38,21 @@ def test_concurrent_requests_keep_their_own_memory(tokenizer):
         assert answer == sequential[prompt], prompt
 
 
+def test_each_thread_reads_back_the_decision_its_own_generation_used(tokenizer):
+    editor = _editor(tokenizer)
+    prompts = [p for p, _ in EDITS[:4]] + [UNRELATED]
+    routed = dict(zip(prompts, editor.routed(prompts)))
+
+    def answer_and_decision(prompt: str) -> tuple[str, list[int] | None]:
+        _answer(editor, tokenizer, prompt)
+        return prompt, editor.last_decision()
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        results = list(pool.map(answer_and_decision, prompts * 4))
+    for prompt, decision in results:
+        assert decision == [routed[prompt]], prompt
+
+
 def test_an_edit_is_invisible_until_it_commits(tokenizer):
     editor = _editor(tokenizer)
     prompts = [p for p, _ in EDITS] + [UNRELATED]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -270,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the model with its edits over HTTP; see `wise_edit.serve`."""
     try:
         from .serve.run import ServeSettings, serve, token_from
+        from .serve.schema import Limits
     except ImportError as err:
         raise ValueError(f"serve needs the serve extra (wise-edit[serve]): {err}") from None
     cls = editor_class(args.method or "wise")
@@ -282,9 +284,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         token=token_from(args.token),
         checkpoint_every=args.checkpoint_every,
+        limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
     )
     serve(settings)
     return 0
+
+
+def _limit_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of `serve.schema.Limits`, which become `serve`'s request-limit flags;
+    none without the serve extra (then `serve` itself says what is missing)."""
+    try:
+        from .serve.schema import Limits
+    except ImportError:
+        return ()
+    return dataclasses.fields(Limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", default=None, help="bearer token for writes (default: $WISE_EDIT_TOKEN)"
     )
     srv.add_argument("--checkpoint-every", type=int, default=10, help="applied edits per save")
+    limits = srv.add_argument_group("request limits (over them: a 4xx naming the field)")
+    for f in _limit_fields():
+        limits.add_argument(
+            "--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"]
+        )
     _add_config_args(srv, method=True)
     srv.set_defaults(func=cmd_serve)
     return parser

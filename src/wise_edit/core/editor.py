@@ -162,6 +162,14 @@ class EditorBase:
         with self.state_lock.read():
             return self.model.generate(**inputs)
 
+    def last_decision(self) -> list[int] | None:
+        """The edit memory each sequence of the calling thread's last forward or
+        `generate` used, as decided at its prompt (-1: the unedited model); None when
+        this thread has run no routed forward. Read after `generate` in the same thread,
+        it names the memory that really answered, even if an edit committed since."""
+        choice = self.layer.routing.choice
+        return None if choice is None else choice.tolist()
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """The model behaves exactly as the unedited one inside this block."""

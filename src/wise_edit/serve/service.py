@@ -285,7 +285,7 @@ class EditService:
             "stop" if ended else "length",
             int(batch["input_ids"].shape[1]),
             len(new),
-            None if unedited else self.memory_of(prompt),
+            None if unedited else self._answered_by(prompt, out["decision"]),
         )
 
     def _generate(
@@ -316,15 +316,19 @@ class EditService:
                         **batch, max_new_tokens=max_tokens, streamer=streamer, **sampling
                     )
             out["tokens"] = ids[0, batch["input_ids"].shape[1] :].tolist()
+            out["decision"] = None if unedited else self.editor.last_decision()
         except Exception as err:  # handed to the request thread, which raises it
             out["error"] = err
             streamer.end()
 
-    def memory_of(self, prompt: str) -> int | None:
-        """The edit memory that answers ``prompt`` (None: the unedited model)."""
+    def _answered_by(self, prompt: str, decision: list[int] | None) -> int | None:
+        """The edit memory that answered (None: the unedited model). ``decision`` is the
+        one the generation itself held, taken at the prompt under the same read lock (an
+        edit committed meanwhile cannot change it); methods that decide anew at every
+        token (GRACE) hold none, and are asked again for the prompt."""
         if not self.editor.routes:
             return 0 if self.editor.num_edits else None
-        index = self.editor.routed([prompt])[0]
+        index = self.editor.routed([prompt])[0] if decision is None else decision[0]
         return None if index < 0 else index
 
     # ------------------------------------------------------------------ reports
