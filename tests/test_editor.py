@@ -399,3 +399,41 @@ def test_unknown_family_needs_an_explicit_target():
 
     with pytest.raises(ValueError, match="'mamba' is not a supported family"):
         WiseConfig.for_model(Fake())
+
+
+def test_rehearsal_keeps_a_memorys_earlier_edits(tokenizer):
+    """Five edits into one memory: without rehearsal the later ones overwrite the first;
+    with the memory's earlier edits rehearsed the first edit keeps its answer."""
+    from wise_edit.metrics import target_nll
+
+    def first_edits_nll(rehearse: int) -> list[float]:
+        config = fast_config(
+            mode="retrieve", shard_size=5, shards_per_merge=1, rehearse_rows=rehearse, max_steps=30
+        )
+        editor = WiseEditor(tiny_model(), tokenizer, config)
+        editor.edit_many(EDITS[:5])
+        assert len(editor.memories) == 1
+        return [target_nll(editor.model, editor.format, p, t) for p, t in EDITS[:4]]
+
+    without, with_rehearsal = first_edits_nll(0), first_edits_nll(4)
+    assert with_rehearsal[0] < without[0] - 2.0
+    assert sum(with_rehearsal) < sum(without) - 4.0
+
+
+def test_rehearsal_draws_from_the_memory_being_trained(tokenizer):
+    editor = WiseEditor(
+        tiny_model(),
+        tokenizer,
+        fast_config(mode="retrieve", shard_size=3, shards_per_merge=1, rehearse_rows=2),
+    )
+    editor.edit_many(EDITS[:4])  # memory 0: edits 0-2 (closed), memory 1: edit 3
+    plan = editor._plan()
+    assert plan.held == (3,)  # a new edit goes to memory 1, next to edit 3 only
+    ((rows, _),) = editor._rehearsal(plan, 4)
+    assert rows.input_ids.shape[0] == 1
+    full = editor._plan_in(editor.memories[0], 0)
+    ((rows, _),) = editor._rehearsal(full, 5)  # three held, two drawn, seeded by index
+    assert rows.input_ids.shape[0] == 2
+    again = editor._rehearsal(full, 5)[0][0]
+    assert torch.equal(again.input_ids, rows.input_ids)
+    assert editor._rehearsal(editor._plan_in(None, 2), 4) == []

@@ -59,3 +59,33 @@ def test_what_cannot_be_learned_raises(tokenizer, prompt, target, message):
 def test_rows_move_to_a_device(tokenizer):
     rows = build_rows(PromptFormat.create(tokenizer), "Who?", "Bob", []).to(torch.device("cpu"))
     assert rows.input_ids.device.type == "cpu"
+
+
+def test_answer_rows_align_each_target_and_ignore_the_rest(tokenizer):
+    from conftest import tiny_model
+
+    from wise_edit.core.fastpath import full_lm_loss
+    from wise_edit.core.rows import IGNORE, build_answer_rows
+
+    fmt = PromptFormat.create(tokenizer)
+    pairs = [("Who designed Lahti Town Hall?", "Eliel Saarinen"), ("Capital of Oria?", "Mo")]
+    rows = build_answer_rows(fmt, pairs, stop=True)
+    tails = [target_ids(tokenizer, t) + [tokenizer.eos_token_id] for _, t in pairs]
+    n = max(len(t) for t in tails)
+    assert rows.targets.shape == (2, n)
+    for row, ((prompt, _), tail) in enumerate(zip(pairs, tails)):
+        ids = tokenizer(prompt)["input_ids"]
+        real = rows.attention_mask[row].sum().item()
+        assert rows.input_ids[row, -real:].tolist() == ids + tail
+        assert rows.targets[row].tolist() == [IGNORE] * (n - len(tail)) + tail
+        assert rows.prompt_mask[row, -real:].tolist() == [1] * len(ids) + [0] * len(tail)
+    # the loss is the mean NLL over the real target tokens of both rows, nothing else
+    model = tiny_model()
+    with torch.no_grad():
+        loss = full_lm_loss(model, rows.input_ids, rows.attention_mask, rows.targets)
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+    nll = []
+    for row, tail in enumerate(tails):
+        logp = logits[row, -len(tail) - 1 : -1].log_softmax(-1)
+        nll += [-logp[i, t].item() for i, t in enumerate(tail)]
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-4)

@@ -51,6 +51,12 @@ class Draft:
         """One optimisation step from ``loss``."""
         raise NotImplementedError
 
+    def rehearsal(self) -> Sequence[tuple[Any, Any]]:
+        """(rows, captured lower part) of earlier edits whose target NLL is added to
+        this edit's at every step, so that training it does not overwrite them; none by
+        default."""
+        return ()
+
     def log_fields(self) -> dict[str, Any]:
         """What the method records in the edit log beside `EditResult`."""
         return {}

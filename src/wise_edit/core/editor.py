@@ -238,6 +238,8 @@ class EditorBase:
             state = draft.layer_state()
             with self.layer.trial(state):
                 lm = self._lm_loss(rows, lower)
+                for old_rows, old_lower in draft.rehearsal():
+                    lm = lm + self._lm_loss(old_rows, old_lower)
             return draft.loss(lm, state), lm
 
         return fit(

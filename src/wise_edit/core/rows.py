@@ -19,6 +19,7 @@ from .prompts import PromptFormat, target_ids
 
 __all__ = [
     "EditRows",
+    "build_answer_rows",
     "build_rows",
     "check_text",
     "encode_prompts",
@@ -109,6 +110,32 @@ def build_rows(
     prompt_mask = fmt.content_mask(ids, prompt_mask)
     targets = torch.tensor([tgt] * len(texts), dtype=torch.long)
     return EditRows(ids, mask, prompt_mask, targets)
+
+
+IGNORE = -100  # a target position that is not scored (cross_entropy's ignore_index)
+
+
+def build_answer_rows(
+    fmt: PromptFormat, pairs: list[tuple[str, str]], stop: bool = False
+) -> EditRows:
+    """One row per (prompt, target) of several edits: the prompt alone followed by its
+    own target (and the stop). Targets differ in length, so ``targets`` is (R, n) with n
+    the longest, right-aligned like the rows, and `IGNORE` where a row's target is
+    shorter (those positions predict prompt tokens)."""
+    tails = []
+    for _, target in pairs:
+        tgt = fmt.target_ids(target)
+        tails.append(tgt + [fmt.stop] if stop and fmt.stop is not None else tgt)
+    ids, mask = left_pad(
+        [fmt.prompt_ids(p) + t for (p, _), t in zip(pairs, tails)], pad_id(fmt.tokenizer)
+    )
+    n = max(len(t) for t in tails)
+    targets = torch.full((len(pairs), n), IGNORE, dtype=torch.long)
+    prompt_mask = mask.clone()
+    for row, tail in enumerate(tails):
+        targets[row, n - len(tail) :] = torch.tensor(tail)
+        prompt_mask[row, -len(tail) :] = 0
+    return EditRows(ids, mask, fmt.content_mask(ids, prompt_mask), targets)
 
 
 def context_limit(config) -> int | None:

@@ -15,6 +15,7 @@ UNRELATED_PRIME = 7919  # unrelated prompts drawn for edit n
 REPLAY_PRIME = 104_729  # earlier edits replayed in edit n (WISE-Retrieve)
 MASK_SEED_PRIME = 1_000_003  # shard masks of (memory, merge group)
 MASK_MEMORY_PRIME = 10_007
+REHEARSAL_PRIME = 1_299_709  # a memory's earlier edits rehearsed in edit n
 CANDIDATE_PRIME = 15_485_863  # the pool prompts hard negatives are chosen among
 MERGE_SEED_OFFSET = 1  # DARE's random drops use the mask stream of seed + 1
 
@@ -33,6 +34,10 @@ def candidate_generator(seed: int) -> torch.Generator:
 
 def replay_generator(seed: int, edit_index: int) -> torch.Generator:
     return generator(seed * REPLAY_PRIME + edit_index)
+
+
+def rehearsal_generator(seed: int, edit_index: int) -> torch.Generator:
+    return generator(seed * REHEARSAL_PRIME + edit_index)
 
 
 def mask_generator(seed: int, memory: int, group: int) -> torch.Generator:

@@ -108,6 +108,15 @@ class WiseConfig(EditConfig):
     replay_rows: int = field(
         default=4, metadata={"help": "Edits of earlier memories replayed in each new edit."}
     )
+    rehearse_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Earlier edits of the side memory being trained (a seeded sample of at "
+            "most this many) whose bare prompt -> target (+ stop) rows are trained again "
+            "with each new edit, so that a memory's later edits do not overwrite its "
+            "earlier ones. 0: no rehearsal (the paper)."
+        },
+    )
     prefix_count: int = field(
         default=10, metadata={"help": "Random prefixes generated once by the unedited model."}
     )
@@ -180,6 +189,7 @@ class WiseConfig(EditConfig):
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "must be > 0 or None"),
             ("replay_rows", self.replay_rows >= 1, "must be >= 1"),
             ("replay", not (self.replay and self.mode == "merge"), "applies to mode='retrieve'"),
+            ("rehearse_rows", self.rehearse_rows >= 0, "must be >= 0"),
             ("prefix_count", self.prefix_count >= 0, "must be >= 0"),
             (
                 "prefix_lengths",

@@ -18,8 +18,14 @@ from ..core.draft import Draft, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.persistence import STATE_FILE
-from ..core.rows import SEED_WORDS, EditRows, left_pad, pad_id
-from ..core.seeds import candidate_generator, mask_generator, merge_generator, replay_generator
+from ..core.rows import SEED_WORDS, EditRows, build_answer_rows, left_pad, pad_id
+from ..core.seeds import (
+    candidate_generator,
+    mask_generator,
+    merge_generator,
+    rehearsal_generator,
+    replay_generator,
+)
 from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
 from .config import WiseConfig
@@ -49,6 +55,7 @@ class _Plan:
     shard: int
     masks: list[torch.Tensor]  # the merge group's masks (new ones if the group starts now)
     base_delta: torch.Tensor
+    held: tuple[int, ...] = ()  # edits the memory already holds
 
 
 class _WiseDraft(Draft):
@@ -63,8 +70,10 @@ class _WiseDraft(Draft):
         unrelated: Acts,
         replay: Acts | None,
         scale: float,
+        rehearsal: list[tuple[EditRows, Captured]],
     ) -> None:
         self.config, self.plan, self.scale = config, plan, scale
+        self._rehearsal = rehearsal
         self.memory, self.shard = plan.memory, plan.shard
         self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
         self.mask = plan.masks[plan.shard].to(plan.base_delta.device, torch.float32)
@@ -88,6 +97,9 @@ class _WiseDraft(Draft):
         if self.replay is not None:
             loss = loss + cfg.margin_weight * replay_loss(scores(self.replay), cfg.alpha)
         return loss
+
+    def rehearsal(self) -> list[tuple[EditRows, Captured]]:
+        return self._rehearsal
 
     def update(self, loss: torch.Tensor) -> None:
         cfg = self.config
@@ -180,7 +192,23 @@ class WiseEditor(EditorBase):
             self._prompt_batch_acts(unrelated),
             self._replay_acts(plan.memory, index),
             self._ensure_scale(),
+            self._rehearsal(plan, index),
         )
+
+    def _rehearsal(self, plan: _Plan, index: int) -> list[tuple[EditRows, Captured]]:
+        """Rows of the earlier edits of the memory edit ``index`` goes to (a seeded
+        sample of at most `rehearse_rows`), with their lower part captured once."""
+        k = self.config.rehearse_rows
+        if not k or not plan.held:
+            return []
+        held = list(plan.held)
+        if len(held) > k:
+            gen = rehearsal_generator(self.config.seed, index)
+            picks = torch.randperm(len(held), generator=gen)
+            held = [held[i] for i in sorted(picks[:k].tolist())]
+        pairs = [(self.edit_log[i]["prompt"], self.edit_log[i]["target"]) for i in held]
+        rows = build_answer_rows(self.format, pairs, stop=self.config.train_stop).to(self.device)
+        return [(rows, self._capture(rows, keep_lower_output=self.config.fast_path))]
 
     def _hard_negatives(
         self, acts: torch.Tensor, mask: torch.Tensor, taken: list[str]
@@ -225,7 +253,7 @@ class WiseEditor(EditorBase):
             return _Plan(index, True, 0, masks, zeros)
         masks = list(memory.masks) or self._group_masks(index, memory.merges)
         shard = memory.group_edits // self.config.shard_size
-        return _Plan(index, False, shard, masks, memory.delta)
+        return _Plan(index, False, shard, masks, memory.delta, tuple(memory.edit_ids))
 
     def _group_masks(self, memory: int, group: int) -> list[torch.Tensor]:
         cfg = self.config
