@@ -24,8 +24,10 @@ def _unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
     return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
-def _wise(tokenizer, mode: str) -> WiseEditor:
-    config = fast_config(mode=mode, shard_size=1, shards_per_merge=2, max_steps=20)
+def _wise(tokenizer, mode: str, rehearse: int = 0) -> WiseEditor:
+    config = fast_config(
+        mode=mode, shard_size=1, shards_per_merge=2, max_steps=20, rehearse_rows=rehearse
+    )
     editor = WiseEditor(tiny_model(), tokenizer, config)
     editor.edit_many(EDITS[:4])
     return editor
@@ -50,10 +52,13 @@ def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
     assert editor.live_edits() == [0, 2, 3]
 
 
-def test_wise_merge_retraction_equals_a_stream_without_the_edit(tokenizer):
-    editor = _wise(tokenizer, "merge")
+@pytest.mark.parametrize("rehearse", [0, 2])
+def test_wise_merge_retraction_equals_a_stream_without_the_edit(tokenizer, rehearse):
+    editor = _wise(tokenizer, "merge", rehearse)
     cost = editor.retract(1)
-    config = fast_config(mode="merge", shard_size=1, shards_per_merge=2, max_steps=20)
+    config = fast_config(
+        mode="merge", shard_size=1, shards_per_merge=2, max_steps=20, rehearse_rows=rehearse
+    )
     never = WiseEditor(tiny_model(), tokenizer, config)
     never.edit_many([EDITS[i] for i in (0, 2, 3)])
     assert torch.equal(editor.memories[0].delta, never.memories[0].delta)
