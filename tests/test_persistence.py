@@ -26,6 +26,8 @@ def test_a_save_from_the_old_layout_loads_and_computes_the_same():
     editor = load_editor(model, tokenizer, LEGACY / "save")
     assert isinstance(editor, WiseEditor) and editor.num_edits == expected["num_edits"]
     assert editor.config.mode == "retrieve" and len(editor.memories) == 2
+    # made before these settings existed: it keeps editing as it was made
+    assert editor.config.rehearse_rows == 0 and editor.config.prompt_format == "raw"
     assert editor.routed(expected["prompts"]) == expected["route"]
     batch = tokenizer(expected["prompts"], return_tensors="pt", padding=True)
     with torch.no_grad():

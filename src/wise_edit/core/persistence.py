@@ -70,6 +70,8 @@ class ForeignFolderError(ValueError):
 # Config fields added after saves were first written, with the value the older saves'
 # edits were made with: raw prompts, targets trained without a stop token.
 MADE_WITHOUT = {"prompt_format": "raw", "train_stop": False}
+# The same for one method's own fields: WISE saves made before rehearsal trained none.
+MADE_WITHOUT_BY_METHOD = {"WISE": {"rehearse_rows": 0}}
 
 
 @dataclass
@@ -347,6 +349,6 @@ def _read_once(folder: Path) -> Saved:
     method = config.pop("method", None) or state.get("method")
     if not isinstance(method, str):
         raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
-    for name, value in MADE_WITHOUT.items():
+    for name, value in {**MADE_WITHOUT, **MADE_WITHOUT_BY_METHOD.get(method, {})}.items():
         config.setdefault(name, value)
     return Saved(method, config, state, tensors)

@@ -109,12 +109,13 @@ class WiseConfig(EditConfig):
         default=4, metadata={"help": "Edits of earlier memories replayed in each new edit."}
     )
     rehearse_rows: int = field(
-        default=0,
+        default=4,
         metadata={
             "help": "Earlier edits of the side memory being trained (a seeded sample of at "
             "most this many) whose bare prompt -> target (+ stop) rows are trained again "
             "with each new edit, so that a memory's later edits do not overwrite its "
-            "earlier ones. 0: no rehearsal (the paper)."
+            "earlier ones (ZsRE, T = 20: answer EM Rel .75 -> 1.00, docs/RESULTS.md). "
+            "0: no rehearsal (the paper)."
         },
     )
     prefix_count: int = field(
