@@ -19,6 +19,7 @@ if missing:
 
 from wise_edit import WiseConfig, WiseEditor, models  # noqa: E402
 from wise_edit.data import load_zsre, load_zsre_irrelevant  # noqa: E402
+from wise_edit.metrics import answer_text, exact_answer, greedy_continuation  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 UNRELATED = ["The Eiffel Tower is located in the city of", "The capital of Japan is"]
@@ -56,10 +57,9 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
     editor = WiseEditor(
         model,
         tokenizer,
-        # the paper's setting (raw text, no stop token): with the stop token, the Merge
-        # preset loses the first of these three edits to the later ones in its one side
-        # memory (docs/RESULTS.md, "Answers that stop"); test_chat_edits_... trains stops
-        WiseConfig.for_model(model, prompt_format="raw", train_stop=False),
+        # the Merge preset (one side memory), raw text, stop trained: without rehearsal
+        # the later two edits overwrote the first here (docs/RESULTS.md, "Rehearsal")
+        WiseConfig.for_model(model, prompt_format="raw"),
         irrelevant_prompts=load_zsre_irrelevant(DATA, limit=200),
     )
     try:
@@ -79,9 +79,10 @@ def _three_edits(editor, records):
     assert misses_before, "the unedited model already knows these answers"
     for record in records:
         editor.edit(record.prompt, record.target)
-    for record in records:
-        answer = _answer(editor, record.prompt)
-        assert answer.strip().lower().startswith(record.target.lower()), (record, answer)
+    for record in records:  # the whole answer, generated until the model stops
+        ids = greedy_continuation(editor.model, editor.format, record.prompt, 24)
+        answer = answer_text(editor.format, ids)
+        assert exact_answer(answer, record.target), (record, answer)
     assert {p: _answer(editor, p) for p in UNRELATED} == before
     assert editor.routed(UNRELATED) == [-1, -1]
 
