@@ -24,13 +24,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--save", required=True, help="an editor save (save_pretrained)")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda", ...')
     parser.add_argument("--data", default="zsre")
     parser.add_argument("--data-dir", default=str(default_data_dir()))
     parser.add_argument("--edits", type=int, required=True, help="the first N records")
     parser.add_argument("--out", type=Path, help="write one JSON line per record here")
     args = parser.parse_args()
 
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, device=args.device)
     editor = load_editor(model, tokenizer, args.save)
     fmt = editor.format
     records = load_dataset(args.data, args.data_dir, args.edits)

@@ -239,3 +239,14 @@ def test_bundled_smollm2_converts_once_and_knows_paris(monkeypatch, tmp_path):
         a = model(**batch).logits
         b = cached(**batch).logits
     assert torch.equal(a, b)
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_a_missing_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert wise_models.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        wise_models.resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        wise_models.resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert wise_models.resolve_device("auto") == torch.device("cuda")

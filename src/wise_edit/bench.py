@@ -50,7 +50,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     if len(records) < args.edits:
         raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
     pool = _irrelevant_pool(args.data, data_dir)
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, device=args.device)
     config = make_config(cls, model, args.overrides)
     fmt = PromptFormat.create(tokenizer, config.prompt_format)
     mode = cls.variant_of(config)
@@ -82,6 +82,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
     result.extra["config"] = config.to_dict()
     result.extra["model"] = args.model
+    result.extra["device"] = str(model.device)
     result.extra["command"] = "wise-edit " + " ".join(getattr(args, "argv", []) or [])
     result.extra.update(editor.summary())
     if args.chunk is None:
@@ -286,7 +287,8 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
         f"{result.extra.get('steps_per_edit')}"
         + (f"; side memories: {result.extra['memories']}" if "memories" in result.extra else "")
         + (f"; codebook keys: {result.extra['keys']}" if "keys" in result.extra else ""),
-        f"- peak memory: {result.peak_memory_mb:.0f} MB",
+        f"- peak memory: {result.peak_memory_mb:.0f} MB"
+        + (f"; device: {result.extra['device']}" if "device" in result.extra else ""),
     ]
     sample = result.extra.get("eval_sample")
     if sample:

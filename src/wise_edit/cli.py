@@ -115,7 +115,7 @@ def _answer(editor: Any, prompt: str, fmt: PromptFormat, max_new_tokens: int = 2
 def cmd_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     print(f"Loading {args.model} ...")
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, device=args.device)
     records = load_dataset("zsre", data_dir, limit=args.edits)
     unrelated = [
         "The Eiffel Tower is located in the city of",
@@ -187,7 +187,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if args.resume and not resume:
             print(f"{out} holds no save yet; starting a new one")
         resume = resume and args.resume
-        model, tokenizer = models.load(args.model)
+        model, tokenizer = models.load(args.model, device=args.device)
         pool = _pool(args.data_dir)
         if resume:
             editor = cls.from_pretrained(model, tokenizer, out, irrelevant_prompts=pool)
@@ -239,7 +239,7 @@ def _as_json(value: Any) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         check_text(prompt, "prompt")
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, device=args.device)
     editor = load_editor(model, tokenizer, args.edits)
     fmt = PromptFormat.create(tokenizer, "chat" if args.chat else "raw")
     for prompt in args.prompt:
@@ -277,6 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cls = editor_class(args.method or "wise")
     settings = ServeSettings(
         model=args.model,
+        device=args.device,
         state_dir=Path(args.state),
         method=args.method or "wise",
         overrides=parse_overrides(args, cls),
@@ -300,6 +301,20 @@ def _limit_fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(Limits)
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help=f"bundled name ({', '.join(models.BUNDLED)}) or a local HF folder",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help='where the model runs: "auto" (a CUDA GPU when torch sees one, else the CPU), '
+        '"cpu", "cuda", "cuda:1", ...',
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wise-edit",
@@ -312,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="edit a few ZsRE facts into the bundled SmolLM2 and show answers before and after",
     )
-    demo.add_argument("--model", default="smollm2-135m")
+    _add_model_args(demo)
     demo.add_argument("--edits", type=int, default=4)
     demo.add_argument("--data-dir", default=str(default_data_dir()))
     _add_config_args(demo)
@@ -323,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequential editing benchmark: Rel/Gen/Loc, "
         "teacher-forced and generated, speed and memory",
     )
-    bench.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help=f"bundled name ({', '.join(models.BUNDLED)}) or a local HF folder",
-    )
+    _add_model_args(bench)
     bench.add_argument(
         "--data",
         default="zsre",
@@ -367,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     edit = sub.add_parser("edit", help="apply a JSONL stream of edits and save the editor")
-    edit.add_argument("--model", default="smollm2-135m")
+    _add_model_args(edit)
     edit.add_argument("--edits", required=True, help='JSONL: {"prompt": ..., "target": ...}')
     edit.add_argument("--out", required=True, help="folder to save the edits to")
     edit.add_argument(
@@ -407,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
-    gen.add_argument("--model", default="smollm2-135m")
+    _add_model_args(gen)
     gen.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
     gen.add_argument("--max-new-tokens", type=int, default=24)
     gen.add_argument(
@@ -419,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the edited model over HTTP while edits stream in")
-    srv.add_argument("--model", default="smollm2-135m")
+    _add_model_args(srv)
     srv.add_argument("--state", required=True, help="edit log and checkpoints (made if absent)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)

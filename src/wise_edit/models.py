@@ -227,22 +227,46 @@ def load(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer for editing, never contacting a model hub.
 
     `name_or_path` is a bundled name (see `BUNDLED`) or a local Hugging Face folder.
     `cache_dir` overrides `default_cache_dir()` for bundled conversions. The model is
-    returned in eval mode with the requested dtype; the tokenizer pads on the left and
-    always has a pad token (eos if it defined none)."""
+    returned in eval mode with the requested dtype on `device` ("auto": the GPU when
+    torch sees one); the tokenizer pads on the left and always has a pad token (eos if
+    it defined none)."""
+    target = resolve_device(device)
     key = os.fspath(name_or_path)
     if key in BUNDLED:
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
-        return _load_bundled(key, cache_root or default_cache_dir(), dtype)
+        model, tokenizer = _load_bundled(key, cache_root or default_cache_dir(), dtype)
+        return _placed(model, target), tokenizer
     path = Path(key).expanduser()
     if path.is_dir():
-        return _load_folder(path, dtype)
+        model, tokenizer = _load_folder(path, dtype)
+        return _placed(model, target), tokenizer
     raise ValueError(
         f"Unknown model {key!r}: not a bundled model ({', '.join(BUNDLED)}) and not a local "
         "folder. Pass a bundled name or a local Hugging Face model folder; nothing is "
         "downloaded."
     )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` picks the GPU when torch sees one; a named device torch cannot use
+    is refused here, before minutes of loading, with the reason."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {str(device)!r}: {err}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU")
+    return target
+
+
+def _placed(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    # from_pretrained always loads onto the CPU, so only another device needs a move.
+    return model if device.type == "cpu" else model.to(device)

@@ -28,6 +28,7 @@ class ServeSettings:
     model: str
     state_dir: Path
     method: str = "wise"
+    device: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -67,7 +68,7 @@ def token_from(flag: str | None) -> str | None:
 def build_service(settings: ServeSettings) -> EditService:
     """The editor from the state directory's checkpoint when there is one (its method
     and config win over the flags), else a new one from the flags."""
-    model, tokenizer = models.load(settings.model)
+    model, tokenizer = models.load(settings.model, device=settings.device)
     checkpoint = EditService.checkpoint_path(settings.state_dir)
     if checkpoint is not None:
         editor = load_editor(model, tokenizer, checkpoint)
