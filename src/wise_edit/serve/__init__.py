@@ -4,6 +4,6 @@ dashboard. Needs the ``serve`` extra (starlette, uvicorn)."""
 
 from .app import create_app
 from .schema import Limits
-from .service import EditService
+from .service import EditService, Question
 
-__all__ = ["EditService", "Limits", "create_app"]
+__all__ = ["EditService", "Limits", "Question", "create_app"]

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from . import schema
 from .prompts import chat_prompt
 from .schema import BadRequest, Limits
-from .service import Completion, EditService
+from .service import Completion, EditService, Question
 
 PAGE_SIZE = 50
 
@@ -115,16 +115,18 @@ class Api:
         self, body: dict[str, Any], prompt: str, special: bool, kind: str
     ) -> Response:
         ask = schema.sampling(body, self.limits, self.model_name)
-        args = (prompt, ask.max_tokens, ask.temperature, ask.stop, ask.unedited, special)
+        question = Question(
+            prompt, ask.max_tokens, ask.temperature, tuple(ask.stop), ask.unedited, special
+        )
         head = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
             "model": ask.model,
         }
         if ask.stream:
-            pieces = self.service.stream(*args)
+            pieces = self.service.stream(question)
             return StreamingResponse(_sse(pieces, head, kind), media_type="text/event-stream")
-        done: Completion = await run_in_threadpool(self.service.complete, *args)
+        done: Completion = await run_in_threadpool(self.service.complete, question)
         return JSONResponse({**head, "object": kind, **_choices(done, kind), "usage": _usage(done)})
 
     # ------------------------------------------------------------------ reports

@@ -45,6 +45,19 @@ class Completion:
     memory: int | None  # the edit memory that answered; None: the unedited model
 
 
+@dataclass(frozen=True)
+class Question:
+    """One generation request as the service answers it (the HTTP layer has already
+    checked every field against its limits)."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    stop: tuple[str, ...] = ()  # the answer is cut before the first of these
+    unedited: bool = False  # answer with every edit switched off
+    special_tokens: bool = True  # False: the prompt already has them (chat template)
+
+
 @dataclass
 class Latencies:
     """Recent request latencies, for /metrics."""
@@ -214,18 +227,10 @@ class EditService:
         logger.info("checkpoint after op %d", seq)
 
     # ------------------------------------------------------------------ generation
-    def complete(
-        self,
-        prompt: str,
-        max_tokens: int,
-        temperature: float,
-        stop: list[str],
-        unedited: bool = False,
-        special_tokens: bool = True,
-    ) -> Completion:
-        """Generate an answer to ``prompt`` with the edits committed now."""
+    def complete(self, question: Question) -> Completion:
+        """Generate an answer with the edits committed now."""
         started = time.perf_counter()
-        pieces = list(self.stream(prompt, max_tokens, temperature, stop, unedited, special_tokens))
+        pieces = list(self.stream(question))
         text = "".join(p for p in pieces[:-1] if isinstance(p, str))
         done = pieces[-1]
         assert isinstance(done, Completion)
@@ -234,27 +239,19 @@ class EditService:
             text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.memory
         )
 
-    def stream(
-        self,
-        prompt: str,
-        max_tokens: int,
-        temperature: float,
-        stop: list[str],
-        unedited: bool = False,
-        special_tokens: bool = True,
-    ) -> Iterator[str | Completion]:
+    def stream(self, question: Question) -> Iterator[str | Completion]:
         """Text pieces as they are generated, then a `Completion` (empty text) with the
         finish reason, token counts and the memory that answered. Text is cut before the
-        first stop string. ``special_tokens`` False: the prompt already has them (a chat
-        template's output)."""
+        first stop string."""
+        q = question
         editor, tokenizer = self.editor, self.editor.tokenizer
-        batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=special_tokens)
+        batch = tokenizer([q.prompt], return_tensors="pt", add_special_tokens=q.special_tokens)
         batch = {k: v.to(editor.device) for k, v in batch.items()}
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out: dict[str, Any] = {}
         thread = threading.Thread(
             target=self._generate,
-            args=(batch, max_tokens, temperature, stop, unedited, streamer, out),
+            args=(batch, q, streamer, out),
             daemon=True,
         )
         thread.start()
@@ -263,60 +260,57 @@ class EditService:
             if stopped:
                 continue
             text += piece
-            cut = _cut(text, stop)
+            cut = _cut(text, q.stop)
             stopped = cut is not None
             upto = len(text) if cut is None else cut
-            safe = upto if stopped else max(sent, upto - max((len(s) for s in stop), default=0))
+            safe = upto if stopped else max(sent, upto - max((len(s) for s in q.stop), default=0))
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
         thread.join()
         if "error" in out:
             raise out["error"]
-        cut = _cut(text, stop)
+        cut = _cut(text, q.stop)
         end = len(text) if cut is None else cut
         if end > sent:
             yield text[sent:end]
         new = out["tokens"]
         eos = tokenizer.eos_token_id
-        ended = cut is not None or (len(new) < max_tokens) or (bool(new) and new[-1] == eos)
+        ended = cut is not None or (len(new) < q.max_tokens) or (bool(new) and new[-1] == eos)
         yield Completion(
             "",
             "stop" if ended else "length",
             int(batch["input_ids"].shape[1]),
             len(new),
-            None if unedited else self._answered_by(prompt, out["decision"]),
+            None if q.unedited else self._answered_by(q.prompt, out["decision"]),
         )
 
     def _generate(
         self,
         batch: dict[str, torch.Tensor],
-        max_tokens: int,
-        temperature: float,
-        stop: list[str],
-        unedited: bool,
+        q: Question,
         streamer: TextIteratorStreamer,
         out: dict[str, Any],
     ) -> None:
         """Runs in its own thread (the streamer is read in the caller's)."""
         sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+            {"do_sample": True, "temperature": q.temperature} if q.temperature > 0 else {}
         )
-        if stop:
-            sampling.update(stop_strings=stop, tokenizer=self.editor.tokenizer)
+        if q.stop:
+            sampling.update(stop_strings=list(q.stop), tokenizer=self.editor.tokenizer)
         try:
             with torch.no_grad():
-                if unedited:
+                if q.unedited:
                     with self.editor.disabled():
                         ids = self.editor.generate(
-                            **batch, max_new_tokens=max_tokens, streamer=streamer, **sampling
+                            **batch, max_new_tokens=q.max_tokens, streamer=streamer, **sampling
                         )
                 else:
                     ids = self.editor.generate(
-                        **batch, max_new_tokens=max_tokens, streamer=streamer, **sampling
+                        **batch, max_new_tokens=q.max_tokens, streamer=streamer, **sampling
                     )
             out["tokens"] = ids[0, batch["input_ids"].shape[1] :].tolist()
-            out["decision"] = None if unedited else self.editor.last_decision()
+            out["decision"] = None if q.unedited else self.editor.last_decision()
         except Exception as err:  # handed to the request thread, which raises it
             out["error"] = err
             streamer.end()
@@ -349,7 +343,7 @@ class EditService:
         }
 
 
-def _cut(text: str, stop: list[str]) -> int | None:
+def _cut(text: str, stop: tuple[str, ...]) -> int | None:
     """Where the first stop string starts in ``text``, or None."""
     found = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(found) if found else None
