@@ -115,7 +115,7 @@ def test_baselines_learn_two_zsre_edits(smollm2, method):
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not found beside the project")
 def test_small_zsre_benchmark_through_the_cli(tmp_path):
-    """`wise-edit bench` at small scale on the real model: 8 sequential ZsRE edits, the
+    """`wise-edit bench` at small scale on the real model: 4 sequential ZsRE edits, the
     reported metrics in range and unrelated prompts' outputs unchanged."""
     import json
 
@@ -133,7 +133,7 @@ def test_small_zsre_benchmark_through_the_cli(tmp_path):
                 "--data-dir",
                 str(DATA),
                 "--edits",
-                "8",
+                "4",
                 "--out",
                 str(out),
                 "--latency-repeats",
