@@ -11,6 +11,7 @@ edit is applied exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -299,16 +300,11 @@ class EditService:
         if q.stop:
             sampling.update(stop_strings=list(q.stop), tokenizer=self.editor.tokenizer)
         try:
-            with torch.no_grad():
-                if q.unedited:
-                    with self.editor.disabled():
-                        ids = self.editor.generate(
-                            **batch, max_new_tokens=q.max_tokens, streamer=streamer, **sampling
-                        )
-                else:
-                    ids = self.editor.generate(
-                        **batch, max_new_tokens=q.max_tokens, streamer=streamer, **sampling
-                    )
+            edits_off = self.editor.disabled() if q.unedited else contextlib.nullcontext()
+            with torch.no_grad(), edits_off:
+                ids = self.editor.generate(
+                    **batch, max_new_tokens=q.max_tokens, streamer=streamer, **sampling
+                )
             out["tokens"] = ids[0, batch["input_ids"].shape[1] :].tolist()
             out["decision"] = None if q.unedited else self.editor.last_decision()
         except Exception as err:  # handed to the request thread, which raises it
