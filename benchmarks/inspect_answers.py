@@ -62,10 +62,8 @@ def main() -> None:
 
 def _memory_of_edit(editor, index: int) -> int | None:  # noqa: ANN001
     """The side memory that holds edit ``index`` (WISE), else None."""
-    for number, memory in enumerate(getattr(editor, "memories", ())):
-        if index in memory.edit_ids:
-            return number
-    return None
+    holding = getattr(editor, "memory_holding", None)
+    return holding(index) if holding is not None else None
 
 
 def _line(row: dict) -> str:

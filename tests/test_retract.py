@@ -37,6 +37,7 @@ def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
     editor = _wise(tokenizer, "retrieve")  # memories: [0, 1], [2, 3]
     before = {p: _greedy(editor, tokenizer, p) for p, _ in EDITS[:4]}
     untouched = editor.memories[1].delta.clone()
+    assert [editor.memory_holding(i) for i in range(4)] == [0, 0, 1, 1]
     prompt = EDITS[1][0]
     assert before[prompt] != _unedited(tokenizer, prompt)  # the edit held
 
@@ -48,6 +49,7 @@ def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
     for p, _ in EDITS[2:4]:
         assert _greedy(editor, tokenizer, p) == before[p]
     assert editor.memories[0].edit_ids == (0,) and editor.memories[0].closed
+    assert [editor.memory_holding(i) for i in range(4)] == [0, None, 1, 1]
     assert editor.edit_log[1]["retracted"] == cost and cost["retrained_edits"] == 1
     assert editor.live_edits() == [0, 2, 3]
 

@@ -150,6 +150,11 @@ class WiseEditor(EditorBase):
     def memories(self) -> tuple[SideMemory, ...]:
         return tuple(self.layer.memories)
 
+    def memory_holding(self, edit_id: int) -> int | None:
+        """The side memory that holds edit ``edit_id`` (None: no memory holds it, e.g. a
+        retracted edit), for reading where an edit went and for retraction."""
+        return next((i for i, m in enumerate(self.layer.memories) if edit_id in m.edit_ids), None)
+
     @property
     def thresholds(self) -> list[float]:
         return [m.epsilon for m in self.layer.memories]
@@ -305,7 +310,8 @@ class WiseEditor(EditorBase):
         every other edit is retrained - a retraction costs as much as the whole stream -
         and each is drawn with the index it has among the live edits, so the memory equals
         the one a stream without the edit builds."""
-        number = next(i for i, m in enumerate(self.layer.memories) if edit_id in m.edit_ids)
+        number = self.memory_holding(edit_id)
+        assert number is not None, f"live edit {edit_id} is in no side memory"
         old = self.layer.memories[number]
         kept = [i for i in old.edit_ids if i != edit_id]
         draws = kept if self.config.mode == "retrieve" else list(range(len(kept)))
