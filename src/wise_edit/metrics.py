@@ -25,6 +25,7 @@ import string
 import torch
 from torch import nn
 
+from .core.attach import cache_argument, returned_cache
 from .core.prompts import PromptFormat
 from .core.rows import pad_id
 
@@ -50,9 +51,8 @@ def target_logits(model: nn.Module, prompt: list[int], target: list[int]) -> tor
         return first[0]
     rest_ids = torch.tensor([target[:-1]], device=device)
     mask = torch.ones((1, len(prompt) + len(target) - 1), dtype=torch.long, device=device)
-    rest = model(
-        input_ids=rest_ids, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
-    ).logits
+    cache = {cache_argument(model): returned_cache(out)}
+    rest = model(input_ids=rest_ids, attention_mask=mask, use_cache=True, **cache).logits
     return torch.cat([first, rest], dim=1)[0]
 
 

@@ -4,6 +4,7 @@ new sequence from a continued one, and identifying the weight edits were made ag
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,34 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
+
+
+# transformers 5.x renamed the KV cache from ``past_key_values`` to ``cache`` (in forward
+# arguments and outputs); the old name stays accepted for a while. Read both, newest first.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward was given, under either name; None without one."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``use_cache=True``), under either name."""
+    for name in CACHE_NAMES:
+        value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache in this transformers."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_NAMES if name in params), CACHE_NAMES[-1])
 
 
 def cache_length(past: Any) -> int:

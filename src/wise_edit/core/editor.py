@@ -29,6 +29,7 @@ from .attach import (
     check_fingerprint,
     editing_mode,
     locate_layer,
+    passed_cache,
     set_submodule,
     weight_fingerprint,
 )
@@ -122,7 +123,7 @@ class EditorBase:
     def _on_forward(self, _module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         """Every forward of the backbone: a new sequence starts a decision, a forward that
         continues a KV cache keeps the one made at prefill."""
-        past = kwargs.get("past_key_values")
+        past = passed_cache(kwargs)
         if past is not None and cache_length(past) > 0:
             self.layer.routing.hold()
             return
