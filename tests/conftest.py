@@ -151,14 +151,14 @@ def poison_lm_loss(monkeypatch, at_call: int) -> dict:
     returns the call counter so a test can reset it."""
     import wise_edit.core.fastpath as fastpath
 
-    real, calls = fastpath.fast_lm_loss, {"n": 0}
+    real, calls = fastpath.target_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == at_call else loss
 
-    monkeypatch.setattr(fastpath, "fast_lm_loss", poisoned)
+    monkeypatch.setattr(fastpath, "target_loss", poisoned)
     return calls
 
 

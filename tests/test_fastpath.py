@@ -5,7 +5,7 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
-from wise_edit.core.fastpath import capture, fast_lm_loss, full_lm_loss
+from wise_edit.core.fastpath import capture, fast_lm_loss, full_lm_loss, greedy_hits
 from wise_edit.core.prompts import PromptFormat
 from wise_edit.core.rows import build_rows
 
@@ -79,3 +79,17 @@ def test_editor_paths_give_the_same_edit(tokenizer):
         editor.edit(*EDITS[0])
         deltas.append(editor.memories[0].delta)
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_hits_reads_every_scored_target_token():
+    logits = torch.zeros((2, 3, 5))
+    targets = torch.tensor([[1, 2, 3], [-100, 4, 0]])
+    for row, tokens in enumerate(targets.tolist()):
+        for pos, tok in enumerate(tokens):
+            logits[row, pos, max(tok, 0)] = 1.0
+    assert bool(greedy_hits(logits, targets))
+    logits[1, 0] = 0.0  # an ignored position may say anything
+    logits[1, 0, 3] = 5.0
+    assert bool(greedy_hits(logits, targets))
+    logits[0, 2, 4] = 2.0  # one scored token wrong
+    assert not bool(greedy_hits(logits, targets))

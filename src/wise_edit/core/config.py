@@ -15,10 +15,10 @@ from typing import Any, Literal
 from torch import nn
 
 from ..families import decoder_layers, default_layer_index, family_of, infer_layers_path
+from .fit import StopOn
 from .prompts import FORMAT_NAMES, FormatName
 
 TARGET_FIELDS = ("layer", "target_module", "layers_path")
-StopOn = Literal["loss", "lm"]
 
 
 def type_error(value: Any, hint: Any) -> str | None:
@@ -163,7 +163,9 @@ class EditConfig(TargetConfig):
         default="loss",
         metadata={
             "help": "'loss': the whole training loss; 'lm': only the target NLL (for methods "
-            "whose extra terms, e.g. a penalty, need not vanish)."
+            "whose extra terms, e.g. a penalty, need not vanish); 'answer': every trained "
+            "target token is the greedy choice and the loss's other terms (WISE: the "
+            "routing margins) are below early_stop_loss."
         },
     )
     fast_path: bool = field(
@@ -202,6 +204,10 @@ class EditConfig(TargetConfig):
                 ("max_steps", self.max_steps >= 1, "must be >= 1"),
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
-                ("early_stop_on", self.early_stop_on in ("loss", "lm"), "must be 'loss' or 'lm'"),
+                (
+                    "early_stop_on",
+                    self.early_stop_on in ("loss", "lm", "answer"),
+                    "must be 'loss', 'lm' or 'answer'",
+                ),
             ]
         )

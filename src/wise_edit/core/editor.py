@@ -36,7 +36,7 @@ from .attach import (
 from .config import EditConfig
 from .draft import Draft, EditResult
 from .fastpath import Captured, capture
-from .fit import Fitted, fit
+from .fit import Fitted, StepLoss, fit
 from .layer import AttachedLayer
 from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
 from .prompts import PromptFormat
@@ -235,13 +235,14 @@ class EditorBase:
         """Train ``draft`` on the edit's rows (inside `editing_mode`)."""
         cfg = self.config
 
-        def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+        def loss_fn() -> StepLoss:
             state = draft.layer_state()
             with self.layer.trial(state):
-                lm = self._lm_loss(rows, lower)
+                lm, answered = self._target_fit(rows, lower)
                 for old_rows, old_lower in draft.rehearsal():
-                    lm = lm + self._lm_loss(old_rows, old_lower)
-            return draft.loss(lm, state), lm
+                    old_lm, old_answered = self._target_fit(old_rows, old_lower)
+                    lm, answered = lm + old_lm, answered & old_answered
+            return StepLoss(draft.loss(lm, state), lm, answered)
 
         return fit(
             loss_fn,
@@ -249,7 +250,7 @@ class EditorBase:
             max_steps=cfg.max_steps,
             early_stop_loss=cfg.early_stop_loss,
             patience=cfg.early_stop_patience,
-            stop_on_lm=cfg.early_stop_on == "lm",
+            stop_on=cfg.early_stop_on,
         )
 
     # ------------------------------------------------------------------ retraction
@@ -357,17 +358,27 @@ class EditorBase:
 
     def _lm_loss(self, rows: EditRows, lower: Captured) -> torch.Tensor:
         """Target NLL of the rows with the wrapped layer as it currently computes."""
+        return self._target_fit(rows, lower)[0]
+
+    def _target_fit(self, rows: EditRows, lower: Captured) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' target NLL and whether greedy decoding already says every target
+        token (teacher-forced), from one forward of the wrapped layer as it computes now."""
+        n = rows.targets.shape[1]
         if self.config.fast_path:
-            return fastpath.fast_lm_loss(
+            logits = fastpath.fast_target_logits(
                 self.model,
                 self.layers,
                 self.layer_index,
                 lower,
                 rows.input_ids,
                 rows.attention_mask,
-                rows.targets,
+                n,
             )
-        return fastpath.full_lm_loss(self.model, rows.input_ids, rows.attention_mask, rows.targets)
+        else:
+            logits = fastpath.full_target_logits(self.model, rows.input_ids, rows.attention_mask, n)
+        return fastpath.target_loss(logits, rows.targets), fastpath.greedy_hits(
+            logits, rows.targets
+        )
 
     @torch.no_grad()
     def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,6 +136,29 @@ def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+@torch.no_grad()
+def greedy_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Whether every scored target token (not ``ignore_index`` -100) is the argmax of its
+    logits: greedy decoding would say each row's target, teacher-forced. A 0-dim bool."""
+    return ((logits.argmax(-1) == targets) | (targets == -100)).all()
+
+
+def fast_target_logits(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    layer_index: int,
+    captured: Captured,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_targets: int,
+) -> torch.Tensor:
+    """Logits (B, n, V) at the target positions, recomputing only the edited layer and
+    those above it."""
+    with replay_lower_layers(layers, layer_index, captured.lower_output):
+        hidden = model.base_model(**backbone_inputs(input_ids, attention_mask)).last_hidden_state
+    return target_logits(model, hidden, n_targets)
+
+
 def fast_lm_loss(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -146,16 +169,25 @@ def fast_lm_loss(
     targets: torch.Tensor,
 ) -> torch.Tensor:
     """Target NLL recomputing only the edited layer and those above it."""
-    with replay_lower_layers(layers, layer_index, captured.lower_output):
-        hidden = model.base_model(**backbone_inputs(input_ids, attention_mask)).last_hidden_state
-    return target_loss(target_logits(model, hidden, targets.shape[1]), targets)
+    logits = fast_target_logits(
+        model, layers, layer_index, captured, input_ids, attention_mask, targets.shape[1]
+    )
+    return target_loss(logits, targets)
+
+
+def full_target_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_targets: int
+) -> torch.Tensor:
+    """The plain path: the whole model, all logits, then the target positions'. Kept as
+    the reference the fast path is tested against and benchmarked with."""
+    logits = model(**backbone_inputs(input_ids, attention_mask)).logits
+    return logits[:, -n_targets - 1 : -1]
 
 
 def full_lm_loss(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """The plain path: the whole model, all logits. Kept as the reference the fast path is
-    tested against and benchmarked with."""
-    logits = model(**backbone_inputs(input_ids, attention_mask)).logits
-    n = targets.shape[1]
-    return target_loss(logits[:, -n - 1 : -1], targets)
+    """Target NLL through `full_target_logits`."""
+    return target_loss(
+        full_target_logits(model, input_ids, attention_mask, targets.shape[1]), targets
+    )

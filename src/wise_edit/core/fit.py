@@ -4,8 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+StopOn = Literal["loss", "lm", "answer"]
+
+
+@dataclass
+class StepLoss:
+    """One step's training loss, its target-NLL part, and whether every trained target
+    token is already the model's greedy choice (None where not computed)."""
+
+    loss: torch.Tensor
+    lm: torch.Tensor
+    answered: torch.Tensor | bool | None = None
+
+    def below(self, stop_on: StopOn, bound: float) -> bool:
+        """The stop condition of ``stop_on``: 'loss' the whole loss, 'lm' the target NLL
+        under ``bound``; 'answer': every target token greedy-right and the loss's other
+        terms (e.g. WISE's routing margins) under ``bound``."""
+        if stop_on == "loss":
+            return self.loss.item() < bound
+        if stop_on == "lm":
+            return self.lm.item() < bound
+        if self.answered is None:
+            raise ValueError("stop_on='answer' needs a loss that reports greedy hits")
+        return bool(self.answered) and (self.loss - self.lm).item() < bound
 
 
 @dataclass
@@ -18,34 +43,34 @@ class Fitted:
 
 
 def fit(
-    loss_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[], StepLoss],
     update: Callable[[torch.Tensor], None],
     *,
     max_steps: int,
     early_stop_loss: float,
     patience: int = 1,
-    stop_on_lm: bool = False,
+    stop_on: StopOn = "loss",
 ) -> Fitted:
-    """``loss_fn`` gives (loss, LM part), ``update`` turns the loss into one step.
+    """``loss_fn`` gives one step's `StepLoss`, ``update`` turns the loss into one step.
 
-    Stops after ``patience`` consecutive steps below ``early_stop_loss`` (of the LM part
-    with ``stop_on_lm``, else of the whole loss), or after ``max_steps`` forwards. A
-    non-finite loss raises before anything is committed.
+    Stops after ``patience`` consecutive steps that meet `StepLoss.below` (``stop_on``,
+    ``early_stop_loss``), or after ``max_steps`` forwards. A non-finite loss raises
+    before anything is committed.
     """
     below, n = 0, 0
     loss_value = lm_value = float("nan")
     for n in range(1, max_steps + 1):
-        loss, lm = loss_fn()
-        loss_value, lm_value = loss.item(), lm.item()
-        if not torch.isfinite(loss):
+        step = loss_fn()
+        loss_value, lm_value = step.loss.item(), step.lm.item()
+        if not torch.isfinite(step.loss):
             raise FloatingPointError(
                 f"edit loss became {loss_value} at step {n}; the edit was not applied "
                 "(try a smaller lr)"
             )
-        below = below + 1 if (lm_value if stop_on_lm else loss_value) < early_stop_loss else 0
+        below = below + 1 if step.below(stop_on, early_stop_loss) else 0
         if below >= patience:
             break
-        update(loss)
+        update(step.loss)
     return Fitted(n, loss_value, lm_value)
 
 
