@@ -138,7 +138,6 @@ def fast_config(**overrides) -> WiseConfig:
         mask_ratio=1.0,
         shard_size=2,
         shards_per_merge=2,
-        lr=1.0,
         irrelevant_rows=8,
         margin_weight=1.0,
     )

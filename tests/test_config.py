@@ -39,7 +39,7 @@ def test_an_unknown_family_needs_a_target_module():
 
 def test_an_unknown_family_with_target_module_is_edited(tokenizer):
     model = tiny_outside()
-    config = WiseConfig.for_model(model, target_module=OUTSIDE_VALUE, max_steps=20, lr=2.0)
+    config = WiseConfig.for_model(model, target_module=OUTSIDE_VALUE, max_steps=20, lr=0.05)
     assert config.target_module == OUTSIDE_VALUE and config.layer is None
     assert config.resolve_layers_path(model) == "model.layers"  # inferred
     editor = WiseEditor(model, tokenizer, config)
@@ -67,6 +67,22 @@ def test_merge_names_are_the_registry():
     assert tuple(MERGE_METHODS) == MERGE_NAMES
     with pytest.raises(ValueError, match="merge_method"):
         WiseConfig(merge_method="average")
+
+
+def test_optimizer_picks_its_learning_rate_and_owns_momentum():
+    assert WiseConfig().optimizer == "adam" and WiseConfig().lr == 1e-2
+    assert WiseConfig(optimizer="sgd").lr == 1.0 and WiseConfig(lr=0.5).lr == 0.5
+    assert WiseConfig(optimizer="sgd", momentum=0.5).momentum == 0.5
+    with pytest.raises(ValueError, match="momentum.*optimizer='sgd'"):
+        WiseConfig(momentum=0.5)
+    with pytest.raises(ValueError, match="optimizer"):
+        WiseConfig(optimizer="rmsprop")
+
+
+def test_a_save_from_before_the_optimizer_field_keeps_training_with_sgd():
+    old = {k: v for k, v in WiseConfig(optimizer="sgd").to_dict().items() if k != "optimizer"}
+    assert WiseConfig.from_dict(old).optimizer == "sgd"
+    assert WiseConfig.from_dict(WiseConfig().to_dict()).optimizer == "adam"
 
 
 def test_cli_edits_a_family_outside_the_table(tmp_path, tokenizer, caplog):

@@ -42,7 +42,7 @@ def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
     from wise_edit.metrics import target_nll
 
     model = tiny_model(family)
-    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=2.0))
+    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=0.05))
     prompt, target = EDITS[0]
     batch = tokenizer([prompt + " " + target], return_tensors="pt")
     with torch.no_grad():
@@ -54,6 +54,20 @@ def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
     assert editor.routed([prompt]) == [0]
     assert target_nll(model, editor.format, prompt, target) < nll_before - 1.0
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_the_papers_sgd_still_edits(tokenizer, momentum):
+    from wise_edit.metrics import target_nll
+
+    model = tiny_model()
+    config = fast_config(max_steps=30, optimizer="sgd", lr=2.0, momentum=momentum)
+    editor = WiseEditor(model, tokenizer, config)
+    prompt, target = EDITS[0]
+    nll_before = target_nll(model, editor.format, prompt, target)
+    editor.edit(prompt, target)
+    assert editor.routed([prompt]) == [0]
+    assert target_nll(model, editor.format, prompt, target) < nll_before - 1.0
 
 
 def test_mask_invariants(tokenizer):

@@ -45,7 +45,7 @@ def test_protocol_edits_then_scores_the_final_model(tokenizer):
     made = []
 
     def make():
-        made.append(WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=2.0)))
+        made.append(WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=0.05)))
         return made[-1]
 
     fmt = PromptFormat.create(tokenizer)
@@ -107,7 +107,7 @@ def test_empty_records_are_refused(tokenizer):
 def test_dataset_metrics_hallucination_and_temporal(tokenizer):
     from wise_edit.bench import dataset_metrics
 
-    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=20, lr=2.0))
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=20, lr=0.05))
     prompt, target = EDITS[0]
     editor.edit(prompt, target)
     records = [EditRecord(prompt, target, extra={"ood_rephrase": prompt})]

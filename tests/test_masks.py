@@ -4,7 +4,13 @@ bit-equal, the norm bound, and the seeded mask streams."""
 import torch
 
 from wise_edit.core.seeds import mask_generator, merge_generator
-from wise_edit.wise.masks import clamp_to_bound, heavy_ball, masked_step, random_masks
+from wise_edit.wise.masks import (
+    adam_direction,
+    clamp_to_bound,
+    heavy_ball,
+    masked_step,
+    random_masks,
+)
 
 
 def test_masks_have_the_ratio_and_overlap_about_ratio_squared():
@@ -69,3 +75,23 @@ def test_heavy_ball_sums_past_gradients_and_mask_still_holds():
     assert torch.allclose(second, torch.tensor([0.8 * 1.0 + 0.5, 0.8 * 2.0 - 1.0]))
     step = masked_step(torch.zeros(2), second, torch.tensor([1.0, 0.0]), lr=1.0)
     assert step[1].item() == 0.0 and step[0].item() == -second[0].item()
+
+
+def test_adam_first_direction_is_the_gradient_sign_and_moments_carry():
+    grad = torch.tensor([0.5, -2.0, 0.0])
+    direction, moments = adam_direction(None, grad, eps=0.0)
+    # bias-corrected first step: m / sqrt(v) = g / |g|
+    assert torch.equal(direction[:2], torch.tensor([1.0, -1.0])) and moments.steps == 1
+    assert torch.allclose(moments.first, 0.1 * grad) and torch.allclose(
+        moments.second, 1e-3 * grad**2
+    )
+    grad2 = torch.tensor([0.5, 2.0, 0.0])
+    direction2, moments2 = adam_direction(moments, grad2, eps=0.0)
+    m = 0.9 * 0.1 * grad + 0.1 * grad2
+    v = 0.999 * 1e-3 * grad**2 + 1e-3 * grad2**2
+    expected = (m / (1 - 0.9**2)) / (v / (1 - 0.999**2)).sqrt()
+    assert moments2.steps == 2 and torch.allclose(direction2[:2], expected[:2])
+    # fed to masked_step, entries outside the mask stay bit-equal
+    delta = torch.tensor([0.3, 0.7, -0.1])
+    out = masked_step(delta, direction2, torch.tensor([1.0, 0.0, 1.0]), lr=0.01)
+    assert out[1] == delta[1] and out[0] != delta[0]

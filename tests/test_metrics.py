@@ -85,7 +85,7 @@ def test_prefix_match_normalises_whitespace_and_case(monkeypatch, model, fmt, to
 def test_metrics_route_on_the_prompt(tokenizer, fmt):
     """Through an editor, teacher forcing continues the prompt's routing decision."""
     model = tiny_model("llama")
-    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=2.0))
+    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=0.05))
     prompt, target = EDITS[0]
     with editor.layer.disabled():
         before = metrics.token_accuracy(model, fmt, prompt, target)

@@ -132,7 +132,7 @@ def test_resume_with_other_settings_names_them(model_dir, tmp_path, capsys):
     edits = _jsonl(tmp_path / "e.jsonl", EDITS[:1])
     assert _edit(model_dir, edits, out) == 0
     assert _edit(model_dir, edits, out, "--resume", "--set", "lr=0.5") == 2
-    assert "lr (save: 1.0, given: 0.5)" in capsys.readouterr().err
+    assert "lr (save: 0.01, given: 0.5)" in capsys.readouterr().err
     assert _edit(model_dir, edits, out, "--resume", "--method", "grace") == 2
     assert "holds WISE edits" in capsys.readouterr().err
     assert _edit(model_dir, edits, out, "--resume", "--mode", "retrieve") == 2
@@ -232,7 +232,7 @@ CORRUPTIONS = {
     ),
     "bad config value": (
         lambda f: (f / "editor_config.json").write_text(
-            (f / "editor_config.json").read_text().replace('"lr": 1.0', '"lr": "fast"')
+            (f / "editor_config.json").read_text().replace('"lr": 0.01', '"lr": "fast"')
         ),
         "WiseConfig.lr='fast': must be a number",
     ),

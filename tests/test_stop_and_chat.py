@@ -6,7 +6,7 @@ from conftest import EDITS, fast_config, tiny_chat_tokenizer, tiny_model
 from wise_edit import WiseEditor, metrics
 from wise_edit.neutral import NEUTRAL_PROMPTS
 
-STRONG = dict(max_steps=100, lr=2.0, early_stop_loss=0.01)
+STRONG = dict(max_steps=100, lr=0.05, early_stop_loss=0.01)
 
 
 def test_an_edit_answers_then_stops(tokenizer):

@@ -30,7 +30,14 @@ from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
 from .config import WiseConfig
 from .layer import SideMemory, WiseLayer
-from .masks import clamp_to_bound, heavy_ball, masked_step, random_masks
+from .masks import (
+    AdamMoments,
+    adam_direction,
+    clamp_to_bound,
+    heavy_ball,
+    masked_step,
+    random_masks,
+)
 from .merging import get_merge
 from .router import (
     margin_loss,
@@ -59,8 +66,9 @@ class _Plan:
 
 
 class _WiseDraft(Draft):
-    """SGD on a step of the active side memory, under the shard's mask: the target NLL
-    plus the margin loss (Eq. 5) and, in retrieve mode, the replay loss (L_memo)."""
+    """Adam or SGD on a step of the active side memory, under the shard's mask: the
+    target NLL plus the margin loss (Eq. 5) and, in retrieve mode, the replay loss
+    (L_memo)."""
 
     def __init__(
         self,
@@ -78,7 +86,8 @@ class _WiseDraft(Draft):
         self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
         self.mask = plan.masks[plan.shard].to(plan.base_delta.device, torch.float32)
         self.step = torch.zeros_like(plan.base_delta, requires_grad=True)
-        self.velocity: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None  # sgd with momentum
+        self.moments: AdamMoments | None = None  # adam
 
     def layer_state(self) -> torch.Tensor:
         return self.plan.base_delta + self.step
@@ -105,7 +114,9 @@ class _WiseDraft(Draft):
         cfg = self.config
         (grad,) = torch.autograd.grad(loss, self.step)
         with torch.no_grad():
-            if cfg.momentum:
+            if cfg.optimizer == "adam":
+                grad, self.moments = adam_direction(self.moments, grad)
+            elif cfg.momentum:
                 grad = heavy_ball(self.velocity, grad, cfg.momentum)
                 self.velocity = grad
             new = masked_step(self.step, grad, self.mask, cfg.lr)

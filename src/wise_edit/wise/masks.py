@@ -1,6 +1,9 @@
-"""Knowledge sharding (Eq. 7): random gradient masks that give each shard its own subspace."""
+"""Knowledge sharding (Eq. 7): random gradient masks that give each shard its own
+subspace, and the update rules that move a side memory only inside its shard."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -38,3 +41,33 @@ def clamp_to_bound(
     if bound is None:
         return step
     return torch.clamp(step, min=-bound - base_delta, max=bound - base_delta)
+
+
+@dataclass
+class AdamMoments:
+    """Adam's running moments of one edit's gradient (they live as long as the edit)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    steps: int = 0
+
+
+def adam_direction(
+    moments: AdamMoments | None,
+    grad: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, AdamMoments]:
+    """Adam's bias-corrected step direction m / (sqrt(v) + eps) for ``grad``, and the
+    updated moments. Fed to `masked_step` in place of the gradient, so entries outside
+    the shard still never move. Per-entry scaling is what makes it fast here: the margin
+    and LM losses pull the side memory at very different rates, and plain SGD's step is
+    set by the largest of them."""
+    b1, b2 = betas
+    if moments is None:
+        moments = AdamMoments(torch.zeros_like(grad), torch.zeros_like(grad))
+    first = b1 * moments.first + (1 - b1) * grad
+    second = b2 * moments.second + (1 - b2) * grad * grad
+    steps = moments.steps + 1
+    direction = (first / (1 - b1**steps)) / ((second / (1 - b2**steps)).sqrt() + eps)
+    return direction, AdamMoments(first, second, steps)
