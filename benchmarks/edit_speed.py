@@ -1,57 +1,84 @@
-"""Seconds per edit: the fast editing path against the plain full-model forward, measured
-in one run on the same records and config (median over the edits).
+"""Seconds per edit of named editing settings, measured in one run on the same ZsRE records
+(each setting edits them from a fresh editor, one after the other; medians over the edits).
 
-    python benchmarks/edit_speed.py --edits 20
+    python benchmarks/edit_speed.py --edits 50 --settings before,now,rows5
+    python benchmarks/edit_speed.py --edits 20 --settings now,full  # fast path vs full forward
+
+Settings (on top of the common ones, ``--set`` adds more):
+  before  plain SGD at lr 1 (the paper), stop once the whole loss stays under 0.05
+  now     the defaults: Adam, stop once every target token is the greedy choice and the
+          routing margins are met
+  full    the defaults without the fast path (the whole model every step)
+  rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Any
 
 import torch
 
 from wise_edit import WiseConfig, WiseEditor, models
+from wise_edit.cli import parse_overrides
 from wise_edit.data import default_data_dir, load_zsre, load_zsre_irrelevant
 
+SETTINGS: dict[str, dict[str, Any]] = {
+    "before": {"optimizer": "sgd", "early_stop_on": "loss"},
+    "now": {},
+    "full": {"fast_path": False},
+    "rows5": {"prefix_count": 5},
+}
+# the setting of the headline results: Retrieve, a memory per 5 edits, replay, raw prompts
+COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
-def run(fast: bool, args: argparse.Namespace) -> list[tuple[float, int]]:
-    model, tokenizer = models.load(args.model)
+
+def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(seconds, steps) of each edit, from a freshly loaded model."""
+    model, tokenizer = models.load(args.model, device=args.device)
     records = load_zsre(args.data_dir, limit=args.edits)
     pool = load_zsre_irrelevant(args.data_dir)
-    config = WiseConfig.for_model(model, fast_path=fast, max_steps=args.steps)
+    config = WiseConfig.for_model(model, **{**COMMON, **args.overrides, **setting})
     editor = WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
-    out = []
-    for record in records:
-        result = editor.edit(record.prompt, record.target)
-        out.append((result.seconds, result.steps))
-    return out
+    results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
+    return [(r.seconds, r.steps) for r in results]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=str(default_data_dir()))
-    parser.add_argument("--edits", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=70, help="max steps per edit")
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--settings", default="before,now", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    args.overrides = parse_overrides(
+        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
+    )
     torch.manual_seed(0)
     rows = {}
-    for name, fast in (("fast path", True), ("full forward", False)):
-        results = run(fast, args)
-        seconds = [s for s, _ in results]
-        per_step = [s / n for s, n in results]
+    for name in names:
+        results = run(SETTINGS[name], args)
         rows[name] = (
-            statistics.median(seconds),
-            statistics.median(per_step),
-            sum(n for _, n in results),
+            statistics.median(s for s, _ in results),
+            statistics.median(s / n for s, n in results),
+            sum(n for _, n in results) / len(results),
         )
-    print(f"{args.edits} ZsRE edits on {args.model}, torch threads {torch.get_num_threads()}")
-    print(f"{'path':<14}{'median s/edit':>15}{'median s/step':>15}{'total steps':>13}")
+    print(
+        f"{args.edits} ZsRE edits on {args.model} ({args.device}), torch threads "
+        f"{torch.get_num_threads()}, common settings {COMMON | args.overrides}"
+    )
+    header = ("setting", "median s/edit", "median s/step", "steps/edit", "ratio")
+    print(f"{header[0]:<10}{header[1]:>15}{header[2]:>15}{header[3]:>12}{header[4]:>8}")
+    first = rows[names[0]][0]
     for name, (s_edit, s_step, steps) in rows.items():
-        print(f"{name:<14}{s_edit:>15.3f}{s_step:>15.4f}{steps:>13}")
-    fast, full = rows["fast path"], rows["full forward"]
-    print(f"speed-up: {full[0] / fast[0]:.2f}x per edit, {full[1] / fast[1]:.2f}x per step")
+        print(f"{name:<10}{s_edit:>15.3f}{s_step:>15.4f}{steps:>12.1f}{first / s_edit:>7.2f}x")
 
 
 if __name__ == "__main__":
