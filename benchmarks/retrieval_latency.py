@@ -10,6 +10,12 @@ those of trained memories; the routing agreement says whether the index picks wh
 scoring picks on these memories, not how well trained memories route.
 
     python benchmarks/retrieval_latency.py --memories 20 100 200 600 --candidates 8
+    python benchmarks/retrieval_latency.py --memories 1 20 100 200 600 --plot fig6.png
+
+``--plot`` draws the paper's Figure 6 from these figures: forward latency over the
+unedited model's against the number of edits, for WISE-Merge (one side memory, whatever
+the number of edits: the row with 1 memory), WISE-Retrieve scoring every memory, and
+WISE-Retrieve with the index (``--edits-per-memory`` edits per memory, 5 by default).
 """
 
 from __future__ import annotations
@@ -49,7 +55,11 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--plot", help="write the latency-vs-edits figure (PNG) here")
+    parser.add_argument("--edits-per-memory", type=int, default=5)
     args = parser.parse_args()
+    if args.plot and 1 not in args.memories:
+        parser.error("--plot needs a row with 1 memory (WISE-Merge's cost): add 1 to --memories")
     model, tokenizer = models.load("smollm2-135m")
     records = load_zsre(args.data_dir, limit=max(args.memories))
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
@@ -59,6 +69,7 @@ def main() -> None:
     )
     print("| memories | dense x | index x | routing agreement (edit / rephrase / unrelated) |")
     print("|---|---|---|---|")
+    figures: dict[int, tuple[float, float]] = {}
     for count in args.memories:
         editor = WiseEditor(model, tokenizer, WiseConfig.for_model(model, mode="retrieve"))
         build(editor, [r.prompt for r in records[:count]], count)
@@ -77,6 +88,32 @@ def main() -> None:
             flush=True,
         )
         editor.detach()
+        figures[count] = (dense, index)
+    if args.plot:
+        plot(figures, args.edits_per_memory, args.candidates, args.plot)
+
+
+def plot(figures: dict[int, tuple[float, float]], per_memory: int, k: int, path: str) -> None:
+    """Figure 6: latency over the unedited model's against the number of edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted(c for c in figures if c > 1)
+    edits = [c * per_memory for c in counts]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(edits, [1.0] * len(edits), "k--", label="unedited")
+    ax.plot(edits, [figures[1][0]] * len(edits), "o-", label="WISE-Merge (one memory)")
+    ax.plot(edits, [figures[c][0] for c in counts], "s-", label="WISE-Retrieve, every memory")
+    ax.plot(edits, [figures[c][1] for c in counts], "^-", label=f"WISE-Retrieve, index (k = {k})")
+    ax.set_xlabel(f"edits ({per_memory} per side memory)")
+    ax.set_ylabel("forward latency / unedited")
+    ax.set_title("SmolLM2-135M, CPU: inference cost vs number of edits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
