@@ -5,7 +5,13 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
-from wise_edit.core.fastpath import capture, fast_lm_loss, full_lm_loss, greedy_hits
+from wise_edit.core.fastpath import (
+    capture,
+    fast_target_logits,
+    full_lm_loss,
+    greedy_hits,
+    target_loss,
+)
 from wise_edit.core.prompts import PromptFormat
 from wise_edit.core.rows import build_rows
 
@@ -24,15 +30,16 @@ def _loss_and_grad(editor, rows, fast: bool):
                 rows.input_ids,
                 rows.attention_mask,
             )
-            loss = fast_lm_loss(
+            logits = fast_target_logits(
                 editor.model,
                 editor.layers,
                 editor.layer_index,
                 lower,
                 rows.input_ids,
                 rows.attention_mask,
-                rows.targets,
+                rows.targets.shape[1],
             )
+            loss = target_loss(logits, rows.targets)
         else:
             loss = full_lm_loss(editor.model, rows.input_ids, rows.attention_mask, rows.targets)
     (grad,) = torch.autograd.grad(loss, step)

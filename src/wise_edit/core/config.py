@@ -10,7 +10,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -206,8 +206,8 @@ class EditConfig(TargetConfig):
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
                 (
                     "early_stop_on",
-                    self.early_stop_on in ("loss", "lm", "answer"),
-                    "must be 'loss', 'lm' or 'answer'",
+                    self.early_stop_on in get_args(StopOn),
+                    f"must be one of {get_args(StopOn)}",
                 ),
             ]
         )

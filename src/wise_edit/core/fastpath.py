@@ -159,22 +159,6 @@ def fast_target_logits(
     return target_logits(model, hidden, n_targets)
 
 
-def fast_lm_loss(
-    model: nn.Module,
-    layers: nn.ModuleList,
-    layer_index: int,
-    captured: Captured,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    targets: torch.Tensor,
-) -> torch.Tensor:
-    """Target NLL recomputing only the edited layer and those above it."""
-    logits = fast_target_logits(
-        model, layers, layer_index, captured, input_ids, attention_mask, targets.shape[1]
-    )
-    return target_loss(logits, targets)
-
-
 def full_target_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_targets: int
 ) -> torch.Tensor:
