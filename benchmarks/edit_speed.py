@@ -10,6 +10,10 @@ Settings (on top of the common ones, ``--set`` adds more):
           routing margins are met
   full    the defaults without the fast path (the whole model every step)
   rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
+  stop02  the defaults, stopping once the routing margins are under 0.2 instead of 0.05
+
+"answered at" is the median step at which every target token first was the greedy choice;
+the steps after it go to the routing margins and the stop's patience.
 """
 
 from __future__ import annotations
@@ -29,20 +33,22 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "now": {},
     "full": {"fast_path": False},
     "rows5": {"prefix_count": 5},
+    "stop02": {"early_stop_loss": 0.2},
 }
 # the setting of the headline results: Retrieve, a memory per 5 edits, replay, raw prompts
 COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
 
-def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int]]:
-    """(seconds, steps) of each edit, from a freshly loaded model."""
+def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int, int]]:
+    """(seconds, steps, answered at) of each edit, from a freshly loaded model."""
     model, tokenizer = models.load(args.model, device=args.device)
     records = load_zsre(args.data_dir, limit=args.edits)
     pool = load_zsre_irrelevant(args.data_dir)
     config = WiseConfig.for_model(model, **{**COMMON, **args.overrides, **setting})
     editor = WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
-    return [(r.seconds, r.steps) for r in results]
+    # an edit never answered within max_steps counts as answered at its last step
+    return [(r.seconds, r.steps, r.answered_at or r.steps) for r in results]
 
 
 def main() -> None:
@@ -66,19 +72,23 @@ def main() -> None:
     for name in names:
         results = run(SETTINGS[name], args)
         rows[name] = (
-            statistics.median(s for s, _ in results),
-            statistics.median(s / n for s, n in results),
-            sum(n for _, n in results) / len(results),
+            statistics.median(s for s, _, _ in results),
+            statistics.median(s / n for s, n, _ in results),
+            sum(n for _, n, _ in results) / len(results),
+            statistics.median(a for _, _, a in results),
         )
     print(
         f"{args.edits} ZsRE edits on {args.model} ({args.device}), torch threads "
         f"{torch.get_num_threads()}, common settings {COMMON | args.overrides}"
     )
-    header = ("setting", "median s/edit", "median s/step", "steps/edit", "ratio")
-    print(f"{header[0]:<10}{header[1]:>15}{header[2]:>15}{header[3]:>12}{header[4]:>8}")
+    header = ("setting", "median s/edit", "median s/step", "steps/edit", "answered at", "ratio")
+    print(f"{header[0]:<10}" + "".join(f"{h:>15}" for h in header[1:5]) + f"{header[5]:>8}")
     first = rows[names[0]][0]
-    for name, (s_edit, s_step, steps) in rows.items():
-        print(f"{name:<10}{s_edit:>15.3f}{s_step:>15.4f}{steps:>12.1f}{first / s_edit:>7.2f}x")
+    for name, (s_edit, s_step, steps, at) in rows.items():
+        print(
+            f"{name:<10}{s_edit:>15.3f}{s_step:>15.4f}{steps:>15.1f}{at:>15.1f}"
+            f"{first / s_edit:>7.2f}x"
+        )
 
 
 if __name__ == "__main__":

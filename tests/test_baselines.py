@@ -229,6 +229,7 @@ def test_fit_stops_early_and_counts_forwards():
 
     fitted = fit(loss_fn, steps.append, max_steps=10, early_stop_loss=0.01, patience=2)
     assert fitted.steps == 4 and len(steps) == 3 and fitted.loss == pytest.approx(0.0005)
+    assert fitted.answered_at is None  # no greedy hits reported
 
 
 def test_fit_answer_stop_needs_greedy_hits_and_small_other_terms():
@@ -243,6 +244,7 @@ def test_fit_answer_stop_needs_greedy_hits_and_small_other_terms():
 
     fitted = fit(loss_fn, steps.append, max_steps=10, early_stop_loss=0.5, stop_on="answer")
     assert fitted.steps == 4 and fitted.lm_loss == pytest.approx(0.9)
+    assert fitted.answered_at == 2  # the first greedy-right step, though it did not stop
     with pytest.raises(ValueError, match="greedy"):
         fit(
             lambda: StepLoss(torch.tensor(1.0), torch.tensor(1.0)),

@@ -56,6 +56,15 @@ def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
     assert not torch.allclose(before, after)
 
 
+def test_edit_reports_when_the_answer_became_right(tokenizer):
+    model = tiny_model()
+    editor = WiseEditor(model, tokenizer, fast_config(max_steps=40, lr=0.05))
+    result = editor.edit(*EDITS[0])
+    # the first step the teacher-forced greedy answer was right; the rest went to margins
+    assert result.answered_at is not None and 1 < result.answered_at <= result.steps
+    assert editor.edit_log[-1]["answered_at"] == result.answered_at
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_the_papers_sgd_still_edits(tokenizer, momentum):
     from wise_edit.metrics import target_nll

@@ -28,6 +28,7 @@ class EditResult:
     seconds: float
     memory: int = -1
     shard: int = -1
+    answered_at: int | None = None  # first step whose greedy answer was right (`Fitted`)
 
 
 class Draft:

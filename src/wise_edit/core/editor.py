@@ -413,6 +413,7 @@ class EditorBase:
             seconds=time.perf_counter() - started,
             memory=draft.memory,
             shard=draft.shard,
+            answered_at=fitted.answered_at,
         )
 
     # ------------------------------------------------------------------ persistence

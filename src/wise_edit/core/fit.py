@@ -35,11 +35,14 @@ class StepLoss:
 
 @dataclass
 class Fitted:
-    """How an edit's optimisation ended."""
+    """How an edit's optimisation ended. ``answered_at``: the first forward at which every
+    trained target token was the greedy choice (None: never, or not computed); the steps
+    after it went to the loss's other terms (WISE: the routing margins) and the patience."""
 
     steps: int
     loss: float
     lm_loss: float
+    answered_at: int | None = None
 
 
 def fit(
@@ -59,9 +62,12 @@ def fit(
     """
     below, n = 0, 0
     loss_value = lm_value = float("nan")
+    answered_at: int | None = None
     for n in range(1, max_steps + 1):
         step = loss_fn()
         loss_value, lm_value = step.loss.item(), step.lm.item()
+        if answered_at is None and step.answered is not None and bool(step.answered):
+            answered_at = n
         if not torch.isfinite(step.loss):
             raise FloatingPointError(
                 f"edit loss became {loss_value} at step {n}; the edit was not applied "
@@ -71,7 +77,7 @@ def fit(
         if below >= patience:
             break
         update(step.loss)
-    return Fitted(n, loss_value, lm_value)
+    return Fitted(n, loss_value, lm_value, answered_at)
 
 
 def adam_update(
