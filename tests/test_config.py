@@ -79,6 +79,18 @@ def test_optimizer_picks_its_learning_rate_and_owns_momentum():
         WiseConfig(optimizer="rmsprop")
 
 
+def test_each_early_stop_picks_its_bound():
+    assert WiseConfig().early_stop_loss == 0.2  # 'answer': the routing margins alone
+    assert WiseConfig(early_stop_on="loss").early_stop_loss == 0.05  # the reference's
+    assert WiseConfig(early_stop_on="lm").early_stop_loss == 0.05
+    assert WiseConfig(early_stop_loss=0.01).early_stop_loss == 0.01
+    # a save keeps the bound it was trained with, whatever the default becomes
+    saved = {**WiseConfig().to_dict(), "early_stop_loss": 0.05}
+    assert WiseConfig.from_dict(saved).early_stop_loss == 0.05
+    with pytest.raises(ValueError, match="early_stop_on"):
+        WiseConfig(early_stop_on="never")
+
+
 def test_a_save_from_before_the_optimizer_field_keeps_training_with_sgd():
     old = {k: v for k, v in WiseConfig(optimizer="sgd").to_dict().items() if k != "optimizer"}
     assert WiseConfig.from_dict(old).optimizer == "sgd"

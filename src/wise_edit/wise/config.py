@@ -20,6 +20,9 @@ PAPER_MATRIX = 11008 * 4096
 Mode = Literal["merge", "retrieve"]
 Optimizer = Literal["adam", "sgd"]
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
+# bound of each early stop: 'answer' bounds the routing margins alone (0.2: met ~3 steps
+# sooner than 0.05 at equal T = 100 accuracy, docs/RESULTS.md); 'loss' is the reference's
+DEFAULT_STOP_BOUND = {"answer": 0.2, "loss": 0.05, "lm": 0.05}
 OPTIMIZERS = tuple(DEFAULT_LR)
 MERGE_NAMES = tuple(MERGE_METHODS)
 
@@ -98,11 +101,12 @@ class WiseConfig(EditConfig):
         },
     )
     max_steps: int = field(default=70, metadata={"help": "Optimisation steps per edit, at most."})
-    early_stop_loss: float = field(
-        default=0.05,
+    early_stop_loss: float | None = field(
+        default=None,
         metadata={
             "help": "Bound of the early stop named by `early_stop_on`, which must hold for "
-            "`early_stop_patience` consecutive steps."
+            "`early_stop_patience` consecutive steps. None: that stop's default "
+            f"{DEFAULT_STOP_BOUND}."
         },
     )
     early_stop_patience: int = field(default=2, metadata={"help": "See early_stop_loss."})
@@ -208,6 +212,10 @@ class WiseConfig(EditConfig):
         if self.lr is None:  # before the base checks, which need a number
             self._validate([("optimizer", self.optimizer in DEFAULT_LR, f"one of {OPTIMIZERS}")])
             self.lr = DEFAULT_LR[self.optimizer]
+        if self.early_stop_loss is None:
+            stops = tuple(DEFAULT_STOP_BOUND)
+            self._validate([("early_stop_on", self.early_stop_on in stops, f"one of {stops}")])
+            self.early_stop_loss = DEFAULT_STOP_BOUND[self.early_stop_on]
         super().__post_init__()  # types first: the checks below compare numbers
         self.prefix_lengths = tuple(self.prefix_lengths)
         checks = [
