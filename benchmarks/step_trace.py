@@ -1,0 +1,90 @@
+"""Where an edit's steps go: per step, the target NLL, whether greedy decoding already
+says the target, and each term of the margin loss (Eq. 5), for a few ZsRE edits.
+
+    python benchmarks/step_trace.py --edits 5 --every 3
+
+Scores are in units of the editor's score scale, like alpha/beta/gamma. A diagnostic: it
+wraps the editor's loss functions from outside to see their inputs, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch.nn.functional as F
+
+import wise_edit.core.editor as core_editor
+import wise_edit.wise.editor as wise_editor
+from wise_edit import WiseConfig, WiseEditor, models
+from wise_edit.cli import parse_overrides
+from wise_edit.core.fit import fit
+from wise_edit.data import default_data_dir, load_zsre, load_zsre_irrelevant
+
+COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--edits", type=int, default=5)
+    parser.add_argument("--every", type=int, default=3, help="print every N-th step")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    overrides = parse_overrides(
+        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
+    )
+    steps: list[dict[str, float]] = []
+    terms: list[dict[str, float]] = []
+
+    def traced_margin(edit, unrelated, alpha, beta, gamma):  # Eq. 5, term by term
+        gap = edit[:, None] - unrelated[None, :]
+        parts = {
+            "unrel>alpha": F.relu(unrelated - alpha).mean(),
+            "edit<beta": F.relu(beta - edit).mean(),
+            "gap<gamma": F.relu(gamma - gap).mean(),
+        }
+        terms.append(
+            {k: v.item() for k, v in parts.items()}
+            | {"max unrel": unrelated.max().item(), "min edit": edit.min().item()}
+        )
+        return sum(parts.values())
+
+    def traced_fit(loss_fn, update, **kwargs):
+        def step():
+            out = loss_fn()
+            steps.append({"lm": out.lm.item(), "answered": float(bool(out.answered))})
+            return out
+
+        return fit(step, update, **kwargs)
+
+    wise_editor.margin_loss = traced_margin
+    core_editor.fit = traced_fit
+
+    model, tokenizer = models.load(args.model, device=args.device)
+    config = WiseConfig.for_model(model, **{**COMMON, **overrides})
+    editor = WiseEditor(
+        model, tokenizer, config, irrelevant_prompts=load_zsre_irrelevant(args.data_dir)
+    )
+    print(
+        f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma} (score units); "
+        f"margin weight {config.margin_weight}, stop bound {config.early_stop_loss}"
+    )
+    for record in load_zsre(args.data_dir, limit=args.edits):
+        steps.clear()
+        terms.clear()
+        result = editor.edit(record.prompt, record.target)
+        print(f"\nedit {result.index}: {result.steps} steps, answered at {result.answered_at}")
+        print("step      lm  answered  unrel>alpha  edit<beta  gap<gamma  max unrel  min edit")
+        for n, (s, t) in enumerate(zip(steps, terms), start=1):
+            if n % args.every == 0 or n == len(steps):
+                print(
+                    f"{n:>4}{s['lm']:>8.3f}{int(s['answered']):>10}{t['unrel>alpha']:>13.3f}"
+                    f"{t['edit<beta']:>11.3f}{t['gap<gamma']:>11.3f}{t['max unrel']:>11.2f}"
+                    f"{t['min edit']:>10.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
