@@ -91,6 +91,13 @@ def test_each_early_stop_picks_its_bound():
         WiseConfig(early_stop_on="never")
 
 
+def test_the_retrieval_index_is_on_except_for_saves_without_keys():
+    assert WiseConfig().route_candidates == 4
+    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "route_candidates"}
+    assert WiseConfig.from_dict(old).route_candidates == 0
+    assert WiseConfig.from_dict(WiseConfig().to_dict()).route_candidates == 4
+
+
 def test_a_save_from_before_the_optimizer_field_keeps_training_with_sgd():
     old = {k: v for k, v in WiseConfig(optimizer="sgd").to_dict().items() if k != "optimizer"}
     assert WiseConfig.from_dict(old).optimizer == "sgd"
