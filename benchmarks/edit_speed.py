@@ -24,10 +24,10 @@ import statistics
 from typing import Any
 
 import torch
+from common import add_settings, chosen_settings, editing_parser, overrides
 
 from wise_edit import WiseConfig, WiseEditor, models
-from wise_edit.cli import parse_overrides
-from wise_edit.data import default_data_dir, load_zsre, load_zsre_irrelevant
+from wise_edit.data import load_zsre, load_zsre_irrelevant
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "before": {"optimizer": "sgd", "early_stop_on": "loss"},
@@ -53,21 +53,11 @@ def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", default=str(default_data_dir()))
-    parser.add_argument("--edits", type=int, default=50)
-    parser.add_argument("--settings", default="before,now", help=f"of {', '.join(SETTINGS)}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = editing_parser(__doc__, edits=50)
+    add_settings(parser, SETTINGS, default="before,now")
     args = parser.parse_args()
-    names = args.settings.split(",")
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    args.overrides = parse_overrides(
-        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
-    )
+    names = chosen_settings(parser, args, SETTINGS)
+    args.overrides = overrides(args)
     torch.manual_seed(0)
     rows = {}
     for name in names:

@@ -21,10 +21,10 @@ import time
 from typing import Any
 
 import torch
+from common import add_settings, chosen_settings, editing_parser, overrides
 
 from wise_edit import WiseConfig, WiseEditor, models
-from wise_edit.cli import parse_overrides
-from wise_edit.data import default_data_dir, load_zsre, load_zsre_irrelevant
+from wise_edit.data import load_zsre, load_zsre_irrelevant
 from wise_edit.metrics import token_accuracy
 from wise_edit.wise.merging import MERGE_METHODS
 
@@ -91,25 +91,15 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", default=str(default_data_dir()))
-    parser.add_argument("--edits", type=int, default=200)
+    parser = editing_parser(__doc__, edits=200)
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--settings", default="unsharded,ties", help=f"of {', '.join(SETTINGS)}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_settings(parser, SETTINGS, default="unsharded,ties")
     parser.add_argument("--plot", default=None, help="write the curves to this PNG")
     args = parser.parse_args()
-    names = args.settings.split(",")
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    names = chosen_settings(parser, args, SETTINGS)
     if args.every < 1 or args.edits < args.every:
         parser.error("need 1 <= --every <= --edits")
-    args.overrides = parse_overrides(
-        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
-    )
+    args.overrides = overrides(args)
     torch.manual_seed(0)
     results = {}
     for name in names:

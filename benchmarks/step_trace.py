@@ -9,32 +9,23 @@ wraps the editor's loss functions from outside to see their inputs, and changes 
 
 from __future__ import annotations
 
-import argparse
-
 import torch.nn.functional as F
+from common import editing_parser, overrides
 
 import wise_edit.core.editor as core_editor
 import wise_edit.wise.editor as wise_editor
 from wise_edit import WiseConfig, WiseEditor, models
-from wise_edit.cli import parse_overrides
 from wise_edit.core.fit import fit
-from wise_edit.data import default_data_dir, load_zsre, load_zsre_irrelevant
+from wise_edit.data import load_zsre, load_zsre_irrelevant
 
 COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", default=str(default_data_dir()))
-    parser.add_argument("--edits", type=int, default=5)
+    parser = editing_parser(__doc__, edits=5)
     parser.add_argument("--every", type=int, default=3, help="print every N-th step")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    overrides = parse_overrides(
-        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
-    )
+    fields = overrides(args)
     steps: list[dict[str, float]] = []
     terms: list[dict[str, float]] = []
 
@@ -63,7 +54,7 @@ def main() -> None:
     core_editor.fit = traced_fit
 
     model, tokenizer = models.load(args.model, device=args.device)
-    config = WiseConfig.for_model(model, **{**COMMON, **overrides})
+    config = WiseConfig.for_model(model, **{**COMMON, **fields})
     editor = WiseEditor(
         model, tokenizer, config, irrelevant_prompts=load_zsre_irrelevant(args.data_dir)
     )

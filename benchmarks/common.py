@@ -1,0 +1,44 @@
+"""What the editing benchmarks share: the model, the data and the number of edits on the
+command line, named settings, and ``--set KEY=VALUE`` overrides of `WiseConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from wise_edit import WiseEditor
+from wise_edit.cli import parse_overrides
+from wise_edit.data import default_data_dir
+
+
+def editing_parser(doc: str, edits: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--edits", type=int, default=edits)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: Mapping[str, Any], default: str):
+    parser.add_argument("--settings", default=default, help=f"of {', '.join(settings)}")
+
+
+def chosen_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Mapping[str, Any]
+) -> list[str]:
+    """The comma-separated ``--settings``; an unknown name is a usage error."""
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in settings]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(settings)}")
+    return names
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` fields, parsed as the CLI parses them."""
+    return parse_overrides(
+        argparse.Namespace(set=args.set, mode=None, layer=None, format=None), WiseEditor
+    )
