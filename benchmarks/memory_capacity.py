@@ -16,8 +16,10 @@ records from a freshly loaded model.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,23 +53,23 @@ def run(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     curve, seconds = [], []
     for start in range(0, len(records), args.every):
         began = time.perf_counter()
-        editor.edit_many([(r.prompt, r.target) for r in records[start : start + args.every]])
-        seconds.append((time.perf_counter() - began) / len(records[start : start + args.every]))
+        batch = records[start : start + args.every]
+        results = editor.edit_many([(r.prompt, r.target) for r in batch])
+        seconds.append((time.perf_counter() - began) / len(batch))
         done = records[: start + args.every]
         with torch.no_grad():
             flags = held(editor, done)
+            routed = [m >= 0 for m in editor.routed([r.prompt for r in done])]
         curve.append(
             {
                 "edits": len(done),
                 "held": sum(flags) / len(flags),
                 "oldest held": sum(flags[: args.every]) / len(flags[: args.every]),
+                "routed": sum(routed) / len(routed),
+                "steps": statistics.fmean(r.steps for r in results),
             }
         )
-        print(
-            f"  {len(done):>5} edits: held {curve[-1]['held']:.2f}, "
-            f"oldest {curve[-1]['oldest held']:.2f}",
-            flush=True,
-        )
+        print(f"  {json.dumps(curve[-1])}", flush=True)
     return {"curve": curve, "s_per_edit": statistics.fmean(seconds)}
 
 
@@ -95,16 +97,26 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     add_settings(parser, SETTINGS, default="unsharded,ties")
     parser.add_argument("--plot", default=None, help="write the curves to this PNG")
+    parser.add_argument("--out", default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--load", nargs="+", default=None, help="report (and plot) --out files instead of editing"
+    )
     args = parser.parse_args()
     names = chosen_settings(parser, args, SETTINGS)
     if args.every < 1 or args.edits < args.every:
         parser.error("need 1 <= --every <= --edits")
     args.overrides = overrides(args)
     torch.manual_seed(0)
-    results = {}
-    for name in names:
+    results: dict[str, dict[str, Any]] = {}
+    if args.load:
+        for path in args.load:
+            results |= json.loads(Path(path).read_text())
+        names = list(results)
+    for name in [] if args.load else names:
         print(f"{name}: {SETTINGS[name] or 'the preset'}", flush=True)
         results[name] = run(SETTINGS[name], args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
     print(
         f"\n{args.edits} ZsRE edits into one memory (WISE-Merge) on {args.model} "
         f"({args.device}), common settings {COMMON | args.overrides}"
@@ -115,6 +127,10 @@ def main() -> None:
         cells = "".join(f"{p['held']:>8.2f} /{p['oldest held']:>4.2f}" for p in result["curve"])
         print(f"{name:<12}{cells}{result['s_per_edit']:>9.2f}")
     print("(each cell: share of all edits so far held / share of the oldest --every held)")
+    for name, result in results.items():
+        routed = " ".join(f"{p['routed']:.2f}" for p in result["curve"])
+        steps = " ".join(f"{p['steps']:.1f}" for p in result["curve"])
+        print(f"{name}: edit prompts routed to the memory {routed}; steps/edit {steps}")
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
