@@ -7,9 +7,9 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from wise_edit import WiseEditor
+from wise_edit import WiseConfig, WiseEditor, models
 from wise_edit.cli import parse_overrides
-from wise_edit.data import default_data_dir
+from wise_edit.data import default_data_dir, load_zsre_irrelevant
 
 
 def editing_parser(doc: str, edits: int) -> argparse.ArgumentParser:
@@ -20,6 +20,15 @@ def editing_parser(doc: str, edits: int) -> argparse.ArgumentParser:
     parser.add_argument("--edits", type=int, default=edits)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def fresh_editor(args: argparse.Namespace, fields: Mapping[str, Any]) -> WiseEditor:
+    """A WISE editor with ``fields`` over the model's preset, on a freshly loaded model
+    (so settings compared in one run never share state), ZsRE's unrelated pool."""
+    model, tokenizer = models.load(args.model, device=args.device)
+    config = WiseConfig.for_model(model, **fields)
+    pool = load_zsre_irrelevant(args.data_dir)
+    return WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
 
 
 def add_settings(parser: argparse.ArgumentParser, settings: Mapping[str, Any], default: str):

@@ -24,10 +24,9 @@ import statistics
 from typing import Any
 
 import torch
-from common import add_settings, chosen_settings, editing_parser, overrides
+from common import add_settings, chosen_settings, editing_parser, fresh_editor, overrides
 
-from wise_edit import WiseConfig, WiseEditor, models
-from wise_edit.data import load_zsre, load_zsre_irrelevant
+from wise_edit.data import load_zsre
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "before": {"optimizer": "sgd", "early_stop_on": "loss"},
@@ -42,11 +41,8 @@ COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": 
 
 def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int, int]]:
     """(seconds, steps, answered at) of each edit, from a freshly loaded model."""
-    model, tokenizer = models.load(args.model, device=args.device)
+    editor = fresh_editor(args, {**COMMON, **args.overrides, **setting})
     records = load_zsre(args.data_dir, limit=args.edits)
-    pool = load_zsre_irrelevant(args.data_dir)
-    config = WiseConfig.for_model(model, **{**COMMON, **args.overrides, **setting})
-    editor = WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
     # an edit never answered within max_steps counts as answered at its last step
     return [(r.seconds, r.steps, r.answered_at or r.steps) for r in results]

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_settings, chosen_settings, editing_parser, overrides
+from common import add_settings, chosen_settings, editing_parser, fresh_editor, overrides
 
-from wise_edit import WiseConfig, WiseEditor, models
-from wise_edit.data import load_zsre, load_zsre_irrelevant
+from wise_edit import WiseEditor
+from wise_edit.data import load_zsre
 from wise_edit.metrics import token_accuracy
 from wise_edit.wise.merging import MERGE_METHODS
 
@@ -45,11 +45,8 @@ def held(editor: WiseEditor, records: list[Any]) -> list[bool]:
 
 
 def run(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    model, tokenizer = models.load(args.model, device=args.device)
+    editor = fresh_editor(args, {**COMMON, **args.overrides, **setting})
     records = load_zsre(args.data_dir, limit=args.edits)
-    pool = load_zsre_irrelevant(args.data_dir)
-    config = WiseConfig.for_model(model, **{**COMMON, **args.overrides, **setting})
-    editor = WiseEditor(model, tokenizer, config, irrelevant_prompts=pool)
     curve, seconds = [], []
     for start in range(0, len(records), args.every):
         began = time.perf_counter()

@@ -10,13 +10,12 @@ wraps the editor's loss functions from outside to see their inputs, and changes 
 from __future__ import annotations
 
 import torch.nn.functional as F
-from common import editing_parser, overrides
+from common import editing_parser, fresh_editor, overrides
 
 import wise_edit.core.editor as core_editor
 import wise_edit.wise.editor as wise_editor
-from wise_edit import WiseConfig, WiseEditor, models
 from wise_edit.core.fit import fit
-from wise_edit.data import load_zsre, load_zsre_irrelevant
+from wise_edit.data import load_zsre
 
 COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
@@ -53,11 +52,8 @@ def main() -> None:
     wise_editor.margin_loss = traced_margin
     core_editor.fit = traced_fit
 
-    model, tokenizer = models.load(args.model, device=args.device)
-    config = WiseConfig.for_model(model, **{**COMMON, **fields})
-    editor = WiseEditor(
-        model, tokenizer, config, irrelevant_prompts=load_zsre_irrelevant(args.data_dir)
-    )
+    editor = fresh_editor(args, {**COMMON, **fields})
+    config = editor.config
     print(
         f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma} (score units); "
         f"margin weight {config.margin_weight}, stop bound {config.early_stop_loss}"
