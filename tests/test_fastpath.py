@@ -100,3 +100,21 @@ def test_greedy_hits_reads_every_scored_target_token():
     assert bool(greedy_hits(logits, targets))
     logits[0, 2, 4] = 2.0  # one scored token wrong
     assert not bool(greedy_hits(logits, targets))
+
+
+def test_an_edit_runs_the_lower_layers_once_for_its_own_rows(tokenizer, monkeypatch):
+    """The unrelated prompts' activations are computed once per editor, not per edit."""
+    import wise_edit.core.editor as core_editor
+
+    editor = WiseEditor(tiny_model("llama"), tokenizer, fast_config(rehearse_rows=0))
+    editor.edit(*EDITS[0])  # the first edit computes the negative pool (and the prefixes)
+    batches = []
+
+    def counted(*args, **kwargs):
+        batches.append(args[4].shape[0])  # input_ids (B, T)
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(core_editor, "capture", counted)
+    editor.edit(*EDITS[1])
+    rows = 1 + editor.config.prefix_count  # the bare prompt and one row per prefix
+    assert batches == [rows]

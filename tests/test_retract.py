@@ -24,11 +24,19 @@ def _unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
     return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
-def _wise(tokenizer, mode: str, rehearse: int = 0) -> WiseEditor:
-    config = fast_config(
-        mode=mode, shard_size=1, shards_per_merge=2, max_steps=20, rehearse_rows=rehearse
+def _wise_config(mode: str, rehearse: int = 0):
+    return fast_config(
+        mode=mode,
+        shard_size=1,
+        shards_per_merge=2,
+        max_steps=20,
+        rehearse_rows=rehearse,
+        margin_weight=3.0,  # routing with room to spare on the tiny model
     )
-    editor = WiseEditor(tiny_model(), tokenizer, config)
+
+
+def _wise(tokenizer, mode: str, rehearse: int = 0) -> WiseEditor:
+    editor = WiseEditor(tiny_model(), tokenizer, _wise_config(mode, rehearse))
     editor.edit_many(EDITS[:4])
     return editor
 
@@ -58,10 +66,7 @@ def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
 def test_wise_merge_retraction_equals_a_stream_without_the_edit(tokenizer, rehearse):
     editor = _wise(tokenizer, "merge", rehearse)
     cost = editor.retract(1)
-    config = fast_config(
-        mode="merge", shard_size=1, shards_per_merge=2, max_steps=20, rehearse_rows=rehearse
-    )
-    never = WiseEditor(tiny_model(), tokenizer, config)
+    never = WiseEditor(tiny_model(), tokenizer, _wise_config("merge", rehearse))
     never.edit_many([EDITS[i] for i in (0, 2, 3)])
     assert torch.equal(editor.memories[0].delta, never.memories[0].delta)
     assert editor.thresholds == never.thresholds

@@ -25,6 +25,7 @@ from ..core.seeds import (
     merge_generator,
     rehearsal_generator,
     replay_generator,
+    unrelated_generator,
 )
 from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
@@ -150,7 +151,7 @@ class WiseEditor(EditorBase):
         self.score_scale: float | None = self.config.score_scale
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
-        self._candidates: tuple[list[str], torch.Tensor] | None = None  # hard-negative pool
+        self._negatives: _NegativePool | None = None  # derived, computed once
 
     @classmethod
     def variant_of(cls, config: WiseConfig) -> str:
@@ -199,13 +200,16 @@ class WiseEditor(EditorBase):
         """The draft of edit ``index`` under ``plan``; its random draws depend on the
         edit's index only, so retraining it in a rebuild draws the same."""
         cfg = self.config
-        unrelated = self._irrelevant_sample(cfg.irrelevant_rows, index)
-        unrelated += self._hard_negatives(lower.acts[:1], rows.prompt_mask[:1], unrelated)
+        pool = self._negative_pool()
+        picks = pool.sample(cfg.irrelevant_rows, unrelated_generator(cfg.seed, index))
+        if cfg.hard_negatives:
+            query = mean_inputs(lower.acts[:1], rows.prompt_mask[:1])[0]
+            picks += pool.nearest(query, cfg.hard_negatives, exclude=picks)
         return _WiseDraft(
             cfg,
             plan,
             (lower.acts, rows.prompt_mask),
-            self._prompt_batch_acts(unrelated),
+            _stack_ragged([pool.acts[i] for i in picks], self.device),
             self._replay_acts(plan.memory, index),
             self._ensure_scale(),
             self._rehearsal(plan, index),
@@ -226,33 +230,21 @@ class WiseEditor(EditorBase):
         rows = build_answer_rows(self.format, pairs, stop=self.config.train_stop).to(self.device)
         return [(rows, self._capture(rows, keep_lower_output=self.config.fast_path))]
 
-    def _hard_negatives(
-        self, acts: torch.Tensor, mask: torch.Tensor, taken: list[str]
-    ) -> list[str]:
-        """The pool prompts nearest to the edit prompt (acts (1, T, I), mask (1, T)), not
-        already in ``taken``."""
-        k = self.config.hard_negatives
-        if not k:
-            return []
-        prompts, keys = self._candidate_pool()
-        query = mean_inputs(acts, mask)[0].to(keys.device)
-        picks = [prompts[i] for i in nearest(query, keys, k + len(taken))]
-        return [p for p in picks if p not in taken][:k]
-
     @torch.no_grad()
-    def _candidate_pool(self) -> tuple[list[str], torch.Tensor]:
-        """Pool prompts hard negatives are chosen among, and their mean inputs (N, I);
-        drawn with the seed and computed once (derived, not saved)."""
-        if self._candidates is None:
+    def _negative_pool(self) -> _NegativePool:
+        """The unrelated prompts every edit's margin loss draws from: a seeded sample of
+        `hard_negative_candidates` pool prompts whose activations are computed once (they
+        are frozen below the edited layer), so an edit pays nothing for its negatives."""
+        if self._negatives is None:
             pool, n = self.irrelevant_prompts, self.config.hard_negative_candidates
             order = torch.randperm(len(pool), generator=candidate_generator(self.config.seed))
             prompts = [pool[i] for i in order[:n].tolist()]
-            keys = [
-                mean_inputs(*self._prompt_batch_acts(prompts[i : i + 32])).cpu()
-                for i in range(0, len(prompts), 32)
-            ]
-            self._candidates = (prompts, torch.cat(keys))
-        return self._candidates
+            acts: list[torch.Tensor] = []
+            for i in range(0, len(prompts), 32):  # fixed batches: the same values on reload
+                batch, mask = self._prompt_batch_acts(prompts[i : i + 32])
+                acts += [a[m.bool()].cpu() for a, m in zip(batch, mask)]
+            self._negatives = _NegativePool(prompts, acts)
+        return self._negatives
 
     def _plan(self) -> _Plan:
         memories = self.layer.memories
@@ -448,6 +440,25 @@ class WiseEditor(EditorBase):
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
         return WiseLayer(module, self.config.route_candidates)
+
+
+class _NegativePool:
+    """Unrelated prompts with their routed-token value-matrix inputs (t_i, I) and mean
+    inputs (N, I), the keys hard negatives are chosen by."""
+
+    def __init__(self, prompts: list[str], acts: list[torch.Tensor]) -> None:
+        self.prompts, self.acts = prompts, acts
+        self.keys = torch.stack([a.float().mean(0) for a in acts])
+
+    def sample(self, count: int, generator: torch.Generator) -> list[int]:
+        """``count`` random prompts (all of them when the pool is smaller)."""
+        return torch.randperm(len(self.prompts), generator=generator)[:count].tolist()
+
+    def nearest(self, query: torch.Tensor, count: int, exclude: list[int]) -> list[int]:
+        """The ``count`` prompts most similar to an edit prompt's mean input ``query`` (I,)
+        and not in ``exclude``: the prompts a router most easily confuses with it."""
+        picks = nearest(query.cpu(), self.keys, count + len(exclude))
+        return [i for i in picks if i not in exclude][:count]
 
 
 def _stack_ragged(acts: list[torch.Tensor], device: torch.device) -> Acts:
