@@ -102,8 +102,10 @@ def test_greedy_hits_reads_every_scored_target_token():
     assert not bool(greedy_hits(logits, targets))
 
 
-def test_an_edit_runs_the_lower_layers_once_for_its_own_rows(tokenizer, monkeypatch):
-    """The unrelated prompts' activations are computed once per editor, not per edit."""
+def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
+    tokenizer, monkeypatch
+):
+    """The hard negatives' activations are computed once per editor, not per edit."""
     import wise_edit.core.editor as core_editor
 
     editor = WiseEditor(tiny_model("llama"), tokenizer, fast_config(rehearse_rows=0))
@@ -117,4 +119,4 @@ def test_an_edit_runs_the_lower_layers_once_for_its_own_rows(tokenizer, monkeypa
     monkeypatch.setattr(core_editor, "capture", counted)
     editor.edit(*EDITS[1])
     rows = 1 + editor.config.prefix_count  # the bare prompt and one row per prefix
-    assert batches == [rows]
+    assert batches == [rows, editor.config.irrelevant_rows]  # no batch of hard negatives

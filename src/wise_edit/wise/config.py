@@ -159,8 +159,8 @@ class WiseConfig(EditConfig):
     irrelevant_rows: int = field(
         default=4,
         metadata={
-            "help": "Unrelated prompts drawn at random for each edit from the negative pool "
-            "(see `hard_negative_candidates`); the margin loss uses all of them at every step."
+            "help": "Unrelated prompts drawn from the pool for each edit; the margin loss "
+            "uses all of them at every step."
         },
     )
     hard_negatives: int = field(
@@ -176,10 +176,9 @@ class WiseConfig(EditConfig):
     hard_negative_candidates: int = field(
         default=256,
         metadata={
-            "help": "Size of the negative pool: unrelated prompts drawn once with the seed "
-            "from the editor's pool, that each edit's random and hard negatives are chosen "
-            "among. Their activations are computed once per editor, so negatives cost an edit "
-            "nothing (the reference recomputes them per edit)."
+            "help": "Pool prompts (drawn once with the seed) that hard negatives are chosen "
+            "among; their activations are computed once per editor, so an edit's hard "
+            "negatives cost it no forward."
         },
     )
     margin_weight: float = field(

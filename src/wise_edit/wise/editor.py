@@ -25,7 +25,6 @@ from ..core.seeds import (
     merge_generator,
     rehearsal_generator,
     replay_generator,
-    unrelated_generator,
 )
 from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS
@@ -200,16 +199,18 @@ class WiseEditor(EditorBase):
         """The draft of edit ``index`` under ``plan``; its random draws depend on the
         edit's index only, so retraining it in a rebuild draws the same."""
         cfg = self.config
-        pool = self._negative_pool()
-        picks = pool.sample(cfg.irrelevant_rows, unrelated_generator(cfg.seed, index))
+        drawn = self._irrelevant_sample(cfg.irrelevant_rows, index)
+        negatives = [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(drawn))]
         if cfg.hard_negatives:
+            pool = self._negative_pool()
             query = mean_inputs(lower.acts[:1], rows.prompt_mask[:1])[0]
-            picks += pool.nearest(query, cfg.hard_negatives, exclude=picks)
+            picks = pool.nearest(query, cfg.hard_negatives, taken=set(drawn))
+            negatives += [pool.acts[i] for i in picks]
         return _WiseDraft(
             cfg,
             plan,
             (lower.acts, rows.prompt_mask),
-            _stack_ragged([pool.acts[i] for i in picks], self.device),
+            _stack_ragged(negatives, self.device),
             self._replay_acts(plan.memory, index),
             self._ensure_scale(),
             self._rehearsal(plan, index),
@@ -232,9 +233,9 @@ class WiseEditor(EditorBase):
 
     @torch.no_grad()
     def _negative_pool(self) -> _NegativePool:
-        """The unrelated prompts every edit's margin loss draws from: a seeded sample of
+        """The prompts hard negatives are chosen among: a seeded sample of
         `hard_negative_candidates` pool prompts whose activations are computed once (they
-        are frozen below the edited layer), so an edit pays nothing for its negatives."""
+        are frozen below the edited layer), so an edit's hard negatives cost it nothing."""
         if self._negatives is None:
             pool, n = self.irrelevant_prompts, self.config.hard_negative_candidates
             order = torch.randperm(len(pool), generator=candidate_generator(self.config.seed))
@@ -450,15 +451,11 @@ class _NegativePool:
         self.prompts, self.acts = prompts, acts
         self.keys = torch.stack([a.float().mean(0) for a in acts])
 
-    def sample(self, count: int, generator: torch.Generator) -> list[int]:
-        """``count`` random prompts (all of them when the pool is smaller)."""
-        return torch.randperm(len(self.prompts), generator=generator)[:count].tolist()
-
-    def nearest(self, query: torch.Tensor, count: int, exclude: list[int]) -> list[int]:
+    def nearest(self, query: torch.Tensor, count: int, taken: set[str]) -> list[int]:
         """The ``count`` prompts most similar to an edit prompt's mean input ``query`` (I,)
-        and not in ``exclude``: the prompts a router most easily confuses with it."""
-        picks = nearest(query.cpu(), self.keys, count + len(exclude))
-        return [i for i in picks if i not in exclude][:count]
+        and not in ``taken``: the prompts a router most easily confuses with it."""
+        picks = nearest(query.cpu(), self.keys, count + len(taken))
+        return [i for i in picks if self.prompts[i] not in taken][:count]
 
 
 def _stack_ragged(acts: list[torch.Tensor], device: torch.device) -> Acts:
