@@ -12,6 +12,7 @@ Settings (on top of the common ones, ``--set`` adds more):
           bound was measured at T = 100)
   full    the defaults without the fast path (the whole model every step)
   rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
+  patience1 the defaults, stopping on the first step that meets the stop rule (not two)
 
 "answered at" is the median step at which every target token first was the greedy choice;
 the steps after it go to the routing margins and the stop's patience.
@@ -34,6 +35,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"fast_path": False},
     "rows5": {"prefix_count": 5},
     "stop005": {"early_stop_loss": 0.05},
+    "patience1": {"early_stop_patience": 1},
 }
 # the setting of the headline results: Retrieve, a memory per 5 edits, replay, raw prompts
 COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
