@@ -1,0 +1,83 @@
+"""Where an edit's seconds go: ZsRE edits with the current defaults (the setting of the
+headline rows) under cProfile, each phase's time as a share of the edits' time.
+
+    python benchmarks/profile_edit.py --edits 15
+
+The first edit (which also generates the random prefixes, sets the score scale and
+computes the hard-negative pool's activations once) is made before the profile starts
+and is not counted; the pool's row therefore shows what it costs the later edits.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+
+import torch
+from common import editing_parser, fresh_editor, overrides
+
+from wise_edit.data import load_zsre
+
+COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
+
+# (phase, function, the caller it is counted under, or None for every caller); the
+# phases partition an edit, "  of which" rows are parts of the phase above them
+PHASES = (
+    ("fit: the steps (forward + backward above the layer)", "_fit", None),
+    ("edit rows: lower layers, once per edit", "_capture", "edit"),
+    ("draft: unrelated prompts, hard negatives, rehearsal", "_draft_for", None),
+)
+PARTS = (
+    ("  of which rehearsed rows' lower layers", "_rehearsal", None),
+    ("  of which the hard-negative pool (built before)", "_negative_pool", None),
+)
+
+
+def phase_seconds(stats: pstats.Stats, name: str, caller: str | None) -> float:
+    """Cumulative seconds of every function called ``name``, counted only under calls
+    from a function called ``caller`` when one is given."""
+    total = 0.0
+    for (_file, _line, func), (_cc, _nc, _tt, ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if func != name:
+            continue
+        if caller is None:
+            total += ct
+        else:
+            total += sum(c[3] for key, c in callers.items() if key[2] == caller)
+    return total
+
+
+def main() -> None:
+    parser = editing_parser(__doc__, edits=15)
+    parser.add_argument("--top", type=int, default=0, help="also print the N costliest calls")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    editor = fresh_editor(args, {**COMMON, **overrides(args)})
+    records = load_zsre(args.data_dir, limit=args.edits + 1)
+    editor.edit(records[0].prompt, records[0].target)
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    results = editor.edit_many([(r.prompt, r.target) for r in records[1:]], progress=True)
+    profile.disable()
+    elapsed = time.perf_counter() - started
+    stats = pstats.Stats(profile)
+    n = len(results)
+    print(
+        f"{n} ZsRE edits on {args.model} ({args.device}), torch threads "
+        f"{torch.get_num_threads()}: {elapsed / n:.2f} s/edit under the profiler, "
+        f"{sum(r.steps for r in results) / n:.1f} steps/edit"
+    )
+    edits_total = phase_seconds(stats, "edit", None)
+    rows = [(label, phase_seconds(stats, name, caller)) for label, name, caller in PHASES]
+    rows.append(("the rest (commits, bookkeeping)", edits_total - sum(s for _, s in rows)))
+    rows[3:3] = [(label, phase_seconds(stats, name, caller)) for label, name, caller in PARTS]
+    for label, seconds in rows:
+        print(f"{label:<52}{seconds / n:>8.3f} s/edit{seconds / edits_total:>8.1%}")
+    if args.top:
+        stats.sort_stats("cumulative").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
