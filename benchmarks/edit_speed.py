@@ -25,7 +25,7 @@ import statistics
 from typing import Any
 
 import torch
-from common import add_settings, chosen_settings, editing_parser, fresh_editor, overrides
+from common import HEADLINE, add_settings, chosen_settings, editing_parser, fresh_editor, overrides
 
 from wise_edit.data import load_zsre
 
@@ -37,13 +37,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
 }
-# the setting of the headline results: Retrieve, a memory per 5 edits, replay, raw prompts
-COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
 
 def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int, int]]:
     """(seconds, steps, answered at) of each edit, from a freshly loaded model."""
-    editor = fresh_editor(args, {**COMMON, **args.overrides, **setting})
+    editor = fresh_editor(args, {**HEADLINE, **args.overrides, **setting})
     records = load_zsre(args.data_dir, limit=args.edits)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
     # an edit never answered within max_steps counts as answered at its last step
@@ -68,7 +66,7 @@ def main() -> None:
         )
     print(
         f"{args.edits} ZsRE edits on {args.model} ({args.device}), torch threads "
-        f"{torch.get_num_threads()}, common settings {COMMON | args.overrides}"
+        f"{torch.get_num_threads()}, common settings {HEADLINE | args.overrides}"
     )
     header = ("setting", "median s/edit", "median s/step", "steps/edit", "answered at", "ratio")
     print(f"{header[0]:<10}" + "".join(f"{h:>15}" for h in header[1:5]) + f"{header[5]:>8}")

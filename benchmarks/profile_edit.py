@@ -15,22 +15,18 @@ import pstats
 import time
 
 import torch
-from common import editing_parser, fresh_editor, overrides
+from common import HEADLINE, editing_parser, fresh_editor, overrides
 
 from wise_edit.data import load_zsre
 
-COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
-
-# (phase, function, the caller it is counted under, or None for every caller); the
-# phases partition an edit, "  of which" rows are parts of the phase above them
+# (label, function, the caller it is counted under or None for every caller, whether the
+# row is a part of the phase above it); the phases, not their parts, partition an edit
 PHASES = (
-    ("fit: the steps (forward + backward above the layer)", "_fit", None),
-    ("edit rows: lower layers, once per edit", "_capture", "edit"),
-    ("draft: unrelated prompts, hard negatives, rehearsal", "_draft_for", None),
-)
-PARTS = (
-    ("  of which rehearsed rows' lower layers", "_rehearsal", None),
-    ("  of which the hard-negative pool (built before)", "_negative_pool", None),
+    ("fit: the steps (forward + backward above the layer)", "_fit", None, False),
+    ("edit rows: lower layers, once per edit", "_capture", "edit", False),
+    ("draft: unrelated prompts, hard negatives, rehearsal", "_draft_for", None, False),
+    ("  of which rehearsed rows' lower layers", "_rehearsal", None, True),
+    ("  of which the hard-negative pool (built before)", "_negative_pool", None, True),
 )
 
 
@@ -38,7 +34,8 @@ def phase_seconds(stats: pstats.Stats, name: str, caller: str | None) -> float:
     """Cumulative seconds of every function called ``name``, counted only under calls
     from a function called ``caller`` when one is given."""
     total = 0.0
-    for (_file, _line, func), (_cc, _nc, _tt, ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+    entries = stats.stats.items()  # type: ignore[attr-defined]
+    for (_file, _line, func), (_cc, _nc, _tt, ct, callers) in entries:
         if func != name:
             continue
         if caller is None:
@@ -53,7 +50,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest calls")
     args = parser.parse_args()
     torch.manual_seed(0)
-    editor = fresh_editor(args, {**COMMON, **overrides(args)})
+    editor = fresh_editor(args, {**HEADLINE, **overrides(args)})
     records = load_zsre(args.data_dir, limit=args.edits + 1)
     editor.edit(records[0].prompt, records[0].target)
     profile = cProfile.Profile()
@@ -70,10 +67,12 @@ def main() -> None:
         f"{sum(r.steps for r in results) / n:.1f} steps/edit"
     )
     edits_total = phase_seconds(stats, "edit", None)
-    rows = [(label, phase_seconds(stats, name, caller)) for label, name, caller in PHASES]
-    rows.append(("the rest (commits, bookkeeping)", edits_total - sum(s for _, s in rows)))
-    rows[3:3] = [(label, phase_seconds(stats, name, caller)) for label, name, caller in PARTS]
-    for label, seconds in rows:
+    rows = [
+        (label, phase_seconds(stats, name, caller), part) for label, name, caller, part in PHASES
+    ]
+    rest = edits_total - sum(seconds for _, seconds, part in rows if not part)
+    rows.append(("the rest (commits, bookkeeping)", rest, False))
+    for label, seconds, _ in rows:
         print(f"{label:<52}{seconds / n:>8.3f} s/edit{seconds / edits_total:>8.1%}")
     if args.top:
         stats.sort_stats("cumulative").print_stats(args.top)

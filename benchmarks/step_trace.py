@@ -10,14 +10,12 @@ wraps the editor's loss functions from outside to see their inputs, and changes 
 from __future__ import annotations
 
 import torch.nn.functional as F
-from common import editing_parser, fresh_editor, overrides
+from common import HEADLINE, editing_parser, fresh_editor, overrides
 
 import wise_edit.core.editor as core_editor
 import wise_edit.wise.editor as wise_editor
 from wise_edit.core.fit import fit
 from wise_edit.data import load_zsre
-
-COMMON = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
 
 
 def main() -> None:
@@ -52,7 +50,7 @@ def main() -> None:
     wise_editor.margin_loss = traced_margin
     core_editor.fit = traced_fit
 
-    editor = fresh_editor(args, {**COMMON, **fields})
+    editor = fresh_editor(args, {**HEADLINE, **fields})
     config = editor.config
     print(
         f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma} (score units); "
