@@ -17,6 +17,7 @@ from wise_edit.evaluation import (
     run_protocol,
     score,
 )
+from wise_edit.metrics import Decoder
 
 RECORDS = [
     EditRecord(
@@ -117,3 +118,17 @@ def test_dataset_metrics_hallucination_and_temporal(tokenizer):
     # OOD Gen on the prompt itself: success exactly when the per-token perplexity < 1/0.8
     assert ood["edited"] == float(perplexity["edited"] < 1 / 0.8) and ood["pre_edit"] == 0.0
     assert dataset_metrics("zsre", editor, editor.format, records) == {}
+
+
+def test_kinds_share_one_decoding_per_prompt(tokenizer, monkeypatch):
+    """Scoring every kind on one model state decodes each prompt once, and gives the
+    scores each kind gets with decodings of its own."""
+    model, fmt = tiny_model(), PromptFormat.create(tokenizer)
+    alone = {k.name: score(k, model, fmt, RECORDS, None) for k in kinds_for(fmt)}
+    decode = Decoder(model, fmt)
+    base = locality_baseline(model, fmt, RECORDS, decode)
+    shared = {k.name: score(k, model, fmt, RECORDS, None, decode) for k in kinds_for(fmt)}
+    assert shared == alone
+    prompts = {r.prompt for r in RECORDS} | {r.rephrase for r in RECORDS} | {r.loc for r in RECORDS}
+    assert decode.decodings == len(prompts)
+    assert base == locality_baseline(model, fmt, RECORDS)

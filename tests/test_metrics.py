@@ -136,3 +136,29 @@ def test_answer_match_needs_the_answer_to_stop(monkeypatch, model, fmt, tokenize
     assert metrics.answer_match(model, fmt, "Who?", target) == 0.0
     assert metrics.prefix_match(model, fmt, "Who?", target) == 1.0  # what it could not see
     assert metrics.reply_contains(model, fmt, "Who?", target) == 1.0
+
+
+def test_decoder_cuts_one_decoding_to_each_budget(model, fmt):
+    prompt = EDITS[3][0]
+    decode = metrics.Decoder(model, fmt)
+    longest = decode(prompt, 12)
+    for n in (1, 5, 12):
+        assert decode(prompt, n) == metrics.greedy_continuation(model, fmt, prompt, n)
+    assert decode.decodings == 1
+    # a larger budget than any decoding so far (which ran to its budget) decodes again
+    assert decode(prompt, 16) == metrics.greedy_continuation(model, fmt, prompt, 16)
+    assert decode(prompt, 16)[:12] == longest and decode.decodings == 2
+
+
+def test_decoder_keeps_an_answer_that_stopped_for_any_budget(monkeypatch, model, fmt, tokenizer):
+    stopped = tokenizer(" Eliel")["input_ids"] + [tokenizer.eos_token_id]
+    budgets = []
+    monkeypatch.setattr(
+        metrics, "greedy_continuation", lambda m, f, p, n: budgets.append(n) or stopped[:n]
+    )
+    decode = metrics.Decoder(model, fmt)
+    assert decode("Who?", 10) == stopped
+    assert decode("Who?", 40) == stopped and budgets == [10]
+    assert metrics.answer_match(model, fmt, "Who?", "Eliel", decode=decode) == 1.0
+    assert metrics.prefix_match(model, fmt, "Who?", "Eliel", decode=decode) == 1.0
+    assert budgets == [10]

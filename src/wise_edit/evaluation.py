@@ -26,6 +26,7 @@ from .core.draft import Editor
 from .core.persistence import SaveFolder, save_layout
 from .core.prompts import PromptFormat
 from .data import EditRecord
+from .metrics import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +67,42 @@ def _mean(values: list[float]) -> float | None:
 class MetricKind:
     """One way of scoring: how a prompt's answer is scored (Rel/Gen) and, for kinds that
     have a locality form, what is recorded on a locality probe and how a probe's
-    before/after records compare (Loc)."""
+    before/after records compare (Loc). Each reads the model through a `Decoder`, so
+    kinds scored on the same model state share its greedy decodings."""
 
     name: str
-    answer: Callable[[nn.Module, PromptFormat, str, str], float]
-    probe: Callable[[nn.Module, PromptFormat, EditRecord], list[int]] | None = None
+    answer: Callable[[Decoder, str, str], float]
+    probe: Callable[[Decoder, EditRecord], list[int]] | None = None
     same: Callable[[list[int], list[int]], float] | None = None
 
 
 TEACHER_FORCED = MetricKind(
     "teacher_forced",
-    metrics.token_accuracy,
-    lambda model, fmt, r: metrics.target_predictions(model, fmt, r.loc, r.loc_ans),
+    lambda d, prompt, target: metrics.token_accuracy(d.model, d.fmt, prompt, target),
+    lambda d, r: metrics.target_predictions(d.model, d.fmt, r.loc, r.loc_ans),
     metrics.agreement,
 )
 # Locality in generated form: the probe's continuation (ANSWER_NEW_TOKENS, or until the
 # model stops) is unchanged token for token, in the format the editor uses.
 ANSWER_EM = MetricKind(
     "answer_em",
-    metrics.answer_match,
-    lambda model, fmt, r: metrics.greedy_continuation(model, fmt, r.loc, metrics.ANSWER_NEW_TOKENS),
+    lambda d, prompt, target: metrics.answer_match(d.model, d.fmt, prompt, target, decode=d),
+    lambda d, r: d(r.loc, metrics.ANSWER_NEW_TOKENS),
     lambda before, after: float(before == after),
 )
-PREFIX_EM = MetricKind("prefix_em", metrics.prefix_match)
-REPLY_CONTAINS = MetricKind("reply_contains", metrics.reply_contains)
+PREFIX_EM = MetricKind(
+    "prefix_em",
+    lambda d, prompt, target: metrics.prefix_match(d.model, d.fmt, prompt, target, decode=d),
+)
+REPLY_CONTAINS = MetricKind(
+    "reply_contains",
+    lambda d, prompt, target: metrics.reply_contains(d.model, d.fmt, prompt, target, decode=d),
+)
 
 
 def kinds_for(fmt: PromptFormat) -> tuple[MetricKind, ...]:
-    """The metric kinds a bench reports: reply contains only for chat prompts."""
+    """The metric kinds a bench reports: reply contains only for chat prompts. Answer EM
+    comes first: its decodings are the longest, so the later kinds cut theirs from them."""
     kinds = (ANSWER_EM, TEACHER_FORCED, PREFIX_EM)
     return (*kinds, REPLY_CONTAINS) if fmt.is_chat else kinds
 
@@ -106,10 +115,16 @@ def _probed(records: Sequence[EditRecord]) -> list[EditRecord]:
 
 
 def locality_baseline(
-    model: nn.Module, fmt: PromptFormat, records: Sequence[EditRecord]
+    model: nn.Module,
+    fmt: PromptFormat,
+    records: Sequence[EditRecord],
+    decode: Decoder | None = None,
 ) -> Baseline:
+    """The unedited model's record of each locality probe, per metric kind. ``decode``:
+    a `Decoder` of this model state to share decodings with (a new one when None)."""
+    decode = decode or Decoder(model, fmt)
     return {
-        k.name: [k.probe(model, fmt, r) for r in _probed(records)]
+        k.name: [k.probe(decode, r) for r in _probed(records)]
         for k in kinds_for(fmt)
         if k.probe is not None
     }
@@ -121,20 +136,20 @@ def score(
     fmt: PromptFormat,
     records: Sequence[EditRecord],
     base: Baseline | None,
+    decode: Decoder | None = None,
 ) -> Scores:
-    """Rel on the prompts, Gen on the paraphrases, Loc against the unedited baseline."""
+    """Rel on the prompts, Gen on the paraphrases, Loc against the unedited baseline.
+    ``decode``: a `Decoder` of this model state shared with the other kinds."""
+    decode = decode or Decoder(model, fmt)
     probed = _probed(records)
     loc = None
     if base is not None and probed and kind.probe is not None and kind.same is not None:
         loc = _mean(
-            [
-                kind.same(before, kind.probe(model, fmt, r))
-                for before, r in zip(base[kind.name], probed)
-            ]
+            [kind.same(before, kind.probe(decode, r)) for before, r in zip(base[kind.name], probed)]
         )
     return Scores(
-        rel=_mean([kind.answer(model, fmt, r.prompt, r.target) for r in records]),
-        gen=_mean([kind.answer(model, fmt, r.rephrase, r.target) for r in records if r.rephrase]),
+        rel=_mean([kind.answer(decode, r.prompt, r.target) for r in records]),
+        gen=_mean([kind.answer(decode, r.rephrase, r.target) for r in records if r.rephrase]),
         loc=loc,
     )
 
@@ -210,8 +225,9 @@ def run_protocol(
         seconds += [entry["seconds"] for entry in editor.edit_log]
         picked = [records[i] for i in scored if offset <= i < offset + len(group)]
         part = _slice_baseline(start.base, chosen, done, len(picked))
+        decode = Decoder(model, fmt)  # this group's edited model
         for kind in kinds:
-            parts[kind.name].append((len(picked), score(kind, model, fmt, picked, part)))
+            parts[kind.name].append((len(picked), score(kind, model, fmt, picked, part, decode)))
         offset, done = offset + len(group), done + len(picked)
     bar.close()
     assert editor is not None  # records is not empty
@@ -255,8 +271,9 @@ class _Start:
     @classmethod
     def compute(cls, model, fmt, records, scored, kinds) -> _Start:  # noqa: ANN001
         chosen = [records[i] for i in scored]
-        base = locality_baseline(model, fmt, chosen)
-        return cls(base, {k.name: score(k, model, fmt, chosen, None) for k in kinds})
+        decode = Decoder(model, fmt)  # the unedited model
+        base = locality_baseline(model, fmt, chosen, decode)
+        return cls(base, {k.name: score(k, model, fmt, chosen, None, decode) for k in kinds})
 
     def write(self, checkpoint: Checkpointing, records: Sequence[EditRecord]) -> None:
         data = {

@@ -112,6 +112,30 @@ def greedy_continuation(
     return out[0, ids.shape[1] :].tolist()
 
 
+class Decoder:
+    """Greedy continuations of one model state, remembered per prompt.
+
+    Greedy decoding cut at n tokens is the decoding with a budget of n, and one that
+    stopped by itself is the same under any larger budget; so the metrics that read the
+    same prompt's answer (answer EM, prefix EM, reply contains) share one decoding rather
+    than each paying for its own, which halves the cost of scoring long targets. Make a
+    new one whenever the model changes (pre-edit, after the edits)."""
+
+    def __init__(self, model: nn.Module, fmt: PromptFormat) -> None:
+        self.model, self.fmt = model, fmt
+        self._done: dict[str, tuple[int, list[int]]] = {}  # prompt -> (budget, ids)
+        self.decodings = 0  # how many decodings ran (the rest were cut from these)
+
+    def __call__(self, prompt: str, max_new_tokens: int) -> list[int]:
+        budget, ids = self._done.get(prompt, (0, []))
+        if budget >= max_new_tokens or (budget and len(ids) < budget):
+            return ids[:max_new_tokens]
+        ids = greedy_continuation(self.model, self.fmt, prompt, max_new_tokens)
+        self._done[prompt] = (max_new_tokens, ids)
+        self.decodings += 1
+        return ids
+
+
 def normalise(text: str) -> str:
     """Whitespace collapsed, lower case."""
     return re.sub(r"\s+", " ", text).strip().lower()
@@ -151,22 +175,28 @@ def contains(text: str, target: str) -> float:
     return float(normalise_answer(target) in normalise(text))
 
 
-def answer_match(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+def answer_match(
+    model: nn.Module, fmt: PromptFormat, prompt: str, target: str, decode: Decoder | None = None
+) -> float:
     """Answer exact match: generate until the model stops, compare the whole answer."""
     budget = max(ANSWER_NEW_TOKENS, len(fmt.target_ids(target)) + EXTRA_NEW_TOKENS)
-    ids = greedy_continuation(model, fmt, prompt, budget)
+    ids = (decode or Decoder(model, fmt))(prompt, budget)
     return exact_answer(answer_text(fmt, ids), target)
 
 
-def prefix_match(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+def prefix_match(
+    model: nn.Module, fmt: PromptFormat, prompt: str, target: str, decode: Decoder | None = None
+) -> float:
     """Prefix exact match: the first len(target) + 2 generated tokens start with the
     target (what "generated EM" meant before answers were required to stop)."""
     budget = len(fmt.target_ids(target)) + EXTRA_NEW_TOKENS
-    ids = greedy_continuation(model, fmt, prompt, budget)
+    ids = (decode or Decoder(model, fmt))(prompt, budget)
     return starts_with(fmt.tokenizer.decode(ids, skip_special_tokens=True), target)
 
 
-def reply_contains(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
+def reply_contains(
+    model: nn.Module, fmt: PromptFormat, prompt: str, target: str, decode: Decoder | None = None
+) -> float:
     """Chat: the target appears in the assistant's reply (until its end of turn)."""
-    ids = greedy_continuation(model, fmt, prompt, ANSWER_NEW_TOKENS)
+    ids = (decode or Decoder(model, fmt))(prompt, ANSWER_NEW_TOKENS)
     return contains(reply_text(fmt, ids), target)
