@@ -52,6 +52,12 @@ class EditRecord:
     loc_ans: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
+    @property
+    def subject(self) -> str | None:
+        """The source's ``subject`` (what the prompt is about), when it names one."""
+        value = self.extra.get("subject")
+        return value if isinstance(value, str) and value.strip() else None
+
 
 def default_data_dir() -> Path:
     """Where the benchmark data is looked for when none is given: `$WISE_EDIT_DATA`, else

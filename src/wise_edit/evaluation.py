@@ -342,7 +342,7 @@ def _edit_group(
             folder = stack.enter_context(SaveFolder(checkpoint.folder / "editor"))
         unsaved = 0
         for record in group[done:]:
-            result = editor.edit(record.prompt, record.target)
+            result = editor.edit(record.prompt, record.target, subject=record.subject)
             unsaved += 1
             bar.update(1)
             bar.set_postfix(s_per_edit=f"{result.seconds:.2f}")

@@ -1,5 +1,10 @@
-"""Built-in neutral text: the irrelevant-prompt pool when the user gives none, and the
-text the routing score scale is calibrated on. Everyday statements, no facts to edit."""
+"""Built-in neutral text: the irrelevant-prompt pool when the user gives none, the text
+the routing score scale is calibrated on (everyday statements, no facts to edit), and
+the subjects an edit's prompt is rewritten about to make its subject-swapped negatives."""
+
+from __future__ import annotations
+
+import re
 
 NEUTRAL_PROMPTS: tuple[str, ...] = (
     "The weather today is mild with a light breeze from the west.",
@@ -43,3 +48,57 @@ NEUTRAL_PROMPTS: tuple[str, ...] = (
     "The printer ran out of paper in the middle of the job.",
     "Birds gathered on the wire above the street.",
 )
+
+# Entities of many kinds (people, places, organisations, works, things), so that a
+# prompt rewritten about one of them asks the edit's question of someone or something
+# else, whatever kind the edit's own subject is.
+NEUTRAL_SUBJECTS: tuple[str, ...] = (
+    "Marie Curie",
+    "Nelson Mandela",
+    "Frida Kahlo",
+    "Johann Sebastian Bach",
+    "Ada Lovelace",
+    "Genghis Khan",
+    "Serena Williams",
+    "Haruki Murakami",
+    "Cleopatra",
+    "Pablo Neruda",
+    "Rosalind Franklin",
+    "Miles Davis",
+    "Tokyo",
+    "Buenos Aires",
+    "Lake Victoria",
+    "Iceland",
+    "the Sahara",
+    "Bavaria",
+    "Mount Kilimanjaro",
+    "Nairobi",
+    "Toyota",
+    "the Red Cross",
+    "Siemens",
+    "Real Madrid",
+    "the Beatles",
+    "UNESCO",
+    "Hamlet",
+    "the Mona Lisa",
+    "Star Wars",
+    "Don Quixote",
+    "the Eiffel Tower",
+    "Python",
+    "the Danube",
+    "Jupiter",
+    "penicillin",
+    "the Roman Empire",
+)
+
+
+def swap_subject(prompt: str, subject: str, others: list[str]) -> list[str]:
+    """``prompt`` rewritten about each of ``others`` in place of ``subject`` (every
+    occurrence, matched case-insensitively, as datasets lower-case subjects): the same
+    wording about something else, which an edit's memory must not answer."""
+    if not subject.strip():
+        raise ValueError("subject must be a non-empty string")
+    pattern = re.compile(re.escape(subject), re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+    return [pattern.sub(lambda _, new=other: new, prompt) for other in others]

@@ -82,8 +82,9 @@ def apply_stream(
         for line in bar:
             record = line.record
             try:
-                result = editor.edit(record.prompt, record.target, meta=record_meta(file, line))
-            except (ValueError, ArithmeticError) as err:
+                meta = record_meta(file, line)
+                result = editor.edit(record.prompt, record.target, meta, subject=record.subject)
+            except (ValueError, TypeError, ArithmeticError) as err:
                 raise StreamError(f"{file}: line {line.number}: {err}") from err
             applied, unsaved = applied + 1, unsaved + 1
             bar.set_postfix(s_per_edit=f"{result.seconds:.2f}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.config import EditConfig
-from ..core.draft import Draft, EditResult
+from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.fit import adam_update
@@ -156,7 +156,7 @@ class DeferEditor(EditorBase):
     def _make_layer(self, module: nn.Module) -> DeferLayer:
         return DeferLayer(module, self.config.threshold)
 
-    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _DeferDraft:
+    def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> _DeferDraft:
         position = rows.input_ids.shape[1] - rows.targets.shape[1] - 1  # last prompt token
         queries, labels = self._gate_examples(lower.acts[0, position])
         positions = torch.tensor([position], device=self.device)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.config import EditConfig, StopOn
-from ..core.draft import Draft, EditResult
+from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.fit import adam_update
@@ -150,7 +150,7 @@ class FTLEditor(EditorBase):
     route_unit = "edited weights"
     layer: DeltaLayer
 
-    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _DeltaDraft:
+    def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> _DeltaDraft:
         before = self.layer.delta.clone()
         return _DeltaDraft(before, self._penalty(before), self.config)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.config import EditConfig
-from ..core.draft import Draft, EditResult
+from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.fit import adam_update
@@ -201,8 +201,8 @@ class GraceEditor(EditorBase):
     def codebook(self) -> Codebook:
         return self.layer.codebook
 
-    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _GraceDraft:
-        return self._draft_in(self.codebook, rows, lower, target)
+    def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> _GraceDraft:
+        return self._draft_in(self.codebook, rows, lower, request.target)
 
     def _draft_in(
         self, book: Codebook, rows: EditRows, lower: Captured, target: str

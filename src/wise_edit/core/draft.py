@@ -14,6 +14,22 @@ from torch import nn
 from .persistence import Saved
 
 
+@dataclass(frozen=True)
+class EditRequest:
+    """What one edit asks for. ``subject``: the entity the prompt is about, as written in
+    it ("Louis Vola" in "Louis Vola lost their life at"); a method that can use it does
+    (WISE's subject-swapped negatives), the others ignore it."""
+
+    prompt: str
+    target: str
+    subject: str | None = None
+
+    @classmethod
+    def of_entry(cls, entry: Mapping[str, Any]) -> EditRequest:
+        """The request an edit-log entry was made from (to retrain it)."""
+        return cls(entry["prompt"], entry["target"], entry.get("subject"))
+
+
 @dataclass
 class EditResult:
     """What one edit did. ``memory``: the WISE side memory or GRACE codebook entry it went
@@ -85,11 +101,16 @@ class Editor(Protocol):
     def device(self) -> torch.device: ...
 
     def edit(
-        self, prompt: str, target: str, meta: Mapping[str, Any] | None = None
+        self,
+        prompt: str,
+        target: str,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        subject: str | None = None,
     ) -> EditResult: ...
 
     def edit_many(
-        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
+        self, records: Iterable[Mapping[str, Any] | tuple[str, str]], progress: bool = False
     ) -> list[EditResult]: ...
 
     def routed(self, prompts: Sequence[str]) -> list[int]: ...

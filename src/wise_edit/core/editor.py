@@ -34,7 +34,7 @@ from .attach import (
     weight_fingerprint,
 )
 from .config import EditConfig
-from .draft import Draft, EditResult
+from .draft import Draft, EditRequest, EditResult
 from .fastpath import Captured, capture
 from .fit import Fitted, StepLoss, fit
 from .layer import AttachedLayer
@@ -202,21 +202,33 @@ class EditorBase:
         return {"steps_per_edit": round(sum(steps) / max(1, len(steps)), 1)}
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, target: str, meta: Mapping[str, Any] | None = None) -> EditResult:
+    def edit(
+        self,
+        prompt: str,
+        target: str,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        subject: str | None = None,
+    ) -> EditResult:
         """Apply one edit. On any error the editor is left exactly as before the call.
         ``meta`` (JSON-serialisable) is kept with the edit in the log, e.g. where the
-        edit came from."""
+        edit came from. ``subject``: what the prompt is about, as written in it; kept in
+        the log, and WISE with `subject_negatives` trains the prompt rewritten about other
+        subjects as unrelated."""
         self._check_attached()
         if meta is not None:
             meta = json.loads(json.dumps(dict(meta)))  # a copy, and proof it can be saved
+        request = EditRequest(prompt, target, _checked_subject(prompt, subject))
         started = time.perf_counter()
         with editing_mode(self.model):
             rows = self._edit_rows(prompt, target)
             lower = self._capture(rows, keep_lower_output=self.config.fast_path)
-            draft = self._draft(rows, lower, target)
+            draft = self._draft(rows, lower, request)
             fitted = self._fit(draft, rows, lower)
         result = self._result(prompt, target, fitted, draft, started)
         entry = {**asdict(result), **draft.log_fields()}
+        if subject is not None:
+            entry["subject"] = subject
         with self.state_lock.write():
             self._commit(draft, result)
             self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
@@ -299,7 +311,7 @@ class EditorBase:
         function that installs the rebuilt part and the number of edits retrained."""
         raise NotImplementedError
 
-    def _draft(self, rows: EditRows, lower: Captured, target: str) -> Draft:
+    def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> Draft:
         """What this edit trains, starting from the committed state."""
         raise NotImplementedError
 
@@ -312,15 +324,16 @@ class EditorBase:
         return []
 
     def edit_many(
-        self, records: Iterable[Mapping[str, str] | tuple[str, str]], progress: bool = False
+        self, records: Iterable[Mapping[str, Any] | tuple[str, str]], progress: bool = False
     ) -> list[EditResult]:
-        """Edit a stream, one sequential edit at a time, continuing the same state."""
+        """Edit a stream, one sequential edit at a time, continuing the same state. A
+        mapping may name its ``subject`` (see `edit`)."""
         records = list(records)
         results: list[EditResult] = []
         bar = tqdm(records, desc=f"{self.method or 'editing'}", unit="edit", disable=not progress)
         for record in bar:
-            prompt, target = _prompt_target(record)
-            results.append(self.edit(prompt, target))
+            prompt, target, subject = _prompt_target(record)
+            results.append(self.edit(prompt, target, subject=subject))
             bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}", steps=results[-1].steps)
         return results
 
@@ -482,13 +495,27 @@ class EditorBase:
         raise NotImplementedError
 
 
-def _prompt_target(record: Mapping[str, str] | tuple[str, str]) -> tuple[str, str]:
+def _prompt_target(
+    record: Mapping[str, Any] | tuple[str, str],
+) -> tuple[str, str, str | None]:
     if isinstance(record, Mapping):
         if "prompt" not in record or "target" not in record:
             raise ValueError(
                 f"an edit record needs 'prompt' and 'target' keys, got {sorted(record)}"
             )
-        return record["prompt"], record["target"]
+        return record["prompt"], record["target"], record.get("subject")
     if isinstance(record, (tuple, list)) and len(record) == 2:
-        return record[0], record[1]
+        return record[0], record[1], None
     raise ValueError(f"an edit record is a mapping or a (prompt, target) pair, got {record!r}")
+
+
+def _checked_subject(prompt: Any, subject: Any) -> str | None:
+    """``subject`` when it is text found in ``prompt`` (case-insensitively: datasets
+    lower-case subjects); a subject the prompt does not name is a caller's mistake."""
+    if subject is None:
+        return None
+    if not isinstance(subject, str) or not subject.strip():
+        raise TypeError(f"subject must be a non-empty string or None, got {subject!r}")
+    if isinstance(prompt, str) and subject.lower() not in prompt.lower():
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+    return subject

@@ -17,6 +17,7 @@ MASK_SEED_PRIME = 1_000_003  # shard masks of (memory, merge group)
 MASK_MEMORY_PRIME = 10_007
 REHEARSAL_PRIME = 1_299_709  # a memory's earlier edits rehearsed in edit n
 CANDIDATE_PRIME = 15_485_863  # the pool prompts hard negatives are chosen among
+SUBJECT_PRIME = 32_452_843  # the subjects edit n's prompt is rewritten about
 MERGE_SEED_OFFSET = 1  # DARE's random drops use the mask stream of seed + 1
 
 
@@ -26,6 +27,10 @@ def generator(seed: int) -> torch.Generator:
 
 def unrelated_generator(seed: int, edit_index: int) -> torch.Generator:
     return generator(seed * UNRELATED_PRIME + edit_index)
+
+
+def subject_generator(seed: int, edit_index: int) -> torch.Generator:
+    return generator(seed * SUBJECT_PRIME + edit_index)
 
 
 def candidate_generator(seed: int) -> torch.Generator:

@@ -80,6 +80,10 @@ class SaveChecker:
             for key in ("prompt", "target"):
                 if not isinstance(entry.get(key), str):
                     self.fail(STATE_FILE, f"{where}.{key}", "must be a string")
+            if "subject" in entry and not (
+                isinstance(entry["subject"], str) and entry["subject"].strip()
+            ):
+                self.fail(STATE_FILE, f"{where}.subject", "must be a non-empty string")
             if entry.get("index") != i:
                 self.fail(STATE_FILE, f"{where}.index", f"must be {i}, got {entry.get('index')!r}")
         return log

@@ -10,6 +10,7 @@ from torch import nn
 from ..core.config import TARGET_FIELDS, EditConfig, TargetConfig
 from ..core.fit import StopOn
 from ..families import get_submodule, weight_out_in
+from ..neutral import NEUTRAL_SUBJECTS
 from .merging import MERGE_METHODS
 
 # The paper: 20% of LLaMA-2-7B's 11008x4096 value matrix holds about 500 edits.
@@ -181,6 +182,15 @@ class WiseConfig(EditConfig):
             "negatives cost it no forward."
         },
     )
+    subject_negatives: int = field(
+        default=0,
+        metadata={
+            "help": "Per edit that names its subject (`edit(..., subject=...)`), this many "
+            "copies of its prompt rewritten about other subjects, trained as unrelated "
+            "prompts: the memory then keys on the subject rather than on the relation's "
+            "wording, which other subjects' prompts share (CounterFact's locality probes)."
+        },
+    )
     margin_weight: float = field(
         default=10.0,
         metadata={
@@ -259,6 +269,11 @@ class WiseConfig(EditConfig):
             ("route_candidates", self.route_candidates >= 0, "must be >= 0"),
             ("hard_negatives", self.hard_negatives >= 0, "must be >= 0"),
             ("hard_negative_candidates", self.hard_negative_candidates >= 1, "must be >= 1"),
+            (
+                "subject_negatives",
+                0 <= self.subject_negatives <= len(NEUTRAL_SUBJECTS),
+                f"must be in [0, {len(NEUTRAL_SUBJECTS)}]",
+            ),
             ("margin_weight", self.margin_weight >= 0, "must be >= 0"),
         ]
         self._validate(checks)

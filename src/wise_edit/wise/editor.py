@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.attach import editing_mode
-from ..core.draft import Draft, EditResult
+from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.persistence import STATE_FILE
@@ -25,9 +25,10 @@ from ..core.seeds import (
     merge_generator,
     rehearsal_generator,
     replay_generator,
+    subject_generator,
 )
 from ..core.validate import SaveChecker
-from ..neutral import NEUTRAL_PROMPTS
+from ..neutral import NEUTRAL_PROMPTS, NEUTRAL_SUBJECTS, swap_subject
 from .config import WiseConfig
 from .layer import SideMemory, WiseLayer
 from .masks import (
@@ -192,14 +193,19 @@ class WiseEditor(EditorBase):
             self.prefixes = self._generate_prefixes()
         return self.prefixes
 
-    def _draft(self, rows: EditRows, lower: Captured, target: str) -> _WiseDraft:
-        return self._draft_for(self._plan(), rows, lower, len(self.edit_log))
+    def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> _WiseDraft:
+        return self._draft_for(self._plan(), rows, lower, len(self.edit_log), request)
 
-    def _draft_for(self, plan: _Plan, rows: EditRows, lower: Captured, index: int) -> _WiseDraft:
+    def _draft_for(
+        self, plan: _Plan, rows: EditRows, lower: Captured, index: int, request: EditRequest
+    ) -> _WiseDraft:
         """The draft of edit ``index`` under ``plan``; its random draws depend on the
-        edit's index only, so retraining it in a rebuild draws the same."""
+        edit's index only, so retraining it in a rebuild draws the same. Its unrelated
+        prompts: random pool prompts, the pool prompts nearest to it (hard negatives) and
+        its own prompt about other subjects (subject-swapped negatives)."""
         cfg = self.config
         drawn = self._irrelevant_sample(cfg.irrelevant_rows, index)
+        drawn += self._subject_swaps(request, index)
         negatives = [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(drawn))]
         if cfg.hard_negatives:
             pool = self._negative_pool()
@@ -215,6 +221,17 @@ class WiseEditor(EditorBase):
             self._ensure_scale(),
             self._rehearsal(plan, index),
         )
+
+    def _subject_swaps(self, request: EditRequest, index: int) -> list[str]:
+        """The edit's prompt rewritten about `subject_negatives` built-in subjects (a
+        seeded draw per edit index; none when the edit names no subject)."""
+        count = self.config.subject_negatives
+        if not count or request.subject is None:
+            return []
+        subject = request.subject.lower()
+        others = [s for s in NEUTRAL_SUBJECTS if s.lower() != subject]
+        order = torch.randperm(len(others), generator=subject_generator(self.config.seed, index))
+        return swap_subject(request.prompt, request.subject, [others[i] for i in order[:count]])
 
     def _rehearsal(self, plan: _Plan, index: int) -> list[tuple[EditRows, Captured]]:
         """Rows of the earlier edits of the memory edit ``index`` goes to (a seeded
@@ -324,7 +341,8 @@ class WiseEditor(EditorBase):
             entry = self.edit_log[index]
             rows = self._edit_rows(entry["prompt"], entry["target"])
             lower = self._capture(rows, keep_lower_output=self.config.fast_path)
-            draft = self._draft_for(self._plan_in(fresh, number), rows, lower, draw)
+            plan = self._plan_in(fresh, number)
+            draft = self._draft_for(plan, rows, lower, draw, EditRequest.of_entry(entry))
             self._fit(draft, rows, lower)
             self._fold(fresh, draft, index)
         if old.closed:
