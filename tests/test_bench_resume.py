@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
             "rephrase": p.replace("Who", "Which person"),
             "loc": "nq: who",
             "loc_ans": "nobody",
-            "subject": "s",
+            "subject": p.rstrip("?").split()[-1],
             "pred": "x",
             "answers": ["x"],
         }
@@ -100,3 +100,30 @@ def test_bench_scores_only_the_sample(setup, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["extra"]["eval_sample"] == {"records": 2, "seed": 0} and data["edits"] == 6
     assert "sample of 2 of the 6 edits" in (out / "results.md").read_text()
+
+
+def test_pre_edit_scores_are_taken_from_another_methods_run(setup, tmp_path, monkeypatch):
+    """The unedited model's scores do not depend on the method: a second method's run
+    reads them from the first's checkpoint instead of computing them, and a run with
+    another evaluation sample is refused."""
+    from wise_edit import evaluation
+    from wise_edit.cli import main
+
+    argv = ["bench", "--model", str(setup / "model"), "--data-dir", str(setup / "data")]
+    argv += ["--edits", "4", "--latency-repeats", "1", "--set", "max_steps=6"]
+    first = tmp_path / "wise"
+    assert main([*argv, *FAST[2:], "--out", str(first), "--checkpoint-every", "2"]) == 0
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the pre-edit scores were computed again")
+
+    monkeypatch.setattr(evaluation.PreEdit, "compute", classmethod(computed))
+    grace = ["--method", "grace", "--pre-edit-from", str(first)]
+    assert main([*argv, *grace, "--out", str(tmp_path / "grace")]) == 0
+    pre = [
+        json.loads((out / "results.json").read_text())["pre_edit"]
+        for out in (first, tmp_path / "grace")
+    ]
+    assert pre[0] == pre[1]
+    other = ["--eval-sample", "2", "--out", str(tmp_path / "sampled")]
+    assert main([*argv, *grace, *other]) == 2

@@ -27,6 +27,7 @@ from .evaluation import (
     PROTOCOL_FILE,
     BenchResult,
     Checkpointing,
+    PreEdit,
     Scores,
     latency_ratio,
     run_protocol,
@@ -66,6 +67,10 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts=pool)
 
     checkpoint = _checkpointing(args, out, load_editor, config.to_dict(), fmt.kind)
+    pre_edit = None
+    if getattr(args, "pre_edit_from", None):
+        unedited = {"model": args.model, "prompt_format": fmt.kind, "eval_sample": args.eval_sample}
+        pre_edit = PreEdit.borrow(Path(args.pre_edit_from), records, unedited)
     result, editor = run_protocol(
         model,
         fmt,
@@ -77,6 +82,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         chunk=args.chunk,
         checkpoint=checkpoint,
         eval_sample=args.eval_sample,
+        pre_edit=pre_edit,
     )
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)

@@ -374,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run checkpointed in OUT/checkpoint (same records and settings)",
     )
+    bench.add_argument(
+        "--pre-edit-from",
+        default=None,
+        metavar="RUN",
+        help="take the unedited model's scores from another checkpointed bench run's folder "
+        "(same data, T, model, format and --eval-sample; any method) instead of computing "
+        "them again",
+    )
     _add_config_args(bench, method=True)
     bench.set_defaults(func=cmd_bench)
 

@@ -187,14 +187,16 @@ def run_protocol(
     progress: bool = True,
     checkpoint: Checkpointing | None = None,
     eval_sample: int | None = None,
+    pre_edit: PreEdit | None = None,
 ) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
     scores averaged, as the reference does for small T. ``fmt``: how prompts are written
     (the editors' own format). ``eval_sample``: score a fixed random sample of that many
     records (seeded; the editing always covers all). ``checkpoint``: save as it goes and
-    continue a killed run where it stopped. Returns the result and the last editor
-    (still attached)."""
+    continue a killed run where it stopped. ``pre_edit``: the unedited model's scores
+    when already known (`PreEdit.borrow`), else computed. Returns the result and the
+    last editor (still attached)."""
     records = list(records)
     if not records:
         raise ValueError("no records to edit")
@@ -207,9 +209,9 @@ def run_protocol(
     groups = [records[i : i + size] for i in range(0, len(records), size)]
     scored = sample_indices(len(records), eval_sample)
     kinds = kinds_for(fmt)
-    start = _Start.load(checkpoint, records, scored) if checkpoint else None
+    start = PreEdit.load(checkpoint, records, scored) if checkpoint else None
     if start is None:
-        start = _Start.compute(model, fmt, records, scored, kinds)
+        start = pre_edit or PreEdit.compute(model, fmt, records, scored, kinds)
         if checkpoint is not None:
             start.write(checkpoint, records)
     parts: dict[str, list[tuple[int, Scores]]] = {k.name: [] for k in kinds}
@@ -261,15 +263,16 @@ def sample_indices(total: int, sample: int | None) -> list[int]:
 
 
 @dataclass
-class _Start:
+class PreEdit:
     """What a run computes before its first edit: the unedited model's locality probes
-    and pre-edit scores on the scored records."""
+    and pre-edit scores on the scored records. They do not depend on the method, so runs
+    of several methods on the same records can compute them once (`borrow`)."""
 
     base: Baseline
     pre: dict[str, Scores]
 
     @classmethod
-    def compute(cls, model, fmt, records, scored, kinds) -> _Start:  # noqa: ANN001
+    def compute(cls, model, fmt, records, scored, kinds) -> PreEdit:  # noqa: ANN001
         chosen = [records[i] for i in scored]
         decode = Decoder(model, fmt)  # the unedited model
         base = locality_baseline(model, fmt, chosen, decode)
@@ -288,7 +291,7 @@ class _Start:
         os.replace(tmp, checkpoint.folder / PROTOCOL_FILE)
 
     @classmethod
-    def load(cls, checkpoint: Checkpointing, records, scored) -> _Start | None:  # noqa: ANN001
+    def load(cls, checkpoint: Checkpointing, records, scored) -> PreEdit | None:  # noqa: ANN001
         path = checkpoint.folder / PROTOCOL_FILE
         if not path.is_file():
             return None
@@ -302,6 +305,26 @@ class _Start:
         )
         if differ:
             raise ValueError(f"{path}: the checkpoint was made with other settings: {differ}")
+        pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
+        return cls(data["base"], pre)
+
+    @classmethod
+    def borrow(cls, path: Path, records: Sequence[EditRecord], settings: dict[str, Any]) -> PreEdit:
+        """The pre-edit part of another checkpointed run (its folder, its checkpoint
+        folder or its protocol.json), refused unless it scored the same records with the
+        same ``settings`` (model, prompt format, evaluation sample)."""
+        for candidate in (path / "checkpoint" / PROTOCOL_FILE, path / PROTOCOL_FILE, path):
+            if candidate.is_file():
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no {PROTOCOL_FILE} of a checkpointed bench run")
+        data = json.loads(candidate.read_text())
+        if data.get("records_sha256") != _records_digest(records):
+            raise ValueError(f"{candidate}: its pre-edit scores are of other records")
+        theirs = data.get("settings", {})
+        differ = sorted(k for k in settings if theirs.get(k) != settings[k])
+        if differ:
+            raise ValueError(f"{candidate}: its pre-edit scores were made with other {differ}")
         pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
         return cls(data["base"], pre)
 
