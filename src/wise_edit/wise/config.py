@@ -188,7 +188,9 @@ class WiseConfig(EditConfig):
             "help": "Per edit that names its subject (`edit(..., subject=...)`), this many "
             "copies of its prompt rewritten about other subjects, trained as unrelated "
             "prompts: the memory then keys on the subject rather than on the relation's "
-            "wording, which other subjects' prompts share (CounterFact's locality probes)."
+            "wording, which other subjects' prompts share (CounterFact's locality probes). "
+            "0: measured on CounterFact T = 100 it teaches the memory the subjects it was "
+            "shown, not others, and locality does not improve (docs/RESULTS.md)."
         },
     )
     margin_weight: float = field(
