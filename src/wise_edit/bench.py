@@ -68,7 +68,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
 
     checkpoint = _checkpointing(args, out, load_editor, config.to_dict(), fmt.kind)
     pre_edit = None
-    if getattr(args, "pre_edit_from", None):
+    if args.pre_edit_from:
         unedited = {"model": args.model, "prompt_format": fmt.kind, "eval_sample": args.eval_sample}
         pre_edit = PreEdit.borrow(Path(args.pre_edit_from), records, unedited)
     result, editor = run_protocol(

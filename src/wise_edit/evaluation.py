@@ -295,18 +295,7 @@ class PreEdit:
         path = checkpoint.folder / PROTOCOL_FILE
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        if data.get("records_sha256") != _records_digest(records):
-            raise ValueError(f"{path}: the checkpoint was made for other records")
-        differ = sorted(
-            k
-            for k in set(data.get("settings", {})) | set(checkpoint.settings)
-            if data.get("settings", {}).get(k) != checkpoint.settings.get(k)
-        )
-        if differ:
-            raise ValueError(f"{path}: the checkpoint was made with other settings: {differ}")
-        pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
-        return cls(data["base"], pre)
+        return cls._read(path, records, checkpoint.settings, "the checkpoint was made", every=True)
 
     @classmethod
     def borrow(cls, path: Path, records: Sequence[EditRecord], settings: dict[str, Any]) -> PreEdit:
@@ -315,16 +304,28 @@ class PreEdit:
         same ``settings`` (model, prompt format, evaluation sample)."""
         for candidate in (path / "checkpoint" / PROTOCOL_FILE, path / PROTOCOL_FILE, path):
             if candidate.is_file():
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no {PROTOCOL_FILE} of a checkpointed bench run")
-        data = json.loads(candidate.read_text())
+                return cls._read(candidate, records, settings, "its pre-edit scores were made")
+        raise FileNotFoundError(f"{path}: no {PROTOCOL_FILE} of a checkpointed bench run")
+
+    @classmethod
+    def _read(
+        cls,
+        path: Path,
+        records: Sequence[EditRecord],
+        settings: dict[str, Any],
+        made: str,
+        every: bool = False,
+    ) -> PreEdit:
+        """The pre-edit part of a protocol.json made for ``records`` with ``settings``
+        (``every``: and no setting of its own beyond them, as a resumed run needs)."""
+        data = json.loads(path.read_text())
         if data.get("records_sha256") != _records_digest(records):
-            raise ValueError(f"{candidate}: its pre-edit scores are of other records")
+            raise ValueError(f"{path}: {made} for other records")
         theirs = data.get("settings", {})
-        differ = sorted(k for k in settings if theirs.get(k) != settings[k])
+        keys = set(theirs) | set(settings) if every else set(settings)
+        differ = sorted(k for k in keys if theirs.get(k) != settings.get(k))
         if differ:
-            raise ValueError(f"{candidate}: its pre-edit scores were made with other {differ}")
+            raise ValueError(f"{path}: {made} with other settings: {differ}")
         pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
         return cls(data["base"], pre)
 

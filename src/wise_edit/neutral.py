@@ -92,13 +92,25 @@ NEUTRAL_SUBJECTS: tuple[str, ...] = (
 )
 
 
-def swap_subject(prompt: str, subject: str, others: list[str]) -> list[str]:
-    """``prompt`` rewritten about each of ``others`` in place of ``subject`` (every
-    occurrence, matched case-insensitively, as datasets lower-case subjects): the same
-    wording about something else, which an edit's memory must not answer."""
+def _subject_pattern(prompt: str, subject: str) -> re.Pattern[str]:
+    """``subject`` matched case-insensitively (datasets lower-case subjects); a subject
+    that is blank or that ``prompt`` does not name is refused."""
     if not subject.strip():
         raise ValueError("subject must be a non-empty string")
     pattern = re.compile(re.escape(subject), re.IGNORECASE)
     if not pattern.search(prompt):
         raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+    return pattern
+
+
+def check_subject(prompt: str, subject: str) -> None:
+    """Raise ValueError unless ``prompt`` names ``subject`` as `swap_subject` finds it."""
+    _subject_pattern(prompt, subject)
+
+
+def swap_subject(prompt: str, subject: str, others: list[str]) -> list[str]:
+    """``prompt`` rewritten about each of ``others`` in place of ``subject`` (every
+    occurrence, matched case-insensitively): the same wording about something else,
+    which an edit's memory must not answer."""
+    pattern = _subject_pattern(prompt, subject)
     return [pattern.sub(lambda _, new=other: new, prompt) for other in others]

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..families import check_value_module, get_submodule, weight_out_in
-from ..neutral import NEUTRAL_PROMPTS
+from ..neutral import NEUTRAL_PROMPTS, check_subject
 from . import fastpath
 from .attach import (
     cache_length,
@@ -227,8 +227,8 @@ class EditorBase:
             fitted = self._fit(draft, rows, lower)
         result = self._result(prompt, target, fitted, draft, started)
         entry = {**asdict(result), **draft.log_fields()}
-        if subject is not None:
-            entry["subject"] = subject
+        if request.subject is not None:
+            entry["subject"] = request.subject
         with self.state_lock.write():
             self._commit(draft, result)
             self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
@@ -510,12 +510,12 @@ def _prompt_target(
 
 
 def _checked_subject(prompt: Any, subject: Any) -> str | None:
-    """``subject`` when it is text found in ``prompt`` (case-insensitively: datasets
-    lower-case subjects); a subject the prompt does not name is a caller's mistake."""
+    """``subject`` when it is text ``prompt`` names (as `swap_subject` finds it); a
+    subject the prompt does not name is a caller's mistake."""
     if subject is None:
         return None
     if not isinstance(subject, str) or not subject.strip():
         raise TypeError(f"subject must be a non-empty string or None, got {subject!r}")
-    if isinstance(prompt, str) and subject.lower() not in prompt.lower():
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+    if isinstance(prompt, str):
+        check_subject(prompt, subject)
     return subject
