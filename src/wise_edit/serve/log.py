@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS edits (
     prompt TEXT NOT NULL,
     target TEXT NOT NULL,
     rephrase TEXT,
+    subject TEXT,
     status TEXT NOT NULL DEFAULT 'pending',
     error TEXT,
     memory INTEGER,
@@ -43,8 +44,11 @@ CREATE TABLE IF NOT EXISTS ops (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+# columns added after the first release, for `_add_missing_columns`
+_ADDED_COLUMNS = (("subject", "TEXT"),)
+
 _FIELDS = (
-    "id, prompt, target, rephrase, status, error, memory, steps, seconds, "
+    "id, prompt, target, rephrase, subject, status, error, memory, steps, seconds, "
     "retract_requested, created, updated"
 )
 
@@ -70,6 +74,15 @@ class EditLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Logs written before a column existed gain it (empty): a service started on
+        an older state folder keeps its edits."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(edits)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE edits ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -94,8 +107,9 @@ class EditLog:
         with self._transaction() as db:
             for r in records:
                 cur = db.execute(
-                    "INSERT INTO edits (prompt, target, rephrase, created) VALUES (?, ?, ?, ?)",
-                    (r["prompt"], r["target"], r.get("rephrase"), now),
+                    "INSERT INTO edits (prompt, target, rephrase, subject, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (r["prompt"], r["target"], r.get("rephrase"), r.get("subject"), now),
                 )
                 ids.append(int(cur.lastrowid or 0))
                 db.execute("INSERT INTO ops (kind, edit_id) VALUES ('edit', ?)", (ids[-1],))

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..neutral import check_subject
+
 
 class BadRequest(ValueError):
     """A 4xx answer: ``status``, a message, and the request field at fault."""
@@ -64,7 +66,8 @@ def text(body: dict[str, Any], name: str, limits: Limits, where: str = "") -> st
 
 
 def edits(payload: Any, limits: Limits) -> list[dict[str, str]]:
-    """One ``{prompt, target, rephrase?}`` or a non-empty list of them."""
+    """One ``{prompt, target, rephrase?, subject?}`` or a non-empty list of them; a
+    ``subject`` must occur in its prompt (as the library's `edit` requires)."""
     many = isinstance(payload, list)
     items = payload if many else [json_object(payload, "body")]
     if not items:
@@ -79,7 +82,13 @@ def edits(payload: Any, limits: Limits) -> list[dict[str, str]]:
         record["target"] = text(item, "target", limits, where)
         if item.get("rephrase") is not None:
             record["rephrase"] = text(item, "rephrase", limits, where)
-        unknown = sorted(set(item) - {"prompt", "target", "rephrase"})
+        if item.get("subject") is not None:
+            record["subject"] = text(item, "subject", limits, where)
+            try:
+                check_subject(record["prompt"], record["subject"])
+            except ValueError as err:
+                raise BadRequest(str(err), f"{where}subject") from None
+        unknown = sorted(set(item) - {"prompt", "target", "rephrase", "subject"})
         if unknown:
             raise BadRequest(f"unknown field {unknown[0]!r}", f"{where}{unknown[0]}")
         out.append(record)

@@ -194,7 +194,9 @@ class EditService:
             return
         meta = {"id": op.edit_id, **({"rephrase": edit["rephrase"]} if "rephrase" in edit else {})}
         try:
-            result = self.editor.edit(edit["prompt"], edit["target"], meta=meta)
+            result = self.editor.edit(
+                edit["prompt"], edit["target"], meta=meta, subject=edit.get("subject")
+            )
         except EDIT_ERRORS as err:
             self.log.finish(op, "failed", error=str(err))
             return
