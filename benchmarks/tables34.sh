@@ -4,7 +4,8 @@
 # four baselines, each a resumable `wise-edit bench` run. Run it again to continue: a
 # method whose results.json exists is skipped, one with a checkpoint is resumed. The
 # unedited model's scores are computed once per set (by the WISE run) and borrowed by the
-# baselines (--pre-edit-from).
+# baselines (--pre-edit-from). When every run is done, the table (`wise-edit compare`, with
+# each set's own metric: perplexity of the edits, OOD Gen) is written to OUT/tables34.md.
 #
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/tables34.sh > runs/tables34.log 2>&1 &
 #
@@ -43,3 +44,11 @@ for entry in $SETS; do
         run "${entry%%:*}" "${entry##*:}" "$method"
     done
 done
+
+runs=()
+for entry in $SETS; do
+    for method in $METHODS; do
+        runs+=("$OUT/${entry%%:*}-T${entry##*:}-raw-$method")
+    done
+done
+python -m wise_edit.cli compare "${runs[@]}" --out "$OUT/tables34.md"

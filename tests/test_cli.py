@@ -239,6 +239,28 @@ def test_compare_reads_runs_written_before_answer_em(tmp_path):
     )
 
 
+def test_compare_adds_the_sets_own_metric_where_a_run_has_one(tmp_path):
+    from wise_edit.bench import comparison_table
+
+    base = {"method": "GRACE", "mode": "", "edits": 3, "scores": {}, "seconds_per_edit": 1.0}
+    runs = {
+        "halluc": {**base, "dataset": "hallucination", "extra": {
+            "perplexity": {"edited": 3.125, "pre_edit": 27.4}}},
+        "temporal": {**base, "dataset": "temporal", "extra": {
+            "ood_gen": {"edited": 0.5, "pre_edit": 0.25}}},
+        "zsre": {**base, "dataset": "zsre", "extra": {}},
+    }  # fmt: skip
+    for name, data in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    lines = comparison_table([str(tmp_path / n) for n in runs]).splitlines()
+    assert lines[0].endswith("| PPL of the edits ↓ (pre-edit) | OOD Gen (pre-edit) | s/edit |")
+    assert lines[2].endswith("| 3.12 (27.40) | – | 1.00 |")  # hallucination sorts first
+    assert lines[3].endswith("| – | 0.50 (0.25) | 1.00 |")
+    assert lines[4].endswith("| – | – | 1.00 |")
+    assert "PPL" not in comparison_table([str(tmp_path / "zsre")])
+
+
 def test_serve_request_limits_are_flags(monkeypatch, tmp_path):
     import wise_edit.serve.run as run
 

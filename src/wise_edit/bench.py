@@ -334,9 +334,15 @@ def _scores_of(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SET_METRICS = {"perplexity": "PPL of the edits ↓", "ood_gen": "OOD Gen"}
+"""The paper's set-specific metrics (`dataset_metrics`) and their column names."""
+
+
 def comparison_table(runs: list[str]) -> str:
-    """One row per bench run (folder or results.json): every metric kind's Rel/Gen/Loc
-    and seconds per edit, sorted by dataset, T, then the order given."""
+    """One row per bench run (folder or results.json): every metric kind's Rel/Gen/Loc,
+    the set's own metric where a run has one (the paper's Tables 3-4: Hallucination's
+    perplexity, Temporal's OOD Gen) and seconds per edit, sorted by dataset, T, then the
+    order given."""
     rows = []
     for order, run in enumerate(runs):
         path = Path(run)
@@ -345,11 +351,17 @@ def comparison_table(runs: list[str]) -> str:
             raise FileNotFoundError(f"{run}: no results.json (is it a `wise-edit bench` folder?)")
         data = json.loads(path.read_text())
         rows.append((data["dataset"], data["edits"], order, data))
-    header = ["method", "data", "format", "T", *_header(), "s/edit"]
+    own = [m for m in SET_METRICS if any(m in r[3].get("extra", {}) for r in rows)]
+    header = ["method", "data", "format", "T", *_header()]
+    header += [f"{SET_METRICS[m]} (pre-edit)" for m in own] + ["s/edit"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dataset, edits, _, data in sorted(rows, key=lambda r: r[:3]):
         name = data["method"] + (f"-{data['mode']}" if data.get("mode") else "")
         cells = [name, dataset, data.get("prompt_format", "raw"), str(edits)]
-        cells += _cells(_scores_of(data)) + [f"{data['seconds_per_edit']:.2f}"]
+        cells += _cells(_scores_of(data))
+        for metric in own:
+            value = data.get("extra", {}).get(metric)
+            cells.append(f"{value['edited']:.2f} ({value['pre_edit']:.2f})" if value else "–")
+        cells.append(f"{data['seconds_per_edit']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
