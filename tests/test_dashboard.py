@@ -1,7 +1,7 @@
 """The dashboard at / in headless Chromium (the OS package, driven by Playwright's Python
-API; nothing is downloaded): submit an edit, wait for it to apply, ask the question, see
-the new answer and the memory that gave it, retract it. A screenshot is kept in
-``test-artifacts/`` (``$WISE_EDIT_ARTIFACTS``)."""
+API; nothing is downloaded): submit an edit (naming its subject), wait for it to apply,
+ask the question, see the new answer and the memory that gave it, retract it. A
+screenshot is kept in ``test-artifacts/`` (``$WISE_EDIT_ARTIFACTS``)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def test_dashboard_edits_asks_and_retracts(server):
         page.goto(server.url + "/")
         page.fill("#edit-prompt", prompt)
         page.fill("#edit-target", target)
+        page.fill("#edit-subject", "Lahti Town Hall")
         page.fill("#token", TOKEN)
         page.click("#edit-submit")
         row = page.locator("#edits tr[data-id='1']")
@@ -63,4 +64,5 @@ def test_dashboard_edits_asks_and_retracts(server):
         row.locator("button.retract").click()
         row.locator(".status.retracted").wait_for(timeout=60_000)
         browser.close()
-    assert server.client.get("/v1/edits/1").json()["status"] == "retracted"
+    stored = server.client.get("/v1/edits/1").json()
+    assert stored["status"] == "retracted" and stored["subject"] == "Lahti Town Hall"
