@@ -1,0 +1,144 @@
+"""What if each side memory's threshold were raised above its scores on the *other*
+memories' edit prompts? A what-if on a trained WISE-Retrieve save, before building it
+into the editing loop.
+
+Why: on CounterFact at T = 1000 a locality probe ("X lost their life at") is answered by
+the memory of another edit in the same words ("Louis Vola lost their life at"), because
+a memory's threshold (0.88 x the lowest score of its own edit prompts) never sees the
+prompts of later edits that share its wording. Those prompts are known to the editor:
+raising each memory's threshold to just above its highest score on any other edit's
+prompt (capped at ``cap`` x its own lowest edit score, so its own edits still clear it)
+is a scalar per memory, and this script measures what it would do to routing:
+
+    python benchmarks/threshold_whatif.py --save runs/cf100/checkpoint/editor \\
+        --data counterfact --edits 100 --caps 0.9 0.95 0.99
+
+A memory is frozen once it is closed, so its final scores on later edits' prompts are the
+scores it would have had when those edits arrived: for closed memories the what-if is
+the rule applied edit by edit. Routing here is dense (every memory scored, top-1, its
+threshold); the saved thresholds are also routed through the editor itself (with its
+retrieval index, `route_candidates`) for comparison. Routing shares only: what the
+answers would be is for `wise-edit bench` once the rule is in the editor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from wise_edit import WiseEditor, models
+from wise_edit.data import default_data_dir, load_dataset
+from wise_edit.wise.router import route
+
+CHUNK = 32  # prompts per scoring batch
+
+
+def scores_of(editor: WiseEditor, prompts: list[str]) -> torch.Tensor:
+    """(memories, prompts) activation scores, in chunks."""
+    parts = [
+        editor.activation_scores(prompts[i : i + CHUNK]) for i in range(0, len(prompts), CHUNK)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def raised_thresholds(
+    thresholds: torch.Tensor, edit_scores: torch.Tensor, owner: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Each memory's threshold raised to just above (x 1.01) its highest score on another
+    memory's edit prompt, at most ``cap`` x its lowest score on its own edit prompts, never
+    lowered. ``edit_scores`` (M, T): every memory on every edit prompt; ``owner`` (T,): the
+    memory holding each edit."""
+    mine = owner[None, :] == torch.arange(len(thresholds))[:, None]  # (M, T)
+    others = edit_scores.masked_fill(mine, float("-inf")).max(dim=1).values * 1.01
+    own_min = edit_scores.masked_fill(~mine, float("inf")).min(dim=1).values
+    return torch.maximum(thresholds, torch.minimum(others, cap * own_min))
+
+
+def share(flags: torch.Tensor) -> float:
+    return round(float(flags.float().mean()), 3) if len(flags) else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--save", required=True, help="a saved WISE-Retrieve editor")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default="counterfact", help="the set the save was edited on")
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--edits", type=int, required=True, help="records edited (T)")
+    parser.add_argument("--sample", type=int, default=200, help="records probed (seed 0)")
+    parser.add_argument("--same-form", type=int, default=50, help="unedited records probed")
+    parser.add_argument("--caps", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if any(not 0 < c <= 1 for c in args.caps):
+        parser.error("--caps must lie in (0, 1]: a memory's own edits must clear it")
+
+    model, tokenizer = models.load(args.model, device=args.device)
+    editor = WiseEditor.from_pretrained(model, tokenizer, args.save)
+    if editor.num_edits != args.edits:
+        parser.error(f"{args.save} holds {editor.num_edits} edits, not --edits {args.edits}")
+    loaded = load_dataset(args.data, args.data_dir, limit=args.edits + args.same_form)
+    records = loaded[: args.edits]
+    picked = sorted(random.Random(0).sample(range(args.edits), min(args.sample, args.edits)))
+    owner = torch.tensor([editor.memory_holding(i) for i in range(args.edits)])
+    with_para = [i for i in picked if records[i].rephrase]
+    with_loc = [i for i in picked if records[i].loc]
+
+    edit_scores = scores_of(editor, [r.prompt for r in records])  # (M, T)
+    probes = {
+        "paraphrase -> own": (scores_of(editor, [records[i].rephrase for i in with_para]),
+                              owner[with_para]),
+        "locality -> none": (scores_of(editor, [records[i].loc for i in with_loc]), None),
+        "same-form -> none": (scores_of(editor, [r.prompt for r in loaded[args.edits :]]), None),
+    }  # fmt: skip
+    saved = torch.tensor(editor.thresholds)
+
+    def routing(thresholds: torch.Tensor) -> dict[str, float]:
+        row = {"edit -> own": share(route(edit_scores[:, picked], thresholds) == owner[picked])}
+        for name, (scores, own) in probes.items():
+            got = route(scores, thresholds)
+            row[name] = share(got == own) if own is not None else share(got == -1)
+        return row
+
+    index = {"edit -> own": share(torch.tensor(editor.routed([records[i].prompt for i in picked]))
+                                  == owner[picked])}  # fmt: skip
+    index["paraphrase -> own"] = share(
+        torch.tensor(editor.routed([records[i].rephrase for i in with_para])) == owner[with_para]
+    )
+    index["locality -> none"] = share(
+        torch.tensor(editor.routed([records[i].loc for i in with_loc])) == -1
+    )
+    index["same-form -> none"] = share(
+        torch.tensor(editor.routed([r.prompt for r in loaded[args.edits :]])) == -1
+    )
+    rows = {
+        "saved thresholds, the editor's index": index,
+        "saved thresholds, dense": routing(saved),
+    }
+    for cap in args.caps:
+        raised = raised_thresholds(saved, edit_scores, owner, cap)
+        row = routing(raised)
+        row["memories raised"] = share(raised > saved)
+        rows[f"raised, cap {cap} x own lowest, dense"] = row
+
+    print(
+        f"{args.save}: {editor.num_edits} edits in {len(editor.memories)} memories; "
+        f"{len(picked)} probed records (seed 0), {len(loaded) - args.edits} same-form"
+    )
+    columns = ["edit -> own", "paraphrase -> own", "locality -> none", "same-form -> none"]
+    print("| thresholds | " + " | ".join(columns) + " | memories raised |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name, row in rows.items():
+        cells = [f"{row[c]:.3f}" for c in columns] + [f"{row.get('memories raised', 0):.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"save": args.save, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
