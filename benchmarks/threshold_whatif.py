@@ -88,34 +88,34 @@ def main() -> None:
     owner = torch.tensor([editor.memory_holding(i) for i in range(args.edits)])
     with_para = [i for i in picked if records[i].rephrase]
     with_loc = [i for i in picked if records[i].loc]
+    same_form = [r.prompt for r in loaded[args.edits :]]
+    # each probed group: its prompts and the route each should take (-1: no memory)
+    groups = {
+        "edit -> own": ([records[i].prompt for i in picked], owner[picked]),
+        "paraphrase -> own": ([records[i].rephrase for i in with_para], owner[with_para]),
+        "locality -> none": ([records[i].loc for i in with_loc], torch.full((len(with_loc),), -1)),
+        "same-form -> none": (same_form, torch.full((len(same_form),), -1)),
+    }
 
     edit_scores = scores_of(editor, [r.prompt for r in records])  # (M, T)
-    probes = {
-        "paraphrase -> own": (scores_of(editor, [records[i].rephrase for i in with_para]),
-                              owner[with_para]),
-        "locality -> none": (scores_of(editor, [records[i].loc for i in with_loc]), None),
-        "same-form -> none": (scores_of(editor, [r.prompt for r in loaded[args.edits :]]), None),
-    }  # fmt: skip
+    dense = {
+        name: scores_of(editor, prompts)
+        for name, (prompts, _) in groups.items()
+        if name != "edit -> own"
+    }
+    dense["edit -> own"] = edit_scores[:, picked]
     saved = torch.tensor(editor.thresholds)
 
     def routing(thresholds: torch.Tensor) -> dict[str, float]:
-        row = {"edit -> own": share(route(edit_scores[:, picked], thresholds) == owner[picked])}
-        for name, (scores, own) in probes.items():
-            got = route(scores, thresholds)
-            row[name] = share(got == own) if own is not None else share(got == -1)
-        return row
+        return {
+            name: share(route(dense[name], thresholds) == want)
+            for name, (_, want) in groups.items()
+        }
 
-    index = {"edit -> own": share(torch.tensor(editor.routed([records[i].prompt for i in picked]))
-                                  == owner[picked])}  # fmt: skip
-    index["paraphrase -> own"] = share(
-        torch.tensor(editor.routed([records[i].rephrase for i in with_para])) == owner[with_para]
-    )
-    index["locality -> none"] = share(
-        torch.tensor(editor.routed([records[i].loc for i in with_loc])) == -1
-    )
-    index["same-form -> none"] = share(
-        torch.tensor(editor.routed([r.prompt for r in loaded[args.edits :]])) == -1
-    )
+    index = {
+        name: share(torch.tensor(editor.routed(prompts), dtype=torch.long) == want)
+        for name, (prompts, want) in groups.items()
+    }
     rows = {
         "saved thresholds, the editor's index": index,
         "saved thresholds, dense": routing(saved),
