@@ -7,12 +7,14 @@ import torch
 from wise_edit.wise.router import (
     candidate_memories,
     margin_loss,
+    memory_nearness,
     replay_loss,
     route,
     route_sparse,
     score_unit,
     sequence_scores,
     threshold,
+    within_radius,
 )
 
 
@@ -136,3 +138,38 @@ def test_sparse_route_only_considers_the_candidates():
     candidates = torch.tensor([[1, 2], [0, 1]])  # row 0 cannot see memory 0
     out = route_sparse(candidates, lambda m, rows: scores[m][rows], thresholds)
     assert out.tolist() == [1, 1]
+
+
+def test_candidates_outside_the_key_radius_are_none():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    owners = torch.tensor([0, 1, 1, 2])
+    queries = torch.tensor([[2.0, 0.1], [0.1, 3.0]])
+    # cosines: row 0 -> key 0 .999, key 2 .74; row 1 -> key 1 .9994, key 2 .73
+    assert candidate_memories(queries, keys, owners, 2, radius=0.9).tolist() == [[0, -1], [1, -1]]
+    assert candidate_memories(queries, keys, owners, 2, radius=0.7).tolist() == [[0, 1], [1, 1]]
+
+
+def test_memory_nearness_is_the_best_cosine_over_each_memorys_keys():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    owners = torch.tensor([0, 1, 1])  # memory 2 holds no key
+    queries = torch.tensor([[3.0, 0.0], [0.0, -2.0]])
+    near = memory_nearness(queries, keys, owners, 3)
+    half = 2**-0.5
+    torch.testing.assert_close(near[:2], torch.tensor([[1.0, 0.0], [half, -half]]))
+    assert torch.isinf(near[2]).all() and (near[2] < 0).all()
+
+
+def test_a_memory_outside_the_radius_cannot_win_even_with_the_best_score():
+    scores = torch.tensor([[9.0, 9.0], [5.0, 1.0]])  # (M=2, B=2)
+    nearness = torch.tensor([[0.5, 0.95], [0.9, 0.9]])
+    thresholds = torch.tensor([2.0, 2.0])
+    assert route(within_radius(scores, nearness, 0.8), thresholds).tolist() == [1, 0]
+    assert route(within_radius(scores, nearness, 0.99), thresholds).tolist() == [-1, -1]
+    assert route(within_radius(scores, nearness, 0.0), thresholds).equal(route(scores, thresholds))
+
+
+def test_sparse_route_skips_rows_without_candidates():
+    scores = torch.tensor([[9.0, 9.0]])
+    candidates = torch.tensor([[-1, -1], [0, -1]])
+    out = route_sparse(candidates, lambda m, rows: scores[m][rows], torch.tensor([2.0]))
+    assert out.tolist() == [-1, 0]

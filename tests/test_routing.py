@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from wise_edit import WiseEditor
 from wise_edit.neutral import NEUTRAL_PROMPTS
+from wise_edit.wise.router import memory_nearness
 
 UNRELATED = [
     "Tomorrow we will paint the fence in the garden.",
@@ -148,3 +149,28 @@ def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
     state_file.write_text(json.dumps(state))
     old = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     assert all(torch.equal(a, m.keys) for a, m in zip(keys, old.memories))
+
+
+def test_key_radius_keeps_memories_to_prompts_worded_like_their_edits(tokenizer, tmp_path):
+    """A prompt with words added routes to its edit's memory by score alone; a radius
+    tighter than its key's cosine to the edit's (the edit prompts' own keys are within
+    it) leaves it on the main memory, on the dense path and through the index, and the
+    radius is saved with the editor."""
+    config = fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=25)
+    editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
+    editor.edit_many(EDITS[:4])
+    worded = [p for p, _ in EDITS[:4]] + [p + " Tell me." for p, _ in EDITS[:4]]
+    assert editor.routed(worded) == [0, 1, 2, 3] * 2
+    keys, owners = editor.edit_keys()
+    near = memory_nearness(editor.prompt_keys(worded), keys, owners, 4).max(dim=0).values
+    assert (near[:4] > 0.9999).all() and (near[4:] < 0.99).all()
+    editor.save_pretrained(tmp_path / "s")
+    config_file = tmp_path / "s" / "editor_config.json"
+    data = json.loads(config_file.read_text())
+    for candidates in (0, 2):
+        config_file.write_text(
+            json.dumps({**data, "key_radius": 0.99, "route_candidates": candidates})
+        )
+        gated = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
+        assert gated.layer.radius == 0.99 and gated.layer.candidates == candidates
+        assert gated.routed(worded) == [0, 1, 2, 3] + [-1] * 4

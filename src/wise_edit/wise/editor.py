@@ -179,6 +179,20 @@ class WiseEditor(EditorBase):
         acts, mask = self._prompt_batch_acts(list(prompts))
         return self.layer.scores(acts, mask).cpu()
 
+    @torch.no_grad()
+    def prompt_keys(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Each prompt's query to the retrieval index, the mean value-matrix input over the
+        tokens routing reads: (prompts, I). Compared by cosine with `edit_keys`, it says
+        how close a prompt's wording is to each edit's, apart from any memory's score."""
+        acts, mask = self._prompt_batch_acts(list(prompts))
+        return mean_inputs(acts, mask).float().cpu()
+
+    def edit_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every edit's key (E, I) and the side memory holding it (E,), in memory order."""
+        if not len(self.layer.memories):
+            return torch.zeros((0, self.layer.weight.shape[1])), torch.zeros(0, dtype=torch.long)
+        return self.layer.key_index(torch.device("cpu"))
+
     def summary(self) -> dict[str, Any]:
         return {
             **super().summary(),
@@ -458,7 +472,7 @@ class WiseEditor(EditorBase):
                     memory.add_key(self._prompt_acts_of(index).float().mean(0))
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
-        return WiseLayer(module, self.config.route_candidates)
+        return WiseLayer(module, self.config.route_candidates, self.config.key_radius)
 
 
 class _NegativePool:

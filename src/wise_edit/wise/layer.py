@@ -15,10 +15,12 @@ from .merging import MergeFn
 from .router import (
     candidate_memories,
     mean_inputs,
+    memory_nearness,
     route,
     route_sparse,
     sequence_scores,
     threshold,
+    within_radius,
 )
 
 if TYPE_CHECKING:
@@ -218,10 +220,11 @@ class WiseLayer(AttachedLayer):
 
     reads_content = True
 
-    def __init__(self, base_layer: nn.Module, candidates: int = 0) -> None:
+    def __init__(self, base_layer: nn.Module, candidates: int = 0, radius: float = 0.0) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
         self.candidates = candidates  # 0: score every memory; k: those of the k nearest keys
+        self.radius = radius  # > 0: a memory takes only rows this near (cosine) an edit key
 
     def new_memory(self) -> SideMemory:
         weight = self.weight
@@ -249,11 +252,17 @@ class WiseLayer(AttachedLayer):
         if not len(self.memories):
             return unrouted(acts)
         thresholds = self.thresholds(acts.device)
-        if not self.candidates or len(self.memories) <= self.candidates:
+        dense = not self.candidates or len(self.memories) <= self.candidates
+        if dense and not self.radius:
             return route(self.scores(acts, token_mask), thresholds)
         keys, owners = self.key_index(acts.device)
         queries = mean_inputs(acts, token_mask)  # (B, I)
-        candidates = candidate_memories(queries, keys, owners, self.candidates)  # (B, k)
+        if dense:
+            nearness = memory_nearness(queries, keys, owners, len(self.memories))
+            return route(
+                within_radius(self.scores(acts, token_mask), nearness, self.radius), thresholds
+            )
+        candidates = candidate_memories(queries, keys, owners, self.candidates, self.radius)
 
         def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
             return self.memories[memory].scores(acts[rows], token_mask[rows])

@@ -77,16 +77,45 @@ def nearest(query: torch.Tensor, keys: torch.Tensor, k: int) -> list[int]:
     return sims.topk(min(k, len(sims))).indices.tolist()
 
 
+def key_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine of each query (B, I) with each edit key (E, I): (B, E)."""
+    return F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t()
+
+
 def candidate_memories(
-    queries: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, k: int
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    owners: torch.Tensor,
+    k: int,
+    radius: float = 0.0,
 ) -> torch.Tensor:
     """The memories of the ``k`` edit keys (E, I) most similar by cosine to each query
     (B, I): (B, k') memory indices, k' = min(k, E), most similar first (may repeat).
-    ``owners`` (E,) names the memory each key's edit lives in."""
-    q = F.normalize(queries.float(), dim=-1)
-    keyed = F.normalize(keys.float(), dim=-1)
-    top = (q @ keyed.t()).topk(min(k, keys.shape[0]), dim=-1).indices  # (B, k')
-    return owners[top]
+    ``owners`` (E,) names the memory each key's edit lives in. With a ``radius`` > 0 a key
+    less similar than that gives -1 (no candidate) instead of its memory."""
+    sims, top = key_similarity(queries, keys).topk(min(k, keys.shape[0]), dim=-1)  # (B, k')
+    picked = owners[top]
+    if radius > 0:
+        picked = torch.where(sims >= radius, picked, torch.full_like(picked, -1))
+    return picked
+
+
+def memory_nearness(
+    queries: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, memories: int
+) -> torch.Tensor:
+    """(M, B): for each memory, the highest cosine between a query (B, I) and the keys of
+    the edits it holds; -inf for a memory that holds no key."""
+    sims = key_similarity(queries, keys).t()  # (E, B)
+    out = torch.full((memories, sims.shape[1]), float("-inf"), device=sims.device)
+    index = owners.to(sims.device)[:, None].expand_as(sims)
+    return out.scatter_reduce(0, index, sims, reduce="amax")
+
+
+def within_radius(scores: torch.Tensor, nearness: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scores (M, B) of memories none of whose edit keys lies within cosine ``radius`` of
+    the row's key set to -inf, so that `route` cannot pick them: a memory answers only
+    prompts worded near one of its edits, whatever its activation score."""
+    return scores.masked_fill(nearness < radius, float("-inf"))
 
 
 def route_sparse(
@@ -102,6 +131,8 @@ def route_sparse(
     best = torch.full((batch,), float("-inf"), device=candidates.device)
     index = torch.full((batch,), -1, dtype=torch.long, device=candidates.device)
     for memory in candidates.unique().tolist():  # ascending: ties keep the lower index
+        if memory < 0:  # no candidate (outside the key radius)
+            continue
         rows = (candidates == memory).any(dim=1)
         scores = score_fn(memory, rows).to(best.device)
         better = scores > best[rows]
