@@ -11,7 +11,14 @@ prompt (capped at ``cap`` x its own lowest edit score, so its own edits still cl
 is a scalar per memory, and this script measures what it would do to routing:
 
     python benchmarks/threshold_whatif.py --save runs/cf100/checkpoint/editor \\
-        --data counterfact --edits 100 --caps 0.9 0.95 0.99
+        --data counterfact --edits 100 --same-form 100 --caps 0.9 0.95 0.99 \\
+        --taus 0.5 0.6 0.7 0.75 0.8 0.85 0.9
+
+A second rule is measured beside it, the key radius (`WiseConfig.key_radius`): a memory
+may take a prompt only if one of its edits' keys (mean value-matrix input of the edit
+prompt) lies within cosine ``tau`` of the prompt's (`--taus`), whatever its score. The
+quartiles of that cosine are printed per group first (own memory's for edits and
+paraphrases, the nearest memory's for the prompts that should reach none).
 
 A memory is frozen once it is closed, so its final scores on later edits' prompts are the
 scores it would have had when those edits arrived: for closed memories the what-if is
@@ -32,7 +39,7 @@ import torch
 
 from wise_edit import WiseEditor, models
 from wise_edit.data import default_data_dir, load_dataset
-from wise_edit.wise.router import route
+from wise_edit.wise.router import memory_nearness, route, within_radius
 
 CHUNK = 32  # prompts per scoring batch
 
@@ -73,6 +80,14 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=200, help="records probed (seed 0)")
     parser.add_argument("--same-form", type=int, default=50, help="unedited records probed")
     parser.add_argument("--caps", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    parser.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.7, 0.8, 0.9],
+        help="key radii: a memory may take a prompt only if one of its edits' keys is this near",
+    )
+    parser.add_argument("--plot", help="draw the key-radius sweep to this PNG")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if any(not 0 < c <= 1 for c in args.caps):
@@ -126,6 +141,24 @@ def main() -> None:
         row["memories raised"] = share(raised > saved)
         rows[f"raised, cap {cap} x own lowest, dense"] = row
 
+    keys, key_owner = editor.edit_keys()
+    memories = len(editor.memories)
+    nearness = {
+        name: memory_nearness(editor.prompt_keys(prompts), keys, key_owner, memories)
+        for name, (prompts, _) in groups.items()
+    }
+    for tau in args.taus:
+        rows[f"saved thresholds, key radius {tau}, dense"] = {
+            name: share(route(within_radius(dense[name], nearness[name], tau), saved) == want)
+            for name, (_, want) in groups.items()
+        }
+    print("nearest edit key (cosine), quartiles per group: own memory's where one is wanted")
+    for name, (_, want) in groups.items():
+        near = nearness[name]
+        best = near.max(dim=0).values if (want < 0).all() else near[want, torch.arange(len(want))]
+        quartiles = torch.quantile(best, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
+        print(f"  {name}: p10/p25/p50/p75/p90 " + " ".join(f"{q:.3f}" for q in quartiles))
+
     print(
         f"{args.save}: {editor.num_edits} edits in {len(editor.memories)} memories; "
         f"{len(picked)} probed records (seed 0), {len(loaded) - args.edits} same-form"
@@ -138,6 +171,34 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"save": args.save, "rows": rows}, indent=2))
+    if args.plot:
+        sweep = {tau: rows[f"saved thresholds, key radius {tau}, dense"] for tau in args.taus}
+        plot_radius_sweep(sweep, rows["saved thresholds, dense"], columns, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot_radius_sweep(
+    sweep: dict[float, dict[str, float]], without: dict[str, float], columns: list[str], path: str
+) -> None:
+    """Share of each probe group routed right against the key radius; dotted: no radius."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus = sorted(sweep)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for column in columns:
+        line = ax.plot(taus, [sweep[t][column] for t in taus], marker="o", label=column)
+        ax.axhline(without[column], color=line[0].get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("key radius (cosine to the nearest edit key of the memory)")
+    ax.set_ylabel("share routed right")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Key radius: locality gained, paraphrases lost (dotted: no radius)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
