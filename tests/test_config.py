@@ -122,10 +122,11 @@ def test_cli_edits_a_family_outside_the_table(tmp_path, tokenizer, caplog):
     assert any("built-in" in r.getMessage() for r in caplog.records)
 
 
-def test_key_radius_is_off_by_default_a_cosine_and_absent_from_older_saves():
-    assert WiseConfig().key_radius == 0.0
+def test_key_radius_is_calibrated_by_default_a_cosine_and_off_in_older_saves():
+    assert WiseConfig().key_radius is None
     old = {k: v for k, v in WiseConfig().to_dict().items() if k != "key_radius"}
     assert WiseConfig.from_dict(old).key_radius == 0.0
+    assert WiseConfig.from_dict(WiseConfig().to_dict()).key_radius is None
     assert WiseConfig(key_radius=0.75).key_radius == 0.75
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="key_radius"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from wise_edit.wise.router import (
+    background_radius,
     candidate_memories,
     margin_loss,
     memory_nearness,
@@ -173,3 +174,13 @@ def test_sparse_route_skips_rows_without_candidates():
     candidates = torch.tensor([[-1, -1], [0, -1]])
     out = route_sparse(candidates, lambda m, rows: scores[m][rows], torch.tensor([2.0]))
     assert out.tolist() == [-1, 0]
+
+
+def test_background_radius_is_a_quantile_of_the_pairwise_cosines():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # pairs: (0, 1) 0, (0, 2) and (1, 2) 1/sqrt(2)
+    assert background_radius(keys, 0.0) == pytest.approx(0.0)
+    assert background_radius(keys, 1.0) == pytest.approx(2**-0.5)
+    assert background_radius(keys, 0.25) == pytest.approx(0.5 * 2**-0.5)
+    with pytest.raises(ValueError, match="at least two"):
+        background_radius(keys[:1], 0.5)

@@ -174,3 +174,26 @@ def test_key_radius_keeps_memories_to_prompts_worded_like_their_edits(tokenizer,
         gated = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
         assert gated.layer.radius == 0.99 and gated.layer.candidates == candidates
         assert gated.routed(worded) == [0, 1, 2, 3] + [-1] * 4
+
+
+def test_the_default_key_radius_is_calibrated_on_the_pool_once_and_saved(tokenizer, tmp_path):
+    from wise_edit.wise.editor import RADIUS_QUANTILE
+    from wise_edit.wise.router import background_radius
+
+    config = fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=25)
+    assert config.key_radius is None
+    editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
+    assert editor.key_radius is None and editor.layer.radius == 0.0
+    editor.edit_many(EDITS[:2])
+    pool = editor._negative_pool()
+    assert len(set(pool.prompts)) == len(pool.prompts)  # else the radius skips repeats
+    expected = background_radius(pool.keys, RADIUS_QUANTILE)
+    assert 0.0 < expected < 1.0
+    assert editor.key_radius == editor.layer.radius == expected
+    assert editor.summary()["key_radius"] == expected
+    prompts = [p for p, _ in EDITS[:2]] + UNRELATED
+    routed = editor.routed(prompts)
+    editor.save_pretrained(tmp_path / "s")
+    loaded = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
+    assert loaded.key_radius == loaded.layer.radius == expected
+    assert loaded.routed(prompts) == routed

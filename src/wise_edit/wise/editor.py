@@ -41,6 +41,7 @@ from .masks import (
 )
 from .merging import get_merge
 from .router import (
+    background_radius,
     margin_loss,
     mean_inputs,
     nearest,
@@ -52,6 +53,9 @@ from .router import (
 __all__ = ["EditResult", "WiseEditor"]
 
 Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
+# the calibrated key radius: this quantile of the cosines between pairs of unrelated
+# prompts' keys (1% of such pairs lie nearer than it)
+RADIUS_QUANTILE = 0.99
 
 
 @dataclass
@@ -149,6 +153,7 @@ class WiseEditor(EditorBase):
     ) -> None:
         super().__init__(model, tokenizer, config, irrelevant_prompts)
         self.score_scale: float | None = self.config.score_scale
+        self.key_radius: float | None = self.config.key_radius  # None until calibrated
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
         self._negatives: _NegativePool | None = None  # derived, computed once
@@ -198,6 +203,7 @@ class WiseEditor(EditorBase):
             **super().summary(),
             "memories": len(self.layer.memories),
             "thresholds": self.thresholds,
+            "key_radius": self.key_radius,
         }
 
     # ------------------------------------------------------------------ one edit
@@ -218,6 +224,7 @@ class WiseEditor(EditorBase):
         prompts: random pool prompts, the pool prompts nearest to it (hard negatives) and
         its own prompt about other subjects (subject-swapped negatives)."""
         cfg = self.config
+        self._ensure_radius()  # a property of the model and pool, like the score unit
         drawn = self._irrelevant_sample(cfg.irrelevant_rows, index)
         drawn += self._subject_swaps(request, index)
         negatives = [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(drawn))]
@@ -398,6 +405,16 @@ class WiseEditor(EditorBase):
             self.score_scale = score_unit(out, mask)
         return self.score_scale
 
+    def _ensure_radius(self) -> float:
+        """The key radius, calibrated once against the unrelated pool when the config
+        leaves it to the model (`background_radius`), and handed to the layer."""
+        if self.key_radius is None:
+            pool = self._negative_pool()
+            distinct = sorted({p: i for i, p in reversed(list(enumerate(pool.prompts)))}.values())
+            self.key_radius = background_radius(pool.keys[distinct], RADIUS_QUANTILE)
+        self.layer.radius = self.key_radius
+        return self.key_radius
+
     @torch.no_grad()
     def _generate_prefixes(self) -> list[str]:
         """Short continuations of seed words sampled from the unedited model with the
@@ -427,6 +444,7 @@ class WiseEditor(EditorBase):
     def _state(self) -> dict[str, Any]:
         return {
             "score_scale": self.score_scale,
+            "key_radius": self.key_radius,
             "prefixes": self.prefixes,
             "memories": [m.state() for m in self.layer.memories],
         }
@@ -442,6 +460,9 @@ class WiseEditor(EditorBase):
         cls, check: SaveChecker, state: dict[str, Any], config: WiseConfig, weight: torch.Tensor
     ) -> None:
         check.number(state, "score_scale", low=1e-12, optional=True)
+        radius = check.number(state, "key_radius", low=0.0, optional=True)
+        if radius is not None and radius > 1.0:
+            check.fail(STATE_FILE, "key_radius", f"must be a cosine in [0, 1], got {radius}")
         check.strings(state, "prefixes", optional=True)
         memories = check.field(state, "memories", list)
         edits = len(state["edit_log"])
@@ -462,6 +483,9 @@ class WiseEditor(EditorBase):
 
     def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.score_scale = state["score_scale"]
+        # the radius a save calibrated, unless its config names one (older saves: 0, off)
+        if self.config.key_radius is None and state.get("key_radius") is not None:
+            self.key_radius = self.layer.radius = float(state["key_radius"])
         self.prefixes = state["prefixes"]
         for i, meta in enumerate(state["memories"]):
             memory = self.layer.new_memory()
@@ -472,7 +496,7 @@ class WiseEditor(EditorBase):
                     memory.add_key(self._prompt_acts_of(index).float().mean(0))
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
-        return WiseLayer(module, self.config.route_candidates, self.config.key_radius)
+        return WiseLayer(module, self.config.route_candidates, self.config.key_radius or 0.0)
 
 
 class _NegativePool:

@@ -111,6 +111,19 @@ def memory_nearness(
     return out.scatter_reduce(0, index, sims, reduce="amax")
 
 
+def background_radius(keys: torch.Tensor, quantile: float) -> float:
+    """The ``quantile`` of the cosine between the keys (N, I) of every pair of unrelated
+    prompts: how near two prompts about nothing in common come on this model and layer.
+    Cosines of mean activations are far from 0 and differ from model to model, so a key
+    radius is set against this background rather than as one constant for all models."""
+    if len(keys) < 2:
+        raise ValueError("a background needs the keys of at least two unrelated prompts")
+    sims = key_similarity(keys, keys)
+    upper = torch.triu_indices(len(keys), len(keys), offset=1, device=sims.device)
+    value = float(torch.quantile(sims[upper[0], upper[1]], quantile))
+    return min(1.0, max(0.0, value))  # rounding can take a cosine past 1
+
+
 def within_radius(scores: torch.Tensor, nearness: torch.Tensor, radius: float) -> torch.Tensor:
     """Scores (M, B) of memories none of whose edit keys lies within cosine ``radius`` of
     the row's key set to -inf, so that `route` cannot pick them: a memory answers only
