@@ -176,7 +176,7 @@ def test_key_radius_keeps_memories_to_prompts_worded_like_their_edits(tokenizer,
         assert gated.routed(worded) == [0, 1, 2, 3] + [-1] * 4
 
 
-def test_the_default_key_radius_is_calibrated_on_the_pool_once_and_saved(tokenizer, tmp_path):
+def test_the_default_key_radius_is_calibrated_on_neutral_text_once_and_saved(tokenizer, tmp_path):
     from wise_edit.wise.editor import RADIUS_QUANTILE
     from wise_edit.wise.router import background_radius
 
@@ -185,9 +185,7 @@ def test_the_default_key_radius_is_calibrated_on_the_pool_once_and_saved(tokeniz
     editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
     assert editor.key_radius is None and editor.layer.radius == 0.0
     editor.edit_many(EDITS[:2])
-    pool = editor._negative_pool()
-    assert len(set(pool.prompts)) == len(pool.prompts)  # else the radius skips repeats
-    expected = background_radius(pool.keys, RADIUS_QUANTILE)
+    expected = background_radius(editor.prompt_keys(NEUTRAL_PROMPTS), RADIUS_QUANTILE)
     assert 0.0 < expected < 1.0
     assert editor.key_radius == editor.layer.radius == expected
     assert editor.summary()["key_radius"] == expected

@@ -219,8 +219,8 @@ class WiseConfig(EditConfig):
             "help": "A side memory may take a sequence only if one of its edits' keys (the "
             "mean value-matrix input of the edit prompt) lies within this cosine of the "
             "sequence's, on top of its threshold. None: calibrated once per model, the "
-            "cosine that only 1% of pairs of unrelated pool prompts exceed (0.75 on "
-            "SmolLM2); 0: off (the paper). At T = 100 it kept ZsRE unchanged and raised "
+            "cosine that only 1% of pairs of the built-in neutral sentences exceed (0.75 "
+            "on SmolLM2); 0: off (the paper). At T = 100 it kept ZsRE unchanged and raised "
             "CounterFact's generated locality from .79 to .86 for .02 of its paraphrases "
             "(docs/RESULTS.md)."
         },

@@ -53,8 +53,8 @@ from .router import (
 __all__ = ["EditResult", "WiseEditor"]
 
 Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
-# the calibrated key radius: this quantile of the cosines between pairs of unrelated
-# prompts' keys (1% of such pairs lie nearer than it)
+# the calibrated key radius: this quantile of the cosines between the keys of pairs of
+# neutral sentences (1% of such pairs lie nearer than it)
 RADIUS_QUANTILE = 0.99
 
 
@@ -224,7 +224,6 @@ class WiseEditor(EditorBase):
         prompts: random pool prompts, the pool prompts nearest to it (hard negatives) and
         its own prompt about other subjects (subject-swapped negatives)."""
         cfg = self.config
-        self._ensure_radius()  # a property of the model and pool, like the score unit
         drawn = self._irrelevant_sample(cfg.irrelevant_rows, index)
         drawn += self._subject_swaps(request, index)
         negatives = [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(drawn))]
@@ -239,7 +238,7 @@ class WiseEditor(EditorBase):
             (lower.acts, rows.prompt_mask),
             _stack_ragged(negatives, self.device),
             self._replay_acts(plan.memory, index),
-            self._ensure_scale(),
+            self._calibrate(),
             self._rehearsal(plan, index),
         )
 
@@ -396,24 +395,20 @@ class WiseEditor(EditorBase):
         return acts[0][rows.prompt_mask[0].bool()].cpu()
 
     # ------------------------------------------------------------------ one-time setup
-    def _ensure_scale(self) -> float:
-        """The routing score unit for this model, calibrated once on neutral text."""
-        if self.score_scale is None:
+    @torch.no_grad()
+    def _calibrate(self) -> float:
+        """The routing score unit and the key radius of this model, each calibrated once
+        on neutral text unless the config fixes it (the radius goes to the layer).
+        Neutral text rather than the unrelated pool: a pool drawn from the edited set
+        shares its sentence forms, and would set the radius by the data, not the model."""
+        if self.score_scale is None or self.key_radius is None:
             acts, mask = self._prompt_batch_acts(list(NEUTRAL_PROMPTS))
-            with torch.no_grad():
-                out = self.layer.base_layer(acts)  # (B, T, O)
-            self.score_scale = score_unit(out, mask)
-        return self.score_scale
-
-    def _ensure_radius(self) -> float:
-        """The key radius, calibrated once against the unrelated pool when the config
-        leaves it to the model (`background_radius`), and handed to the layer."""
-        if self.key_radius is None:
-            pool = self._negative_pool()
-            distinct = sorted({p: i for i, p in reversed(list(enumerate(pool.prompts)))}.values())
-            self.key_radius = background_radius(pool.keys[distinct], RADIUS_QUANTILE)
+            if self.score_scale is None:
+                self.score_scale = score_unit(self.layer.base_layer(acts), mask)
+            if self.key_radius is None:
+                self.key_radius = background_radius(mean_inputs(acts, mask), RADIUS_QUANTILE)
         self.layer.radius = self.key_radius
-        return self.key_radius
+        return self.score_scale
 
     @torch.no_grad()
     def _generate_prefixes(self) -> list[str]:

@@ -113,7 +113,7 @@ def memory_nearness(
 
 def background_radius(keys: torch.Tensor, quantile: float) -> float:
     """The ``quantile`` of the cosine between the keys (N, I) of every pair of unrelated
-    prompts: how near two prompts about nothing in common come on this model and layer.
+    sentences: how near two texts about nothing in common come on this model and layer.
     Cosines of mean activations are far from 0 and differ from model to model, so a key
     radius is set against this background rather than as one constant for all models."""
     if len(keys) < 2:
