@@ -131,10 +131,19 @@ def main() -> None:
         name: share(torch.tensor(editor.routed(prompts), dtype=torch.long) == want)
         for name, (prompts, want) in groups.items()
     }
-    rows = {
-        "saved thresholds, the editor's index": index,
-        "saved thresholds, dense": routing(saved),
-    }
+    rows = {"saved thresholds, the editor's index": index}
+    radius = editor.layer.radius
+    if radius:  # the same index without the key radius, for comparison
+        editor.layer.radius = 0.0
+        rows[f"saved thresholds, the editor's index, key radius {radius:.3f}"] = rows.pop(
+            "saved thresholds, the editor's index"
+        )
+        rows["saved thresholds, the editor's index, no key radius"] = {
+            name: share(torch.tensor(editor.routed(prompts), dtype=torch.long) == want)
+            for name, (prompts, want) in groups.items()
+        }
+        editor.layer.radius = radius
+    rows["saved thresholds, dense"] = routing(saved)
     for cap in args.caps:
         raised = raised_thresholds(saved, edit_scores, owner, cap)
         row = routing(raised)
