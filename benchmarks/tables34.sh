@@ -6,6 +6,8 @@
 # unedited model's scores are computed once per set (by the WISE run) and borrowed by the
 # baselines (--pre-edit-from). When every run is done, the table (`wise-edit compare`, with
 # each set's own metric: perplexity of the edits, OOD Gen) is written to OUT/tables34.md.
+# A set's pre-edit scores committed as docs/results/tables34/<set>-T<T>-raw-protocol.json
+# (Temporal's took ~45 minutes at 2 threads: its answers run to ~100 tokens) are borrowed.
 #
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/tables34.sh > runs/tables34.log 2>&1 &
 #
@@ -30,6 +32,9 @@ run() {  # run DATA T METHOD
         --checkpoint-every "$EVERY" --out "$out")
     if [[ $method == wise ]]; then
         args+=(--mode retrieve --set shard_size=5 --set replay=true)
+        # the unedited model's scores, when a session already computed them
+        local pre="docs/results/tables34/$data-T$t-raw-protocol.json"
+        [[ -f $pre && ! -d $out/checkpoint ]] && args+=(--pre-edit-from "$pre")
     else
         args+=(--method "$method" --pre-edit-from "$wise")
     fi
