@@ -7,7 +7,7 @@
 # baselines (--pre-edit-from). When every run is done, the table (`wise-edit compare`, with
 # each set's own metric: perplexity of the edits, OOD Gen) is written to OUT/tables34.md.
 # A set's pre-edit scores committed as docs/results/tables34/<set>-T<T>-raw-protocol.json
-# (Temporal's took ~45 minutes at 2 threads: its answers run to ~100 tokens) are borrowed.
+# (Temporal's took ~45 CPU-minutes: its answers run to ~100 tokens) are borrowed.
 #
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/tables34.sh > runs/tables34.log 2>&1 &
 #
