@@ -153,7 +153,6 @@ class WiseEditor(EditorBase):
     ) -> None:
         super().__init__(model, tokenizer, config, irrelevant_prompts)
         self.score_scale: float | None = self.config.score_scale
-        self.key_radius: float | None = self.config.key_radius  # None until calibrated
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
         self._negatives: _NegativePool | None = None  # derived, computed once
@@ -171,6 +170,11 @@ class WiseEditor(EditorBase):
         """The side memory that holds edit ``edit_id`` (None: no memory holds it, e.g. a
         retracted edit), for reading where an edit went and for retraction."""
         return next((i for i, m in enumerate(self.layer.memories) if edit_id in m.edit_ids), None)
+
+    @property
+    def key_radius(self) -> float | None:
+        """The radius routing uses (`WiseConfig.key_radius`); None until calibrated."""
+        return self.layer.radius
 
     @property
     def thresholds(self) -> list[float]:
@@ -398,16 +402,15 @@ class WiseEditor(EditorBase):
     @torch.no_grad()
     def _calibrate(self) -> float:
         """The routing score unit and the key radius of this model, each calibrated once
-        on neutral text unless the config fixes it (the radius goes to the layer).
+        on neutral text unless the config fixes it (the radius lives in the layer).
         Neutral text rather than the unrelated pool: a pool drawn from the edited set
         shares its sentence forms, and would set the radius by the data, not the model."""
-        if self.score_scale is None or self.key_radius is None:
+        if self.score_scale is None or self.layer.radius is None:
             acts, mask = self._prompt_batch_acts(list(NEUTRAL_PROMPTS))
             if self.score_scale is None:
                 self.score_scale = score_unit(self.layer.base_layer(acts), mask)
-            if self.key_radius is None:
-                self.key_radius = background_radius(mean_inputs(acts, mask), RADIUS_QUANTILE)
-        self.layer.radius = self.key_radius
+            if self.layer.radius is None:
+                self.layer.radius = background_radius(mean_inputs(acts, mask), RADIUS_QUANTILE)
         return self.score_scale
 
     @torch.no_grad()
@@ -480,7 +483,7 @@ class WiseEditor(EditorBase):
         self.score_scale = state["score_scale"]
         # the radius a save calibrated, unless its config names one (older saves: 0, off)
         if self.config.key_radius is None and state.get("key_radius") is not None:
-            self.key_radius = self.layer.radius = float(state["key_radius"])
+            self.layer.radius = float(state["key_radius"])
         self.prefixes = state["prefixes"]
         for i, meta in enumerate(state["memories"]):
             memory = self.layer.new_memory()
@@ -491,7 +494,7 @@ class WiseEditor(EditorBase):
                     memory.add_key(self._prompt_acts_of(index).float().mean(0))
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
-        return WiseLayer(module, self.config.route_candidates, self.config.key_radius or 0.0)
+        return WiseLayer(module, self.config.route_candidates, self.config.key_radius)
 
 
 class _NegativePool:

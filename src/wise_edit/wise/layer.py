@@ -220,11 +220,15 @@ class WiseLayer(AttachedLayer):
 
     reads_content = True
 
-    def __init__(self, base_layer: nn.Module, candidates: int = 0, radius: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Module, candidates: int = 0, radius: float | None = 0.0
+    ) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
         self.candidates = candidates  # 0: score every memory; k: those of the k nearest keys
-        self.radius = radius  # > 0: a memory takes only rows this near (cosine) an edit key
+        # > 0: a memory takes only rows this near (cosine) an edit key; None: not yet
+        # calibrated by the editor, routes as 0
+        self.radius = radius
 
     def new_memory(self) -> SideMemory:
         weight = self.weight
@@ -253,16 +257,15 @@ class WiseLayer(AttachedLayer):
             return unrouted(acts)
         thresholds = self.thresholds(acts.device)
         dense = not self.candidates or len(self.memories) <= self.candidates
-        if dense and not self.radius:
+        radius = self.radius or 0.0
+        if dense and not radius:
             return route(self.scores(acts, token_mask), thresholds)
         keys, owners = self.key_index(acts.device)
         queries = mean_inputs(acts, token_mask)  # (B, I)
         if dense:
             nearness = memory_nearness(queries, keys, owners, len(self.memories))
-            return route(
-                within_radius(self.scores(acts, token_mask), nearness, self.radius), thresholds
-            )
-        candidates = candidate_memories(queries, keys, owners, self.candidates, self.radius)
+            return route(within_radius(self.scores(acts, token_mask), nearness, radius), thresholds)
+        candidates = candidate_memories(queries, keys, owners, self.candidates, radius)
 
         def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
             return self.memories[memory].scores(acts[rows], token_mask[rows])
