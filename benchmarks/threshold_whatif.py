@@ -127,22 +127,21 @@ def main() -> None:
             for name, (_, want) in groups.items()
         }
 
-    index = {
-        name: share(torch.tensor(editor.routed(prompts), dtype=torch.long) == want)
-        for name, (prompts, want) in groups.items()
-    }
-    rows = {"saved thresholds, the editor's index": index}
-    radius = editor.layer.radius
-    if radius:  # the same index without the key radius, for comparison
-        editor.layer.radius = 0.0
-        rows[f"saved thresholds, the editor's index, key radius {radius:.3f}"] = rows.pop(
-            "saved thresholds, the editor's index"
-        )
-        rows["saved thresholds, the editor's index, no key radius"] = {
+    def through_index() -> dict[str, float]:
+        return {
             name: share(torch.tensor(editor.routed(prompts), dtype=torch.long) == want)
             for name, (prompts, want) in groups.items()
         }
+
+    rows: dict[str, dict[str, float]] = {}
+    radius = editor.layer.radius
+    if radius:  # the same index with and without the save's key radius
+        rows[f"saved thresholds, the editor's index, key radius {radius:.3f}"] = through_index()
+        editor.layer.radius = 0.0
+        rows["saved thresholds, the editor's index, no key radius"] = through_index()
         editor.layer.radius = radius
+    else:
+        rows["saved thresholds, the editor's index"] = through_index()
     rows["saved thresholds, dense"] = routing(saved)
     for cap in args.caps:
         raised = raised_thresholds(saved, edit_scores, owner, cap)
