@@ -195,3 +195,17 @@ def test_the_default_key_radius_is_calibrated_on_neutral_text_once_and_saved(tok
     loaded = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     assert loaded.key_radius == loaded.layer.radius == expected
     assert loaded.routed(prompts) == routed
+
+
+def test_a_saved_key_radius_outside_zero_one_is_refused(tokenizer, tmp_path):
+    from wise_edit.core.validate import CorruptSaveError
+
+    editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, fast_config())
+    editor.edit(*EDITS[0])
+    editor.save_pretrained(tmp_path / "s")
+    state_file = tmp_path / "s" / "editor_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("tensor_sha256", None)
+    state_file.write_text(json.dumps({**state, "key_radius": 1.5}))
+    with pytest.raises(CorruptSaveError, match="key_radius must be at most 1.0"):
+        WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")

@@ -50,7 +50,12 @@ class SaveChecker:
         return value
 
     def number(
-        self, data: Mapping[str, Any], key: str, low: float | None = None, optional: bool = False
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        low: float | None = None,
+        optional: bool = False,
+        high: float | None = None,
     ) -> float | None:
         if optional and data.get(key, None) is None:
             return None
@@ -59,6 +64,8 @@ class SaveChecker:
             self.fail(STATE_FILE, key, f"must be finite, got {value}")
         if low is not None and value < low:
             self.fail(STATE_FILE, key, f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            self.fail(STATE_FILE, key, f"must be at most {high}, got {value}")
         return value
 
     def strings(

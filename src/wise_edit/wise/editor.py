@@ -458,9 +458,7 @@ class WiseEditor(EditorBase):
         cls, check: SaveChecker, state: dict[str, Any], config: WiseConfig, weight: torch.Tensor
     ) -> None:
         check.number(state, "score_scale", low=1e-12, optional=True)
-        radius = check.number(state, "key_radius", low=0.0, optional=True)
-        if radius is not None and radius > 1.0:
-            check.fail(STATE_FILE, "key_radius", f"must be a cosine in [0, 1], got {radius}")
+        check.number(state, "key_radius", low=0.0, high=1.0, optional=True)
         check.strings(state, "prefixes", optional=True)
         memories = check.field(state, "memories", list)
         edits = len(state["edit_log"])
