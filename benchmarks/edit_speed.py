@@ -13,9 +13,12 @@ Settings (on top of the common ones, ``--set`` adds more):
   full    the defaults without the fast path (the whole model every step)
   rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
   patience1 the defaults, stopping on the first step that meets the stop rule (not two)
+  side8   the defaults with up to 8 updates on the routing margins alone once the answer
+          is right (side_steps, no forward of the model), before the next full step
 
-"answered at" is the median step at which every target token first was the greedy choice;
-the steps after it go to the routing margins and the stop's patience.
+"side/edit" counts the updates on the routing margins alone (``side_steps``), beside the
+steps (forwards). "answered at" is the median step at which every target token first was
+the greedy choice; the steps after it go to the routing margins and the stop's patience.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "rows5": {"prefix_count": 5},
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
+    "side8": {"side_steps": 8},
 }
 
 
-def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int, int]]:
-    """(seconds, steps, answered at) of each edit, from a freshly loaded model."""
+def run(setting: dict[str, Any], args: argparse.Namespace) -> list[tuple[float, int, int, int]]:
+    """(seconds, steps, answered at, side steps) of each edit, from a freshly loaded
+    model."""
     editor = fresh_editor(args, {**HEADLINE, **args.overrides, **setting})
     records = load_zsre(args.data_dir, limit=args.edits)
     results = editor.edit_many([(r.prompt, r.target) for r in records], progress=True)
     # an edit never answered within max_steps counts as answered at its last step
-    return [(r.seconds, r.steps, r.answered_at or r.steps) for r in results]
+    return [(r.seconds, r.steps, r.answered_at or r.steps, r.side_steps) for r in results]
 
 
 def main() -> None:
@@ -59,21 +64,30 @@ def main() -> None:
     for name in names:
         results = run(SETTINGS[name], args)
         rows[name] = (
-            statistics.median(s for s, _, _ in results),
-            statistics.median(s / n for s, n, _ in results),
-            sum(n for _, n, _ in results) / len(results),
-            statistics.median(a for _, _, a in results),
+            statistics.median(r[0] for r in results),
+            statistics.median(r[0] / r[1] for r in results),
+            sum(r[1] for r in results) / len(results),
+            statistics.median(r[2] for r in results),
+            sum(r[3] for r in results) / len(results),
         )
     print(
         f"{args.edits} ZsRE edits on {args.model} ({args.device}), torch threads "
         f"{torch.get_num_threads()}, common settings {HEADLINE | args.overrides}"
     )
-    header = ("setting", "median s/edit", "median s/step", "steps/edit", "answered at", "ratio")
-    print(f"{header[0]:<10}" + "".join(f"{h:>15}" for h in header[1:5]) + f"{header[5]:>8}")
+    header = (
+        "setting",
+        "median s/edit",
+        "median s/step",
+        "steps/edit",
+        "answered at",
+        "side/edit",
+        "ratio",
+    )
+    print(f"{header[0]:<10}" + "".join(f"{h:>15}" for h in header[1:6]) + f"{header[6]:>8}")
     first = rows[names[0]][0]
-    for name, (s_edit, s_step, steps, at) in rows.items():
+    for name, (s_edit, s_step, steps, at, side) in rows.items():
         print(
-            f"{name:<10}{s_edit:>15.3f}{s_step:>15.4f}{steps:>15.1f}{at:>15.1f}"
+            f"{name:<10}{s_edit:>15.3f}{s_step:>15.4f}{steps:>15.1f}{at:>15.1f}{side:>15.1f}"
             f"{first / s_edit:>7.2f}x"
         )
 

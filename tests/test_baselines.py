@@ -21,7 +21,6 @@ from wise_edit.baselines import (
 )
 from wise_edit.baselines.defer import gate_probability
 from wise_edit.core.fastpath import full_lm_loss
-from wise_edit.core.fit import StepLoss, fit
 from wise_edit.core.persistence import saved_method
 from wise_edit.core.rows import target_ids
 from wise_edit.methods import METHODS, editor_class, load_editor
@@ -217,42 +216,6 @@ def test_ewc_penalty_holds_weights_important_to_past_edits():
     important = fisher > fisher.quantile(0.99)
     moved = {id(e): (e.layer.delta - first[id(e)])[important].abs().mean() for e in (free, held)}
     assert moved[id(held)] < moved[id(free)]
-
-
-def test_fit_stops_early_and_counts_forwards():
-    losses = iter([3.0, 2.0, 0.001, 0.0005, 0.0001])
-    steps = []
-
-    def loss_fn():
-        value = torch.tensor(next(losses))
-        return StepLoss(value, value)
-
-    fitted = fit(loss_fn, steps.append, max_steps=10, early_stop_loss=0.01, patience=2)
-    assert fitted.steps == 4 and len(steps) == 3 and fitted.loss == pytest.approx(0.0005)
-    assert fitted.answered_at is None  # no greedy hits reported
-
-
-def test_fit_answer_stop_needs_greedy_hits_and_small_other_terms():
-    # (loss, lm, answered): the LM part stays large; 'answer' looks at the greedy hits
-    # and at loss - lm only
-    trace = iter([(5.0, 1.0, False), (2.0, 1.0, True), (1.02, 1.0, False), (1.01, 0.9, True)])
-    steps = []
-
-    def loss_fn():
-        loss, lm, answered = next(trace)
-        return StepLoss(torch.tensor(loss), torch.tensor(lm), answered)
-
-    fitted = fit(loss_fn, steps.append, max_steps=10, early_stop_loss=0.5, stop_on="answer")
-    assert fitted.steps == 4 and fitted.lm_loss == pytest.approx(0.9)
-    assert fitted.answered_at == 2  # the first greedy-right step, though it did not stop
-    with pytest.raises(ValueError, match="greedy"):
-        fit(
-            lambda: StepLoss(torch.tensor(1.0), torch.tensor(1.0)),
-            steps.append,
-            max_steps=3,
-            early_stop_loss=0.5,
-            stop_on="answer",
-        )
 
 
 # ---------------------------------------------------------------------------- GRACE

@@ -89,6 +89,8 @@ def test_each_early_stop_picks_its_bound():
     assert WiseConfig.from_dict(saved).early_stop_loss == 0.05
     with pytest.raises(ValueError, match="early_stop_on"):
         WiseConfig(early_stop_on="never")
+    with pytest.raises(ValueError, match="side_steps"):
+        WiseConfig(side_steps=-1)
 
 
 def test_the_retrieval_index_is_on_except_for_saves_without_keys():

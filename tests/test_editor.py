@@ -65,6 +65,26 @@ def test_edit_reports_when_the_answer_became_right(tokenizer):
     assert editor.edit_log[-1]["answered_at"] == result.answered_at
 
 
+def test_side_steps_spend_the_margin_steps_without_forwards(tokenizer):
+    # the same edit twice: with side steps, once the answer is right the routing margins
+    # get updates of their own, and the edit stops (answered, margins under the bound)
+    # after fewer forwards
+    results = {}
+    for side_steps in (0, 8):
+        editor = WiseEditor(
+            tiny_model(),
+            tokenizer,
+            fast_config(max_steps=60, lr=0.1, early_stop_loss=1.0, side_steps=side_steps),
+        )
+        results[side_steps] = editor.edit(*EDITS[0])
+        assert editor.routed([EDITS[0][0]]) == [0]
+        assert editor.edit_log[-1]["side_steps"] == results[side_steps].side_steps
+    plain, cheap = results[0], results[8]
+    assert plain.side_steps == 0 and cheap.side_steps > 0
+    assert cheap.steps < plain.steps < 60  # both stopped by the rule, not the budget
+    assert cheap.loss - cheap.lm_loss < 1.0
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_the_papers_sgd_still_edits(tokenizer, momentum):
     from wise_edit.metrics import target_nll

@@ -168,6 +168,16 @@ class EditConfig(TargetConfig):
             "routing margins) are below early_stop_loss."
         },
     )
+    side_steps: int = field(
+        default=0,
+        metadata={
+            "help": "With early_stop_on='answer': once the answer is right and only the "
+            "loss's other terms (WISE: the routing margins) are above the bound, take up "
+            "to this many updates on those terms alone, which need no forward of the model, "
+            "before the next full step checks the answer again. 0: every step is full. "
+            "Methods without such terms ignore it."
+        },
+    )
     fast_path: bool = field(
         default=True,
         metadata={
@@ -204,6 +214,7 @@ class EditConfig(TargetConfig):
                 ("max_steps", self.max_steps >= 1, "must be >= 1"),
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
+                ("side_steps", self.side_steps >= 0, "must be >= 0"),
                 (
                     "early_stop_on",
                     self.early_stop_on in get_args(StopOn),

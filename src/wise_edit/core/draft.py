@@ -45,6 +45,7 @@ class EditResult:
     memory: int = -1
     shard: int = -1
     answered_at: int | None = None  # first step whose greedy answer was right (`Fitted`)
+    side_steps: int = 0  # updates on the routing margins alone, beside ``steps`` (`Fitted`)
 
 
 class Draft:
@@ -62,7 +63,14 @@ class Draft:
     def loss(self, lm: torch.Tensor, state: Any) -> torch.Tensor:
         """The training loss given the target NLL ``lm`` computed with ``state`` (what
         `layer_state` returned for this step); plain fine-tuning is ``lm``."""
-        return lm
+        side = self.side_loss(state)
+        return lm if side is None else lm + side
+
+    def side_loss(self, state: Any) -> torch.Tensor | None:
+        """The loss's terms beside the target NLL that need no forward of the model
+        (WISE: the routing margins); None where there are none. The editing loop may
+        take cheap steps on these alone (`fit`'s ``side_loss_fn``)."""
+        return None
 
     def update(self, loss: torch.Tensor) -> None:
         """One optimisation step from ``loss``."""

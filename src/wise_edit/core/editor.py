@@ -256,6 +256,10 @@ class EditorBase:
                     lm, answered = lm + old_lm, answered & old_answered
             return StepLoss(draft.loss(lm, state), lm, answered)
 
+        def side_loss_fn() -> torch.Tensor:
+            side = draft.side_loss(draft.layer_state())
+            return side if side is not None else torch.zeros(())
+
         return fit(
             loss_fn,
             draft.update,
@@ -263,6 +267,8 @@ class EditorBase:
             early_stop_loss=cfg.early_stop_loss,
             patience=cfg.early_stop_patience,
             stop_on=cfg.early_stop_on,
+            side_loss_fn=side_loss_fn,
+            side_steps=cfg.side_steps,
         )
 
     # ------------------------------------------------------------------ retraction
@@ -427,6 +433,7 @@ class EditorBase:
             memory=draft.memory,
             shard=draft.shard,
             answered_at=fitted.answered_at,
+            side_steps=fitted.side_steps,
         )
 
     # ------------------------------------------------------------------ persistence

@@ -43,6 +43,7 @@ class Fitted:
     loss: float
     lm_loss: float
     answered_at: int | None = None
+    side_steps: int = 0  # updates on the side terms alone (see `fit`'s ``side_loss_fn``)
 
 
 def fit(
@@ -53,16 +54,26 @@ def fit(
     early_stop_loss: float,
     patience: int = 1,
     stop_on: StopOn = "loss",
+    side_loss_fn: Callable[[], torch.Tensor] | None = None,
+    side_steps: int = 0,
 ) -> Fitted:
     """``loss_fn`` gives one step's `StepLoss`, ``update`` turns the loss into one step.
 
     Stops after ``patience`` consecutive steps that meet `StepLoss.below` (``stop_on``,
     ``early_stop_loss``), or after ``max_steps`` forwards. A non-finite loss raises
     before anything is committed.
+
+    ``side_loss_fn`` (with ``stop_on='answer'``): the loss's terms other than the target
+    NLL, computed without the model's forward (WISE: the routing margins, read at the
+    edited layer's input). Once a forward finds the answer right and only those terms
+    above the bound, up to ``side_steps`` updates go to them alone (each a small fraction
+    of a step's cost) until they are under it; the next forward checks that the answer
+    still holds, and full steps resume where it does not. ``steps`` counts forwards.
     """
-    below, n = 0, 0
+    below, n, cheap = 0, 0, 0
     loss_value = lm_value = float("nan")
     answered_at: int | None = None
+    use_side = side_loss_fn is not None and side_steps > 0 and stop_on == "answer"
     for n in range(1, max_steps + 1):
         step = loss_fn()
         loss_value, lm_value = step.loss.item(), step.lm.item()
@@ -76,8 +87,42 @@ def fit(
         below = below + 1 if step.below(stop_on, early_stop_loss) else 0
         if below >= patience:
             break
+        if use_side and below == 0 and bool(step.answered):
+            assert side_loss_fn is not None
+            taken, lowered = _fit_side(side_loss_fn, update, early_stop_loss, side_steps)
+            cheap += taken
+            if lowered:
+                continue  # the next forward checks the answer under the new state
+            # the side terms do not fall on their own (or are not what is above the
+            # bound): full steps from here on
+            use_side = False
+            if taken:
+                continue  # the state moved: take the next forward's loss, not this one's
         update(step.loss)
-    return Fitted(n, loss_value, lm_value, answered_at)
+    return Fitted(n, loss_value, lm_value, answered_at, cheap)
+
+
+def _fit_side(
+    side_loss_fn: Callable[[], torch.Tensor],
+    update: Callable[[torch.Tensor], None],
+    bound: float,
+    limit: int,
+) -> tuple[int, bool]:
+    """Update on the side terms until they are under ``bound`` (at most ``limit``
+    updates). Returns the number of updates and whether they lowered the side terms."""
+    side = _finite_side(side_loss_fn())
+    first, taken = side.item(), 0
+    while side.item() >= bound and taken < limit:
+        update(side)
+        taken += 1
+        side = _finite_side(side_loss_fn())
+    return taken, side.item() < first
+
+
+def _finite_side(side: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(side):
+        raise FloatingPointError(f"edit loss's side terms became {side.item()}")
+    return side
 
 
 def adam_update(

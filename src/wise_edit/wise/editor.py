@@ -97,7 +97,9 @@ class _WiseDraft(Draft):
     def layer_state(self) -> torch.Tensor:
         return self.plan.base_delta + self.step
 
-    def loss(self, lm: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def side_loss(self, delta: torch.Tensor) -> torch.Tensor:
+        """The margin loss (Eq. 5) and, in retrieve mode, the replay loss: functions of
+        the side memory and the captured layer inputs alone."""
         cfg = self.config
 
         def scores(acts: Acts) -> torch.Tensor:
@@ -105,7 +107,7 @@ class _WiseDraft(Draft):
             # every model; margin_weight sets the routing loss against the LM loss
             return sequence_scores(acts[0], delta, acts[1]) / self.scale
 
-        loss = lm + cfg.margin_weight * margin_loss(
+        loss = cfg.margin_weight * margin_loss(
             scores(self.edit_acts), scores(self.unrelated), cfg.alpha, cfg.beta, cfg.gamma
         )
         if self.replay is not None:
