@@ -13,8 +13,9 @@ Settings (on top of the common ones, ``--set`` adds more):
   full    the defaults without the fast path (the whole model every step)
   rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
   patience1 the defaults, stopping on the first step that meets the stop rule (not two)
-  side8   the defaults with up to 8 updates on the routing margins alone once the answer
-          is right (side_steps, no forward of the model), before the next full step
+  side16  the defaults with up to 16 updates on the routing margins alone once the answer
+          is right and settled (side_steps, no forward of the model), before the next
+          full step
 
 "side/edit" counts the updates on the routing margins alone (``side_steps``), beside the
 steps (forwards). "answered at" is the median step at which every target token first was
@@ -39,7 +40,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "rows5": {"prefix_count": 5},
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
-    "side8": {"side_steps": 8},
+    "side16": {"side_steps": 16},
 }
 
 

@@ -74,7 +74,9 @@ def test_side_steps_spend_the_margin_steps_without_forwards(tokenizer):
         editor = WiseEditor(
             tiny_model(),
             tokenizer,
-            fast_config(max_steps=60, lr=0.1, early_stop_loss=1.0, side_steps=side_steps),
+            fast_config(
+                max_steps=60, lr=0.1, early_stop_loss=1.0, side_steps=side_steps, side_steps_lm=5.0
+            ),
         )
         results[side_steps] = editor.edit(*EDITS[0])
         assert editor.routed([EDITS[0][0]]) == [0]

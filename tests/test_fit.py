@@ -19,7 +19,7 @@ def _trace(entries):
     return loss_fn
 
 
-def _fit_with_side(trace, side_values, side_steps):
+def _fit_with_side(trace, side_values, side_steps, side_lm_bound=float("inf")):
     """`fit` with the 'answer' stop at 0.5 and side terms replaying ``side_values`` (a
     number: always that); returns the result and the losses each update was given."""
     values = iter(side_values) if isinstance(side_values, list) else None
@@ -32,6 +32,7 @@ def _fit_with_side(trace, side_values, side_steps):
         stop_on="answer",
         side_loss_fn=lambda: torch.tensor(next(values) if values else side_values),
         side_steps=side_steps,
+        side_lm_bound=side_lm_bound,
     )
     return fitted, [u.item() for u in updates]
 
@@ -117,3 +118,12 @@ def test_a_non_finite_side_term_raises():
             side_loss_fn=lambda: torch.tensor(float("nan")),
             side_steps=3,
         )
+
+
+def test_side_updates_wait_for_the_target_nll_to_settle():
+    # answered at forward 1 but its NLL 2.0 is above the bound 0.1: a full update;
+    # forward 2's NLL 0.05 is under it: side updates
+    trace = [(3.0, 2.0, True), (1.05, 0.05, True), (0.1, 0.05, True)]
+    fitted, updates = _fit_with_side(trace, [0.9, 0.3], 4, side_lm_bound=0.1)
+    assert fitted.steps == 3 and fitted.side_steps == 1
+    assert updates == pytest.approx([3.0, 0.9])

@@ -171,11 +171,19 @@ class EditConfig(TargetConfig):
     side_steps: int = field(
         default=0,
         metadata={
-            "help": "With early_stop_on='answer': once the answer is right and only the "
-            "loss's other terms (WISE: the routing margins) are above the bound, take up "
-            "to this many updates on those terms alone, which need no forward of the model, "
-            "before the next full step checks the answer again. 0: every step is full. "
-            "Methods without such terms ignore it."
+            "help": "With early_stop_on='answer': once the answer is right, its target NLL "
+            "under side_steps_lm and only the loss's other terms (WISE: the routing "
+            "margins) above the bound, take up to this many updates on those terms alone, "
+            "which need no forward of the model, before the next full step checks the "
+            "answer again. 0: every step is full. Methods without such terms ignore it."
+        },
+    )
+    side_steps_lm: float = field(
+        default=0.05,
+        metadata={
+            "help": "See side_steps: the target NLL under which they may start (the 'lm' "
+            "stop's bound: the answer has settled; above it the full steps it still needs "
+            "train the other terms too)."
         },
     )
     fast_path: bool = field(
@@ -215,6 +223,7 @@ class EditConfig(TargetConfig):
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
                 ("side_steps", self.side_steps >= 0, "must be >= 0"),
+                ("side_steps_lm", self.side_steps_lm > 0, "must be > 0"),
                 (
                     "early_stop_on",
                     self.early_stop_on in get_args(StopOn),

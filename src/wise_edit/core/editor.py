@@ -269,6 +269,7 @@ class EditorBase:
             stop_on=cfg.early_stop_on,
             side_loss_fn=side_loss_fn,
             side_steps=cfg.side_steps,
+            side_lm_bound=cfg.side_steps_lm,
         )
 
     # ------------------------------------------------------------------ retraction

@@ -56,6 +56,7 @@ def fit(
     stop_on: StopOn = "loss",
     side_loss_fn: Callable[[], torch.Tensor] | None = None,
     side_steps: int = 0,
+    side_lm_bound: float = float("inf"),
 ) -> Fitted:
     """``loss_fn`` gives one step's `StepLoss`, ``update`` turns the loss into one step.
 
@@ -65,10 +66,13 @@ def fit(
 
     ``side_loss_fn`` (with ``stop_on='answer'``): the loss's terms other than the target
     NLL, computed without the model's forward (WISE: the routing margins, read at the
-    edited layer's input). Once a forward finds the answer right and only those terms
-    above the bound, up to ``side_steps`` updates go to them alone (each a small fraction
-    of a step's cost) until they are under it; the next forward checks that the answer
-    still holds, and full steps resume where it does not. ``steps`` counts forwards.
+    edited layer's input). Once a forward finds the answer right, its target NLL under
+    ``side_lm_bound`` and only those terms above the bound, up to ``side_steps`` updates
+    go to them alone (each a small fraction of a step's cost) until they are under it;
+    the next forward checks that the answer still holds, and full steps resume where it
+    does not. (While the target NLL is still falling, the full steps it needs train the
+    side terms as well; below the NLL bound they are the side terms' alone.) ``steps``
+    counts forwards.
     """
     below, n, cheap = 0, 0, 0
     loss_value = lm_value = float("nan")
@@ -87,7 +91,7 @@ def fit(
         below = below + 1 if step.below(stop_on, early_stop_loss) else 0
         if below >= patience:
             break
-        if use_side and below == 0 and bool(step.answered):
+        if use_side and below == 0 and bool(step.answered) and lm_value < side_lm_bound:
             assert side_loss_fn is not None
             taken, lowered = _fit_side(side_loss_fn, update, early_stop_loss, side_steps)
             cheap += taken
