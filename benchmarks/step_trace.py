@@ -2,6 +2,10 @@
 says the target, and each term of the margin loss (Eq. 5), for a few ZsRE edits.
 
     python benchmarks/step_trace.py --edits 5 --every 3
+    python benchmarks/step_trace.py --edits 8 --every 1 --set side_steps=16
+
+With side steps (``side_steps``), their updates on the margins alone are listed as
+"side" rows between the forwards (numbered steps); --every thins the forwards only.
 
 Scores are in units of the editor's score scale, like alpha/beta/gamma. A diagnostic: it
 wraps the editor's loss functions from outside to see their inputs, and changes nothing.
@@ -23,8 +27,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3, help="print every N-th step")
     args = parser.parse_args()
     fields = overrides(args)
-    steps: list[dict[str, float]] = []
-    terms: list[dict[str, float]] = []
+    rows: list[dict[str, float | str]] = []  # one per forward or side update
+    terms: list[dict[str, float]] = []  # the margin terms of the latest loss
 
     def traced_margin(edit, unrelated, alpha, beta, gamma):  # Eq. 5, term by term
         gap = edit[:, None] - unrelated[None, :]
@@ -39,13 +43,18 @@ def main() -> None:
         )
         return sum(parts.values())
 
-    def traced_fit(loss_fn, update, **kwargs):
+    def traced_fit(loss_fn, update, side_loss_fn=None, **kwargs):
         def step():
             out = loss_fn()
-            steps.append({"lm": out.lm.item(), "answered": float(bool(out.answered))})
+            rows.append({"lm": out.lm.item(), "answered": float(bool(out.answered))} | terms[-1])
             return out
 
-        return fit(step, update, **kwargs)
+        def side():
+            out = side_loss_fn()
+            rows.append({"kind": "side"} | terms[-1])
+            return out
+
+        return fit(step, update, side_loss_fn=side_loss_fn and side, **kwargs)
 
     wise_editor.margin_loss = traced_margin
     core_editor.fit = traced_fit
@@ -57,18 +66,27 @@ def main() -> None:
         f"margin weight {config.margin_weight}, stop bound {config.early_stop_loss}"
     )
     for record in load_zsre(args.data_dir, limit=args.edits):
-        steps.clear()
-        terms.clear()
+        rows.clear()
         result = editor.edit(record.prompt, record.target)
-        print(f"\nedit {result.index}: {result.steps} steps, answered at {result.answered_at}")
+        print(
+            f"\nedit {result.index}: {result.steps} steps, {result.side_steps} side updates, "
+            f"answered at {result.answered_at}"
+        )
         print("step      lm  answered  unrel>alpha  edit<beta  gap<gamma  max unrel  min edit")
-        for n, (s, t) in enumerate(zip(steps, terms), start=1):
-            if n % args.every == 0 or n == len(steps):
-                print(
-                    f"{n:>4}{s['lm']:>8.3f}{int(s['answered']):>10}{t['unrel>alpha']:>13.3f}"
-                    f"{t['edit<beta']:>11.3f}{t['gap<gamma']:>11.3f}{t['max unrel']:>11.2f}"
-                    f"{t['min edit']:>10.2f}"
-                )
+        forwards = sum("lm" in r for r in rows)
+        n = 0
+        for row in rows:
+            if "lm" in row:
+                n += 1
+                if n % args.every and n != forwards:
+                    continue
+                head = f"{n:>4}{row['lm']:>8.3f}{int(row['answered']):>10}"
+            else:
+                head = f"{'side':>22}"
+            print(
+                f"{head}{row['unrel>alpha']:>13.3f}{row['edit<beta']:>11.3f}"
+                f"{row['gap<gamma']:>11.3f}{row['max unrel']:>11.2f}{row['min edit']:>10.2f}"
+            )
 
 
 if __name__ == "__main__":
