@@ -93,6 +93,13 @@ def test_each_early_stop_picks_its_bound():
         WiseConfig(side_steps=-1)
 
 
+def test_side_steps_are_on_by_default_and_off_for_older_saves():
+    assert WiseConfig().side_steps == 16
+    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "side_steps"}
+    assert WiseConfig.from_dict(old).side_steps == 0
+    assert WiseConfig.from_dict(WiseConfig().to_dict()).side_steps == 16
+
+
 def test_the_retrieval_index_is_on_except_for_saves_without_keys():
     assert WiseConfig().route_candidates == 4
     old = {k: v for k, v in WiseConfig().to_dict().items() if k != "route_candidates"}
