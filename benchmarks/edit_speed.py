@@ -7,15 +7,14 @@
 Settings (on top of the common ones, ``--set`` adds more):
   before  plain SGD at lr 1 (the paper), stop once the whole loss stays under 0.05
   now     the defaults: Adam, stop once every target token is the greedy choice and the
-          routing margins are under 0.2
+          routing margins are under 0.2, side steps on the margins once the answer settled
   stop005 the defaults, with the routing margins under 0.05 (the defaults until that
           bound was measured at T = 100)
   full    the defaults without the fast path (the whole model every step)
   rows5   the defaults with 5 random prefixes instead of 10 (fewer rows per step)
   patience1 the defaults, stopping on the first step that meets the stop rule (not two)
-  side16  the defaults with up to 16 updates on the routing margins alone once the answer
-          is right and settled (side_steps, no forward of the model), before the next
-          full step
+  noside  the defaults without side steps (side_steps = 0: every update a full step; the
+          defaults until side steps were measured)
 
 "side/edit" counts the updates on the routing margins alone (``side_steps``), beside the
 steps (forwards). "answered at" is the median step at which every target token first was
@@ -40,7 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "rows5": {"prefix_count": 5},
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
-    "side16": {"side_steps": 16},
+    "noside": {"side_steps": 0},
 }
 
 
