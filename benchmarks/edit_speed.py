@@ -62,13 +62,13 @@ def main() -> None:
     torch.manual_seed(0)
     rows = {}
     for name in names:
-        results = run(SETTINGS[name], args)
+        seconds, steps, answered, side = zip(*run(SETTINGS[name], args))
         rows[name] = (
-            statistics.median(r[0] for r in results),
-            statistics.median(r[0] / r[1] for r in results),
-            sum(r[1] for r in results) / len(results),
-            statistics.median(r[2] for r in results),
-            sum(r[3] for r in results) / len(results),
+            statistics.median(seconds),
+            statistics.median(s / n for s, n in zip(seconds, steps)),
+            statistics.mean(steps),
+            statistics.median(answered),
+            statistics.mean(side),
         )
     print(
         f"{args.edits} ZsRE edits on {args.model} ({args.device}), torch threads "
