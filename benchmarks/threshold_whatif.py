@@ -138,8 +138,10 @@ def main() -> None:
     if radius:  # the same index with and without the save's key radius
         rows[f"saved thresholds, the editor's index, key radius {radius:.3f}"] = through_index()
         editor.layer.radius = 0.0
-        rows["saved thresholds, the editor's index, no key radius"] = through_index()
-        editor.layer.radius = radius
+        try:
+            rows["saved thresholds, the editor's index, no key radius"] = through_index()
+        finally:
+            editor.layer.radius = radius
     else:
         rows["saved thresholds, the editor's index"] = through_index()
     rows["saved thresholds, dense"] = routing(saved)
