@@ -1,6 +1,7 @@
 """The fast editing forward (lower layers replayed, logits at target positions only) must
 give the same loss and gradient as running the whole model."""
 
+import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
 
@@ -102,13 +103,16 @@ def test_greedy_hits_reads_every_scored_target_token():
     assert not bool(greedy_hits(logits, targets))
 
 
-def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
-    tokenizer, monkeypatch
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_edit_runs_the_lower_layers_for_its_rows_and_uncached_negatives_only(
+    tokenizer, monkeypatch, cached
 ):
-    """The hard negatives' activations are computed once per editor, not per edit."""
+    """The hard negatives' activations are computed once per editor, not per edit; so are
+    the random ones' when they are drawn from the same cached sample (the default)."""
     import wise_edit.core.editor as core_editor
 
-    editor = WiseEditor(tiny_model("llama"), tokenizer, fast_config(rehearse_rows=0))
+    config = fast_config(rehearse_rows=0, cached_negatives=cached)
+    editor = WiseEditor(tiny_model("llama"), tokenizer, config)
     editor.edit(*EDITS[0])  # the first edit computes the negative pool (and the prefixes)
     batches = []
 
@@ -119,4 +123,5 @@ def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
     monkeypatch.setattr(core_editor, "capture", counted)
     editor.edit(*EDITS[1])
     rows = 1 + editor.config.prefix_count  # the bare prompt and one row per prefix
-    assert batches == [rows, editor.config.irrelevant_rows]  # no batch of hard negatives
+    random_negatives = [] if cached else [editor.config.irrelevant_rows]
+    assert batches == [rows, *random_negatives]  # never a batch of hard negatives
