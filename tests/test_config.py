@@ -140,9 +140,3 @@ def test_key_radius_is_calibrated_by_default_a_cosine_and_off_in_older_saves():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="key_radius"):
             WiseConfig(key_radius=bad)
-
-
-def test_random_negatives_come_from_the_cached_sample_by_default_and_the_pool_for_older_saves():
-    assert WiseConfig().cached_negatives
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "cached_negatives"}
-    assert not WiseConfig.from_dict(old).cached_negatives

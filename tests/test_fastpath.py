@@ -1,7 +1,6 @@
 """The fast editing forward (lower layers replayed, logits at target positions only) must
 give the same loss and gradient as running the whole model."""
 
-import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
 
@@ -103,16 +102,13 @@ def test_greedy_hits_reads_every_scored_target_token():
     assert not bool(greedy_hits(logits, targets))
 
 
-@pytest.mark.parametrize("cached", [True, False])
-def test_an_edit_runs_the_lower_layers_for_its_rows_and_uncached_negatives_only(
-    tokenizer, monkeypatch, cached
+def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
+    tokenizer, monkeypatch
 ):
-    """The hard negatives' activations are computed once per editor, not per edit; so are
-    the random ones' when they are drawn from the same cached sample (the default)."""
+    """The hard negatives' activations are computed once per editor, not per edit."""
     import wise_edit.core.editor as core_editor
 
-    config = fast_config(rehearse_rows=0, cached_negatives=cached)
-    editor = WiseEditor(tiny_model("llama"), tokenizer, config)
+    editor = WiseEditor(tiny_model("llama"), tokenizer, fast_config(rehearse_rows=0))
     editor.edit(*EDITS[0])  # the first edit computes the negative pool (and the prefixes)
     batches = []
 
@@ -123,5 +119,4 @@ def test_an_edit_runs_the_lower_layers_for_its_rows_and_uncached_negatives_only(
     monkeypatch.setattr(core_editor, "capture", counted)
     editor.edit(*EDITS[1])
     rows = 1 + editor.config.prefix_count  # the bare prompt and one row per prefix
-    random_negatives = [] if cached else [editor.config.irrelevant_rows]
-    assert batches == [rows, *random_negatives]  # never a batch of hard negatives
+    assert batches == [rows, editor.config.irrelevant_rows]  # no batch of hard negatives

@@ -191,15 +191,6 @@ class WiseConfig(EditConfig):
             "negatives cost it no forward."
         },
     )
-    cached_negatives: bool = field(
-        default=True,
-        metadata={
-            "help": "Draw the `irrelevant_rows` random unrelated prompts of each edit from "
-            "the `hard_negative_candidates` sample, whose activations are computed once, "
-            "instead of from the whole pool (a forward of the layers below the edited one "
-            "at every edit, the paper's way)."
-        },
-    )
     subject_negatives: int = field(
         default=0,
         metadata={
@@ -260,9 +251,6 @@ class WiseConfig(EditConfig):
         # a stream resumed from a save from before side steps keeps training as it did
         if "side_steps" not in data:
             data = {**data, "side_steps": 0}
-        # ... and draws its random unrelated prompts from the whole pool, as it did
-        if "cached_negatives" not in data:
-            data = {**data, "cached_negatives": False}
         return super().from_dict(data)
 
     def __post_init__(self) -> None:

@@ -26,7 +26,6 @@ from ..core.seeds import (
     rehearsal_generator,
     replay_generator,
     subject_generator,
-    unrelated_generator,
 )
 from ..core.validate import SaveChecker
 from ..neutral import NEUTRAL_PROMPTS, NEUTRAL_SUBJECTS, swap_subject
@@ -231,20 +230,13 @@ class WiseEditor(EditorBase):
         prompts: random pool prompts, the pool prompts nearest to it (hard negatives) and
         its own prompt about other subjects (subject-swapped negatives)."""
         cfg = self.config
-        if cfg.cached_negatives:  # their activations were computed once: no forward here
-            pool = self._negative_pool()
-            picks = pool.sample(cfg.irrelevant_rows, unrelated_generator(cfg.seed, index))
-            drawn, negatives = [pool.prompts[i] for i in picks], [pool.acts[i] for i in picks]
-        else:
-            drawn, negatives = self._irrelevant_sample(cfg.irrelevant_rows, index), []
-        swaps = self._subject_swaps(request, index)
-        live = swaps if cfg.cached_negatives else drawn + swaps
-        if live:
-            negatives += [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(live))]
+        drawn = self._irrelevant_sample(cfg.irrelevant_rows, index)
+        drawn += self._subject_swaps(request, index)
+        negatives = [a[m.bool()].cpu() for a, m in zip(*self._prompt_batch_acts(drawn))]
         if cfg.hard_negatives:
             pool = self._negative_pool()
             query = mean_inputs(lower.acts[:1], rows.prompt_mask[:1])[0]
-            picks = pool.nearest(query, cfg.hard_negatives, taken=set(drawn + swaps))
+            picks = pool.nearest(query, cfg.hard_negatives, taken=set(drawn))
             negatives += [pool.acts[i] for i in picks]
         return _WiseDraft(
             cfg,
@@ -512,10 +504,6 @@ class _NegativePool:
     def __init__(self, prompts: list[str], acts: list[torch.Tensor]) -> None:
         self.prompts, self.acts = prompts, acts
         self.keys = torch.stack([a.float().mean(0) for a in acts])
-
-    def sample(self, count: int, generator: torch.Generator) -> list[int]:
-        """``count`` prompts drawn at random (without repeats) by ``generator``."""
-        return torch.randperm(len(self.prompts), generator=generator)[:count].tolist()
 
     def nearest(self, query: torch.Tensor, count: int, taken: set[str]) -> list[int]:
         """The ``count`` prompts most similar to an edit prompt's mean input ``query`` (I,)
