@@ -15,8 +15,6 @@ Settings (on top of the common ones, ``--set`` adds more):
   patience1 the defaults, stopping on the first step that meets the stop rule (not two)
   noside  the defaults without side steps (side_steps = 0: every update a full step; the
           defaults until side steps were measured)
-  patient the defaults, every stop waiting for early_stop_patience forwards even when the
-          answer has settled (settled_stop = False; the defaults until it was measured)
 
 "side/edit" counts the updates on the routing margins alone (``side_steps``), beside the
 steps (forwards). "answered at" is the median step at which every target token first was
@@ -42,7 +40,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
     "noside": {"side_steps": 0},
-    "patient": {"settled_stop": False},
 }
 
 

@@ -140,9 +140,3 @@ def test_key_radius_is_calibrated_by_default_a_cosine_and_off_in_older_saves():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="key_radius"):
             WiseConfig(key_radius=bad)
-
-
-def test_settled_stop_is_on_for_wise_and_off_for_older_saves():
-    assert WiseConfig().settled_stop
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "settled_stop"}
-    assert not WiseConfig.from_dict(old).settled_stop

@@ -127,38 +127,3 @@ def test_side_updates_wait_for_the_target_nll_to_settle():
     fitted, updates = _fit_with_side(trace, [0.9, 0.3], 4, side_lm_bound=0.1)
     assert fitted.steps == 3 and fitted.side_steps == 1
     assert updates == pytest.approx([3.0, 0.9])
-
-
-@pytest.mark.parametrize("settled_stop", [False, True])
-def test_a_settled_answer_stops_without_the_patience(settled_stop):
-    # patience 2: forward 1 meets the stop rule with NLL 0.5 (just greedy): it must be
-    # confirmed; forward 2 meets it with NLL 0.05 under the bound 0.1: with settled_stop
-    # that ends the edit, without it forward 2 only confirms forward 1
-    trace = [(0.6, 0.5, True), (0.1, 0.05, True), (0.08, 0.04, True)]
-    fitted = fit(
-        _trace(trace),
-        lambda loss: None,
-        max_steps=10,
-        early_stop_loss=0.2,
-        patience=3,
-        stop_on="answer",
-        side_lm_bound=0.1,
-        settled_stop=settled_stop,
-    )
-    assert fitted.steps == (2 if settled_stop else 3)
-
-
-def test_a_settled_answer_still_needs_the_other_terms_under_the_bound():
-    # NLL settled at forward 1 but the margins (loss - lm = 1.0) are above the bound
-    trace = [(1.05, 0.05, True), (0.1, 0.05, True)]
-    fitted = fit(
-        _trace(trace),
-        lambda loss: None,
-        max_steps=10,
-        early_stop_loss=0.2,
-        patience=2,
-        stop_on="answer",
-        side_lm_bound=0.1,
-        settled_stop=True,
-    )
-    assert fitted.steps == 2

@@ -186,14 +186,6 @@ class EditConfig(TargetConfig):
             "train the other terms too)."
         },
     )
-    settled_stop: bool = field(
-        default=False,
-        metadata={
-            "help": "With early_stop_on='answer': a step that meets the stop rule with its "
-            "target NLL under side_steps_lm (the answer settled, not barely greedy) stops "
-            "the edit at once; early_stop_patience applies to answers not yet settled."
-        },
-    )
     fast_path: bool = field(
         default=True,
         metadata={

@@ -270,7 +270,6 @@ class EditorBase:
             side_loss_fn=side_loss_fn,
             side_steps=cfg.side_steps,
             side_lm_bound=cfg.side_steps_lm,
-            settled_stop=cfg.settled_stop,
         )
 
     # ------------------------------------------------------------------ retraction

@@ -57,7 +57,6 @@ def fit(
     side_loss_fn: Callable[[], torch.Tensor] | None = None,
     side_steps: int = 0,
     side_lm_bound: float = float("inf"),
-    settled_stop: bool = False,
 ) -> Fitted:
     """``loss_fn`` gives one step's `StepLoss`, ``update`` turns the loss into one step.
 
@@ -74,11 +73,6 @@ def fit(
     does not. (While the target NLL is still falling, the full steps it needs train the
     side terms as well; below the NLL bound they are the side terms' alone.) ``steps``
     counts forwards.
-
-    ``settled_stop``: a step that meets the stop condition with its target NLL under
-    ``side_lm_bound`` stops at once. The patience guards against stopping on an answer
-    that has only just become greedy; an answer whose NLL is that low is not one, and the
-    forward that would confirm it is most of an edit's last second.
     """
     below, n, cheap = 0, 0, 0
     loss_value = lm_value = float("nan")
@@ -95,7 +89,7 @@ def fit(
                 "(try a smaller lr)"
             )
         below = below + 1 if step.below(stop_on, early_stop_loss) else 0
-        if below >= patience or (below and settled_stop and lm_value < side_lm_bound):
+        if below >= patience:
             break
         if use_side and below == 0 and bool(step.answered) and lm_value < side_lm_bound:
             assert side_loss_fn is not None

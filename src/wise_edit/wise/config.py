@@ -120,14 +120,6 @@ class WiseConfig(EditConfig):
             "ZsRE T = 100 (docs/RESULTS.md). 0: every step is full (the paper)."
         },
     )
-    settled_stop: bool = field(
-        default=True,
-        metadata={
-            "help": "A step that meets the stop rule with the answer settled (target NLL "
-            "under side_steps_lm) ends the edit without the patience's confirming forward "
-            "(docs/RESULTS.md). False: every stop waits early_stop_patience steps."
-        },
-    )
     early_stop_on: StopOn = field(
         default="answer",
         metadata={
@@ -259,9 +251,6 @@ class WiseConfig(EditConfig):
         # a stream resumed from a save from before side steps keeps training as it did
         if "side_steps" not in data:
             data = {**data, "side_steps": 0}
-        # ... and the patience it stopped with
-        if "settled_stop" not in data:
-            data = {**data, "settled_stop": False}
         return super().from_dict(data)
 
     def __post_init__(self) -> None:
