@@ -127,3 +127,16 @@ def test_pre_edit_scores_are_taken_from_another_methods_run(setup, tmp_path, mon
     assert pre[0] == pre[1]
     other = ["--eval-sample", "2", "--out", str(tmp_path / "sampled")]
     assert main([*argv, *grace, *other]) == 2
+
+
+def test_a_resume_with_other_settings_names_each_config_field_that_differs(setup, tmp_path, capsys):
+    """A checkpoint continues only the run it was made by; when a setting (or a default
+    that changed between versions) differs, the refusal says which, inside the config."""
+    from wise_edit.cli import main
+
+    argv = ["bench", "--model", str(setup / "model"), "--data-dir", str(setup / "data")]
+    argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(tmp_path / "run")]
+    assert main([*argv, "--checkpoint-every", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--set", "max_steps=5"]) == 2
+    assert "config.max_steps: saved 6, now 5" in capsys.readouterr().err

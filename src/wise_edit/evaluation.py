@@ -323,14 +323,29 @@ class PreEdit:
             raise ValueError(f"{path}: {made} for other records")
         theirs = data.get("settings", {})
         keys = set(theirs) | set(settings) if every else set(settings)
-        differ = sorted(k for k in keys if theirs.get(k) != settings.get(k))
+        differ = _differences(theirs, settings, keys)
         if differ:
-            raise ValueError(f"{path}: {made} with other settings: {differ}")
+            raise ValueError(f"{path}: {made} with other settings: {'; '.join(differ)}")
         pre = {name: Scores(**values) for name, values in data["pre_edit"].items()}
         return cls(data["base"], pre)
 
 
 PROTOCOL_FILE = "protocol.json"
+
+
+def _differences(
+    saved: dict[str, Any], now: dict[str, Any], keys: set[str], prefix: str = ""
+) -> list[str]:
+    """Each setting in ``keys`` that differs, as 'key: saved X, now Y'; a nested dict (the
+    method's config) by its own keys, so that a default changed between versions is named."""
+    out = []
+    for key in sorted(keys):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, set(a) | set(b), f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return out
 
 
 def _records_digest(records: Sequence[EditRecord]) -> str:
