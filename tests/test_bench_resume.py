@@ -129,14 +129,29 @@ def test_pre_edit_scores_are_taken_from_another_methods_run(setup, tmp_path, mon
     assert main([*argv, *grace, *other]) == 2
 
 
-def test_a_resume_with_other_settings_names_each_config_field_that_differs(setup, tmp_path, capsys):
-    """A checkpoint continues only the run it was made by; when a setting (or a default
-    that changed between versions) differs, the refusal says which, inside the config."""
+def test_a_resume_keeps_the_runs_config_and_refuses_a_setting_given_otherwise(
+    setup, tmp_path, capsys
+):
+    """A checkpointed run continues as it was configured: a default added or changed
+    since it started (here: side steps, removed from its saved config as an older save
+    lacks them) does not stop it, and it keeps training as it did; a setting given again
+    with another value is refused, naming it."""
     from wise_edit.cli import main
 
+    out = tmp_path / "run"
     argv = ["bench", "--model", str(setup / "model"), "--data-dir", str(setup / "data")]
-    argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(tmp_path / "run")]
+    argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(out)]
     assert main([*argv, "--checkpoint-every", "2"]) == 0
+    for path in (
+        out / "checkpoint" / "protocol.json",
+        out / "checkpoint" / "editor" / "editor_config.json",
+    ):
+        data = json.loads(path.read_text())
+        config = data["settings"]["config"] if "settings" in data else data
+        del config["side_steps"]
+        path.write_text(json.dumps(data))
     capsys.readouterr()
     assert main([*argv, "--resume", "--set", "max_steps=5"]) == 2
-    assert "config.max_steps: saved 6, now 5" in capsys.readouterr().err
+    assert "max_steps (save: 6, given: 5)" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["extra"]["config"]["side_steps"] == 0

@@ -32,7 +32,7 @@ from .evaluation import (
     latency_ratio,
     run_protocol,
 )
-from .methods import editor_class, make_config
+from .methods import editor_class, make_config, settings_that_differ
 
 # Records after the T edited ones whose prompts probe the router: unrelated prompts in
 # the edits' own sentence form (at most this many).
@@ -60,13 +60,21 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     out = Path(args.out or f"runs/{dataset}-T{args.edits}-{fmt.kind}-{name}")
     out.mkdir(parents=True, exist_ok=True)
 
+    settings = config.to_dict()
+    saved = _checkpointed_config(out) if args.resume else None
+    if saved is not None:  # the run continues as it was configured (as `edit --resume`)
+        differ = settings_that_differ(saved, args.overrides)
+        if differ:
+            raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
+        config, settings = cls.config_class.from_dict(saved), saved
+
     def make_editor() -> Editor:
         return cls(model, tokenizer, config, irrelevant_prompts=pool)
 
     def load_editor(path: Path) -> Editor:
         return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts=pool)
 
-    checkpoint = _checkpointing(args, out, load_editor, config.to_dict(), fmt.kind)
+    checkpoint = _checkpointing(args, out, load_editor, settings, fmt.kind)
     pre_edit = None
     if args.pre_edit_from:
         unedited = {"model": args.model, "prompt_format": fmt.kind, "eval_sample": args.eval_sample}
@@ -105,6 +113,14 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     print(markdown_table(result, args))
     print(f"wrote {', '.join(str(out / f) for f in written)}")
     return result
+
+
+def _checkpointed_config(out: Path) -> dict[str, Any] | None:
+    """The method config a checkpointed run in ``out`` was started with (None: none)."""
+    path = out / "checkpoint" / PROTOCOL_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("settings", {}).get("config")
 
 
 def _checkpointing(

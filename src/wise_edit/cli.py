@@ -32,7 +32,7 @@ from .data import (
     load_zsre_same_form,
     read_jsonl,
 )
-from .methods import METHODS, editor_class, load_editor, make_config
+from .methods import METHODS, editor_class, load_editor, make_config, settings_that_differ
 from .stream import apply_stream, plan_stream
 from .wise import WiseEditor
 
@@ -222,18 +222,10 @@ def _edit_settings(
     if args.method is not None and editor_class(args.method) is not cls:
         raise ValueError(f"--method {args.method}: {out} holds {method} edits")
     overrides = parse_overrides(args, cls)
-    differ = [
-        f"{name} (save: {saved.get(name)!r}, given: {value!r})"
-        for name, value in overrides.items()
-        if _as_json(saved.get(name)) != _as_json(value)
-    ]
+    differ = settings_that_differ(saved, overrides)
     if differ:
         raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
     return cls, overrides
-
-
-def _as_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -372,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run checkpointed in OUT/checkpoint (same records and settings)",
+        help="continue the run checkpointed in OUT/checkpoint with the config it started with "
+        "(same records; a --set or flag given again must agree with it)",
     )
     bench.add_argument(
         "--pre-edit-from",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -43,6 +44,21 @@ def make_config(cls: type[EditorBase], model: nn.Module, overrides: dict[str, An
             f"(known: {', '.join(sorted(fields))})"
         )
     return cls.config_class.for_model(model, **overrides)
+
+
+def settings_that_differ(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The ``given`` config settings whose value is not the ``saved`` one, each as
+    'name (save: X, given: Y)': a run that continues a save keeps the save's config, so
+    a setting given again must agree with it (a default changed since does not count)."""
+    return [
+        f"{name} (save: {saved.get(name)!r}, given: {value!r})"
+        for name, value in given.items()
+        if _as_json(saved.get(name)) != _as_json(value)
+    ]
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def load_editor(
