@@ -135,13 +135,15 @@ def test_a_resume_keeps_the_runs_config_and_refuses_a_setting_given_otherwise(
     """A checkpointed run continues as it was configured: a default added or changed
     since it started (here: side steps, removed from its saved config as an older save
     lacks them) does not stop it, and it keeps training as it did; a setting given again
-    with another value is refused, naming it."""
+    with another value is refused, naming it; one not given again (the mode) is the
+    run's, in what the result reports as well."""
     from wise_edit.cli import main
 
     out = tmp_path / "run"
     argv = ["bench", "--model", str(setup / "model"), "--data-dir", str(setup / "data")]
     argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(out)]
-    assert main([*argv, "--checkpoint-every", "2"]) == 0
+    started = ["--mode", "retrieve", "--set", "shard_size=2", "--checkpoint-every", "2"]
+    assert main([*argv, *started]) == 0
     for path in (
         out / "checkpoint" / "protocol.json",
         out / "checkpoint" / "editor" / "editor_config.json",
@@ -154,4 +156,6 @@ def test_a_resume_keeps_the_runs_config_and_refuses_a_setting_given_otherwise(
     assert main([*argv, "--resume", "--set", "max_steps=5"]) == 2
     assert "max_steps (save: 6, given: 5)" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
-    assert json.loads((out / "results.json").read_text())["extra"]["config"]["side_steps"] == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["extra"]["config"]["side_steps"] == 0
+    assert result["mode"] == "retrieve" and result["extra"]["config"]["mode"] == "retrieve"

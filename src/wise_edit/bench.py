@@ -13,6 +13,7 @@ from typing import Any
 
 from . import metrics, models
 from .core.draft import Editor
+from .core.editor import EditorBase
 from .core.prompts import PromptFormat
 from .data import (
     EditRecord,
@@ -53,11 +54,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     pool = _irrelevant_pool(args.data, data_dir)
     model, tokenizer = models.load(args.model, device=args.device)
     config = make_config(cls, model, args.overrides)
-    fmt = PromptFormat.create(tokenizer, config.prompt_format)
-    mode = cls.variant_of(config)
-    name = args.method.lower() + (f"-{mode}" if mode else "")
     dataset = Path(args.data).stem if args.data.endswith(".jsonl") else args.data
-    out = Path(args.out or f"runs/{dataset}-T{args.edits}-{fmt.kind}-{name}")
+    out = Path(args.out or _default_out(args, dataset, cls, config, tokenizer))
     out.mkdir(parents=True, exist_ok=True)
 
     settings = config.to_dict()
@@ -67,6 +65,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         if differ:
             raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
         config, settings = cls.config_class.from_dict(saved), saved
+    fmt = PromptFormat.create(tokenizer, config.prompt_format)
+    mode = cls.variant_of(config)
 
     def make_editor() -> Editor:
         return cls(model, tokenizer, config, irrelevant_prompts=pool)
@@ -113,6 +113,16 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     print(markdown_table(result, args))
     print(f"wrote {', '.join(str(out / f) for f in written)}")
     return result
+
+
+def _default_out(
+    args: argparse.Namespace, dataset: str, cls: type[EditorBase], config: Any, tokenizer: Any
+) -> str:
+    """runs/DATASET-T<edits>-<prompt format>-<method>[-<mode>] for a run without --out."""
+    kind = PromptFormat.create(tokenizer, config.prompt_format).kind
+    mode = cls.variant_of(config)
+    name = args.method.lower() + (f"-{mode}" if mode else "")
+    return f"runs/{dataset}-T{args.edits}-{kind}-{name}"
 
 
 def _checkpointed_config(out: Path) -> dict[str, Any] | None:
