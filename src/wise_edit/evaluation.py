@@ -333,19 +333,13 @@ class PreEdit:
 PROTOCOL_FILE = "protocol.json"
 
 
-def _differences(
-    saved: dict[str, Any], now: dict[str, Any], keys: set[str], prefix: str = ""
-) -> list[str]:
-    """Each setting in ``keys`` that differs, as 'key: saved X, now Y'; a nested dict (the
-    method's config) by its own keys, so that a default changed between versions is named."""
-    out = []
-    for key in sorted(keys):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, set(a) | set(b), f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
-    return out
+def _differences(saved: dict[str, Any], now: dict[str, Any], keys: set[str]) -> list[str]:
+    """Each setting in ``keys`` that differs, as 'key: saved X, now Y'."""
+    return [
+        f"{key}: saved {saved.get(key)!r}, now {now.get(key)!r}"
+        for key in sorted(keys)
+        if saved.get(key) != now.get(key)
+    ]
 
 
 def _records_digest(records: Sequence[EditRecord]) -> str:
