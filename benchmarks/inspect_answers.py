@@ -51,7 +51,7 @@ def main() -> None:
         print(f"note: the save holds {editor.num_edits} edits, scoring {len(records)} records")
     targets: dict[int, list[str]] = {}
     for j, entry in enumerate(editor.edit_log):
-        targets.setdefault(_memory_of_edit(editor, j), []).append(entry["target"])
+        targets.setdefault(editor.memory_holding(j), []).append(entry["target"])
     rows = []
     with torch.no_grad():
         for i in sample_indices(len(records), args.sample):
@@ -75,7 +75,7 @@ def main() -> None:
                     "answer": answer,
                     "exact": exact,
                     "memory": memory,
-                    "own_memory": _memory_of_edit(editor, i),
+                    "own_memory": editor.memory_holding(i),
                     # a miss that says an answer the memory was taught, to another prompt
                     "a_target_of_the_memory": any(
                         exact_answer(answer, t) for t in targets.get(memory, ())
@@ -89,12 +89,6 @@ def main() -> None:
 
 
 KINDS = ("prompt", "rephrase", "locality")
-
-
-def _memory_of_edit(editor, index: int) -> int | None:  # noqa: ANN001
-    """The side memory that holds edit ``index`` (WISE), else None."""
-    holding = getattr(editor, "memory_holding", None)
-    return holding(index) if holding is not None else None
 
 
 def _line(row: dict) -> str:

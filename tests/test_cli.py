@@ -215,7 +215,10 @@ def test_bench_on_a_users_jsonl(model_dir, tmp_path):
     routed = result["extra"]["routing"]["share_routed_to_side_memory"]
     # the record after the two edited ones probes the router in the edits' own form
     assert set(routed) == {"edit prompts", "paraphrases", "unrelated", "same-form unrelated"}
-    assert "answer EM Rel" in (out / "results.md").read_text()
+    own = result["extra"]["routing"]["share_routed_to_own_memory"]
+    assert set(own) == {"edit prompts", "paraphrases"}
+    report = (out / "results.md").read_text()
+    assert "answer EM Rel" in report and "routed to the memory holding the edit" in report
 
 
 def test_compare_reads_runs_written_before_answer_em(tmp_path):

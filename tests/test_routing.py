@@ -209,3 +209,48 @@ def test_a_saved_key_radius_outside_zero_one_is_refused(tokenizer, tmp_path):
     state_file.write_text(json.dumps({**state, "key_radius": 1.5}))
     with pytest.raises(CorruptSaveError, match="key_radius must be at most 1.0"):
         WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
+
+
+class _RoutedStub:
+    """An editor whose routing is fixed: edit i lives in memory ``holders[i]``, and each
+    prompt goes where ``choices`` says."""
+
+    routes = True
+
+    def __init__(self, holders, choices):
+        self.holders, self.choices = holders, choices
+
+    def memory_holding(self, edit_id):
+        return self.holders[edit_id]
+
+    def routing_detail(self, prompts):
+        return [self.choices[p] for p in prompts], None
+
+    def summary(self):
+        return {}
+
+
+def test_the_routing_report_separates_some_memory_from_the_memory_holding_the_edit():
+    from wise_edit.bench import routing_scores
+    from wise_edit.data import EditRecord
+
+    records = [
+        EditRecord("p0", "a", rephrase="r0", loc="l0"),
+        EditRecord("p1", "b", rephrase="r1", loc="l1"),
+        EditRecord("p2", "c", loc="l2"),  # no paraphrase
+    ]
+    # p1 and r0 are taken by another edit's memory, r1 by none; one locality probe leaks
+    choices = {"p0": 0, "p1": 0, "p2": 1, "r0": 1, "r1": -1, "l0": -1, "l1": 1, "l2": -1}
+    summary = routing_scores(_RoutedStub([0, 1, 1], choices), records)["summary"]
+    assert summary["share_routed_to_side_memory"] == {
+        "edit prompts": 1.0,
+        "paraphrases": 0.5,
+        "unrelated": pytest.approx(1 / 3),
+    }
+    assert summary["share_routed_to_own_memory"] == {
+        "edit prompts": pytest.approx(2 / 3),
+        "paraphrases": 0.0,
+    }
+    # a method that cannot name an edit's memory reports only reaching some memory
+    unnamed = routing_scores(_RoutedStub([None, None, None], choices), records)["summary"]
+    assert "share_routed_to_own_memory" not in unnamed

@@ -209,33 +209,43 @@ def dataset_metrics(
 def routing_scores(
     editor: Editor, records: list[EditRecord], same_form: list[str] | None = None
 ) -> dict[str, Any] | None:
-    """Which prompts reach the edits' memory: edit prompts, paraphrases, the locality
+    """Which prompts reach an edit memory: edit prompts, paraphrases, the locality
     probes ("unrelated") and unedited records' prompts of the same set ("same-form
     unrelated"), and for methods that route by a score against a threshold the scores
-    (the paper's Figure 3). None for methods that edit the weights themselves."""
+    (the paper's Figure 3). None for methods that edit the weights themselves.
+
+    Reaching *some* memory is not answering from the right one: with many memories an
+    edit prompt or a paraphrase can be taken by another edit's memory. Where the method
+    names the memory holding each edit (`memory_holding`), the share routed to that one
+    is reported too ("share_routed_to_own_memory"); the records are edits 0..T-1."""
     if not editor.routes:
         return None
+    with_rephrase = [i for i, r in enumerate(records) if r.rephrase]
     groups = {
-        "edit prompts": [r.prompt for r in records],
-        "paraphrases": [r.rephrase for r in records if r.rephrase],
-        "unrelated": [r.loc for r in records if r.loc],
-        "same-form unrelated": list(same_form or []),
+        "edit prompts": ([r.prompt for r in records], list(range(len(records)))),
+        "paraphrases": ([records[i].rephrase for i in with_rephrase], with_rephrase),
+        "unrelated": ([r.loc for r in records if r.loc], None),
+        "same-form unrelated": (list(same_form or []), None),
     }
+    holders = [editor.memory_holding(i) for i in range(len(records))]
+    named = all(h is not None for h in holders)
     scores: dict[str, list[float]] = {}
     routed: dict[str, float] = {}
-    for name, prompts in groups.items():
+    own: dict[str, float] = {}
+    for name, (prompts, edits) in groups.items():
         if not prompts:
             continue
         choice, best = editor.routing_detail(prompts)
         if best is not None:
             scores[name] = best
         routed[name] = sum(c >= 0 for c in choice) / len(choice)
+        if named and edits is not None:
+            own[name] = sum(c == holders[i] for c, i in zip(choice, edits)) / len(choice)
     thresholds = list(editor.summary().get("thresholds", []))
-    return {
-        "scores": scores,
-        "thresholds": thresholds,
-        "summary": {"share_routed_to_side_memory": routed, "thresholds": thresholds},
-    }
+    summary: dict[str, Any] = {"share_routed_to_side_memory": routed, "thresholds": thresholds}
+    if own:
+        summary["share_routed_to_own_memory"] = own
+    return {"scores": scores, "thresholds": thresholds, "summary": summary}
 
 
 def plot_routing(routing: dict[str, Any], path: Path) -> None:
@@ -339,10 +349,17 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
             lines.append(
                 f"- {name}: {value['edited']:.3f} edited, {value['pre_edit']:.3f} pre-edit"
             )
-    routed = result.extra.get("routing", {}).get("share_routed_to_side_memory", {})
+    routing = result.extra.get("routing", {})
+    routed = routing.get("share_routed_to_side_memory", {})
     if routed:
         lines.append(
-            "- routed to the edits' memory: " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items())
+            "- routed to a side memory: " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items())
+        )
+    own = routing.get("share_routed_to_own_memory", {})
+    if own:
+        lines.append(
+            "- routed to the memory holding the edit: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in own.items())
         )
     return "\n".join(lines) + "\n"
 

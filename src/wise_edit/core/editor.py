@@ -184,6 +184,12 @@ class EditorBase:
         edit the weights themselves (``routes`` False) answer 0 for every prompt."""
         return self.routing_detail(prompts)[0]
 
+    def memory_holding(self, edit_id: int) -> int | None:
+        """The index `routed` gives for the prompts edit ``edit_id`` should reach, where
+        the method keeps each edit in one place it can name (WISE's side memory); None
+        here: routing then says only whether a prompt reached some edit memory."""
+        return None
+
     @torch.no_grad()
     def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]:
         """`routed` and, for methods that route by a score against a threshold, each
