@@ -122,15 +122,35 @@ def test_candidate_memories_are_those_of_the_nearest_keys():
     assert candidate_memories(queries, keys, owners, 9).shape == (2, 4)
 
 
-def test_sparse_route_equals_dense_route_when_every_memory_is_a_candidate():
+def test_whether_a_row_is_routed_is_algorithm_2s_top1_decision_whatever_the_order():
     torch.manual_seed(0)
     for _ in range(20):
         scores = torch.rand(5, 7) * 10  # (M, B)
         scores[1, 3] = scores[2, 3] = 11.0  # a tie
         thresholds = torch.rand(5) * 8
-        everything = torch.arange(5).repeat(7, 1)  # (B, M)
-        sparse = route_sparse(everything, lambda m, rows, s=scores: s[m][rows], thresholds)
-        assert torch.equal(sparse, route(scores, thresholds))
+        order = torch.stack([torch.randperm(5) for _ in range(7)])  # (B, M), any key order
+        sparse = route_sparse(order, lambda m, rows, s=scores: s[m][rows], thresholds)
+        dense = route(scores, thresholds)
+        assert torch.equal(sparse >= 0, dense >= 0)
+        for row in range(7):  # the answer: the first memory in key order that clears
+            clearing = [m for m in order[row].tolist() if scores[m, row] > thresholds[m]]
+            assert sparse[row] == (clearing[0] if dense[row] >= 0 else -1)
+
+
+def test_the_nearest_clearing_memory_answers_not_the_top_scorer():
+    scores = torch.tensor([[9.0, 9.0, 9.0], [5.0, 1.0, 5.0]])  # (M=2, B=3)
+    thresholds = torch.tensor([2.0, 4.0])
+    # rows 0, 1: memory 1 is the nearest key; it clears its threshold on row 0 only
+    # row 2: memory 0 is nearest and the top scorer
+    candidates = torch.tensor([[1, 0], [1, 0], [0, 1]])
+    out = route_sparse(candidates, lambda m, rows: scores[m][rows], thresholds)
+    assert out.tolist() == [1, 0, 0]
+    # the top scorer below its own threshold: no side memory, though memory 1 clears
+    low = torch.tensor([[5.0], [4.5]])
+    out = route_sparse(
+        torch.tensor([[1, 0]]), lambda m, rows: low[m][rows], torch.tensor([6.0, 4.0])
+    )
+    assert out.tolist() == [-1]
 
 
 def test_sparse_route_only_considers_the_candidates():

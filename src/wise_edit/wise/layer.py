@@ -15,12 +15,9 @@ from .merging import MergeFn
 from .router import (
     candidate_memories,
     mean_inputs,
-    memory_nearness,
-    route,
     route_sparse,
     sequence_scores,
     threshold,
-    within_radius,
 )
 
 if TYPE_CHECKING:
@@ -250,22 +247,19 @@ class WiseLayer(AttachedLayer):
         return torch.cat(keys), torch.cat(owners).to(device)
 
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Top-1 memory whose score clears its own threshold (Algorithm 2), -1 for none.
-        With ``candidates`` and more memories than that, only the memories of each
-        sequence's nearest edit keys are scored (exactly); the rest cannot win."""
+        """Algorithm 2 (`route_sparse`): a side memory answers when the top score clears
+        its threshold, and the one that answers is the memory of the nearest edit key
+        among those that clear theirs; -1 for none. With ``candidates`` and more memories
+        than that, only the memories of each sequence's nearest edit keys are scored
+        (exactly); the rest cannot win. Within the key radius only."""
         if not len(self.memories):
             return unrouted(acts)
         thresholds = self.thresholds(acts.device)
-        dense = not self.candidates or len(self.memories) <= self.candidates
-        radius = self.radius or 0.0
-        if dense and not radius:
-            return route(self.scores(acts, token_mask), thresholds)
         keys, owners = self.key_index(acts.device)
+        dense = not self.candidates or len(self.memories) <= self.candidates
         queries = mean_inputs(acts, token_mask)  # (B, I)
-        if dense:
-            nearness = memory_nearness(queries, keys, owners, len(self.memories))
-            return route(within_radius(self.scores(acts, token_mask), nearness, radius), thresholds)
-        candidates = candidate_memories(queries, keys, owners, self.candidates, radius)
+        k = len(keys) if dense else self.candidates  # dense: every memory, nearest first
+        candidates = candidate_memories(queries, keys, owners, k, self.radius or 0.0)
 
         def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
             return self.memories[memory].scores(acts[rows], token_mask[rows])
