@@ -20,6 +20,13 @@ prompt) lies within cosine ``tau`` of the prompt's (`--taus`), whatever its scor
 quartiles of that cosine are printed per group first (own memory's for edits and
 paraphrases, the nearest memory's for the prompts that should reach none).
 
+A third sweep, ``--ratios``, lowers or raises every threshold together: epsilon is
+``threshold_ratio`` x a memory's lowest score on its own edit prompts and is used only for
+routing, never in training, so scaling the saved thresholds by ratio / saved ratio is
+exactly what an editor trained with that ratio would route. Routed through the editor's
+own index and key radius, it shows what paraphrases a lower bar would win and what
+prompts that should reach no memory it would let in.
+
 A memory is frozen once it is closed, so its final scores on later edits' prompts are the
 scores it would have had when those edits arrived: for closed memories the what-if is
 the rule applied edit by edit. Routing here is dense (every memory scored, top-1, its
@@ -39,7 +46,13 @@ import torch
 
 from wise_edit import WiseEditor, models
 from wise_edit.data import default_data_dir, load_dataset
-from wise_edit.wise.router import memory_nearness, route, within_radius
+from wise_edit.wise.router import (
+    candidate_memories,
+    memory_nearness,
+    route,
+    route_sparse,
+    within_radius,
+)
 
 CHUNK = 32  # prompts per scoring batch
 
@@ -87,11 +100,22 @@ def main() -> None:
         default=[0.6, 0.7, 0.8, 0.9],
         help="key radii: a memory may take a prompt only if one of its edits' keys is this near",
     )
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="*",
+        default=[],
+        help="threshold ratios (epsilon = ratio x a memory's lowest own edit score), routed "
+        "through the editor's index",
+    )
     parser.add_argument("--plot", help="draw the key-radius sweep to this PNG")
+    parser.add_argument("--ratio-plot", help="draw the threshold-ratio sweep to this PNG")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if any(not 0 < c <= 1 for c in args.caps):
         parser.error("--caps must lie in (0, 1]: a memory's own edits must clear it")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        parser.error("--ratios must lie in (0, 1], as WiseConfig.threshold_ratio")
 
     model, tokenizer = models.load(args.model, device=args.device)
     editor = WiseEditor.from_pretrained(model, tokenizer, args.save)
@@ -144,6 +168,11 @@ def main() -> None:
             editor.layer.radius = radius
     else:
         rows["saved thresholds, the editor's index"] = through_index()
+    queries = {name: editor.prompt_keys(prompts) for name, (prompts, _) in groups.items()}
+    rows["saved thresholds, the editor's index, the top score answers (paper)"] = {
+        name: share(index_route(dense[name], queries[name], editor, saved, top=True) == want)
+        for name, (_, want) in groups.items()
+    }
     rows["saved thresholds, dense"] = routing(saved)
     for cap in args.caps:
         raised = raised_thresholds(saved, edit_scores, owner, cap)
@@ -160,6 +189,13 @@ def main() -> None:
     for tau in args.taus:
         rows[f"saved thresholds, key radius {tau}, dense"] = {
             name: share(route(within_radius(dense[name], nearness[name], tau), saved) == want)
+            for name, (_, want) in groups.items()
+        }
+    saved_ratio = editor.config.threshold_ratio
+    for ratio in args.ratios:
+        thresholds = saved * (ratio / saved_ratio)
+        rows[f"threshold ratio {ratio}, the editor's index"] = {
+            name: share(index_route(dense[name], queries[name], editor, thresholds) == want)
             for name, (_, want) in groups.items()
         }
     print("nearest edit key (cosine), quartiles per group: own memory's where one is wanted")
@@ -183,28 +219,77 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"save": args.save, "rows": rows}, indent=2))
     if args.plot:
         sweep = {tau: rows[f"saved thresholds, key radius {tau}, dense"] for tau in args.taus}
-        plot_radius_sweep(sweep, rows["saved thresholds, dense"], columns, args.plot)
+        plot_sweep(
+            sweep,
+            rows["saved thresholds, dense"],
+            columns,
+            args.plot,
+            "key radius (cosine to the nearest edit key of the memory)",
+            "Key radius: locality gained, paraphrases lost (dotted: no radius)",
+        )
         print(f"wrote {args.plot}")
+    if args.ratio_plot and args.ratios:
+        sweep = {r: rows[f"threshold ratio {r}, the editor's index"] for r in args.ratios}
+        saved_row = next(iter(rows.values()))  # the saved thresholds through the index
+        plot_sweep(
+            sweep,
+            saved_row,
+            columns,
+            args.ratio_plot,
+            "threshold ratio (epsilon / lowest score on the memory's own edit prompts)",
+            f"Threshold ratio: paraphrases against locality (dotted: saved, {saved_ratio})",
+        )
+        print(f"wrote {args.ratio_plot}")
 
 
-def plot_radius_sweep(
-    sweep: dict[float, dict[str, float]], without: dict[str, float], columns: list[str], path: str
+def index_route(
+    scores: torch.Tensor,
+    queries: torch.Tensor,
+    editor: WiseEditor,
+    thresholds: torch.Tensor,
+    top: bool = False,
+) -> torch.Tensor:
+    """Route as the editor's layer does (its index's k candidates within its key radius;
+    the top score decides whether, the nearest clearing key which memory) against the
+    given ``thresholds``; ``scores`` (M, B) dense. ``top``: the top-scoring candidate
+    answers, as in the paper's Algorithm 2 (the editor's rule before `35f463e`)."""
+    keys, owners = editor.edit_keys()
+    k = editor.config.route_candidates
+    if not k or len(editor.memories) <= k:  # the layer scores every memory then
+        k = len(keys)
+    candidates = candidate_memories(queries, keys, owners, k, editor.key_radius or 0.0)
+    if top:
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        for column in candidates.t():
+            rows = column >= 0
+            seen[column[rows], torch.arange(len(column))[rows]] = True
+        return route(scores.masked_fill(~seen, float("-inf")), thresholds)
+    return route_sparse(candidates, lambda memory, rows: scores[memory, rows], thresholds)
+
+
+def plot_sweep(
+    sweep: dict[float, dict[str, float]],
+    without: dict[str, float],
+    columns: list[str],
+    path: str,
+    xlabel: str,
+    title: str,
 ) -> None:
-    """Share of each probe group routed right against the key radius; dotted: no radius."""
+    """Share of each probe group routed right along a sweep; dotted: the saved routing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    taus = sorted(sweep)
+    xs = sorted(sweep)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for column in columns:
-        line = ax.plot(taus, [sweep[t][column] for t in taus], marker="o", label=column)
+        line = ax.plot(xs, [sweep[x][column] for x in xs], marker="o", label=column)
         ax.axhline(without[column], color=line[0].get_color(), linestyle=":", linewidth=1)
-    ax.set_xlabel("key radius (cosine to the nearest edit key of the memory)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("share routed right")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Key radius: locality gained, paraphrases lost (dotted: no radius)")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
