@@ -249,22 +249,24 @@ def index_route(
     thresholds: torch.Tensor,
     top: bool = False,
 ) -> torch.Tensor:
-    """Route as the editor's layer does (its index's k candidates within its key radius;
-    the top score decides whether, the nearest clearing key which memory) against the
-    given ``thresholds``; ``scores`` (M, B) dense. ``top``: the top-scoring candidate
+    """Route as the editor's layer does (its index's k candidates within its key radius,
+    top-1 by exact score unless the prompt repeats an edit's) against the given
+    ``thresholds``; ``scores`` (M, B) dense. ``top``: the top-scoring candidate always
     answers, as in the paper's Algorithm 2 (the editor's rule before `35f463e`)."""
     keys, owners = editor.edit_keys()
     k = editor.config.route_candidates
     if not k or len(editor.memories) <= k:  # the layer scores every memory then
         k = len(keys)
-    candidates = candidate_memories(queries, keys, owners, k, editor.key_radius or 0.0)
+    candidates, similarity = candidate_memories(queries, keys, owners, k, editor.key_radius or 0.0)
     if top:
         seen = torch.zeros_like(scores, dtype=torch.bool)
         for column in candidates.t():
             rows = column >= 0
             seen[column[rows], torch.arange(len(column))[rows]] = True
         return route(scores.masked_fill(~seen, float("-inf")), thresholds)
-    return route_sparse(candidates, lambda memory, rows: scores[memory, rows], thresholds)
+    return route_sparse(
+        candidates, lambda memory, rows: scores[memory, rows], thresholds, similarity
+    )
 
 
 def plot_sweep(

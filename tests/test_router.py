@@ -118,11 +118,13 @@ def test_candidate_memories_are_those_of_the_nearest_keys():
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     owners = torch.tensor([0, 1, 1, 2])
     queries = torch.tensor([[2.0, 0.1], [0.1, 3.0]])
-    assert candidate_memories(queries, keys, owners, 2).tolist() == [[0, 1], [1, 1]]
-    assert candidate_memories(queries, keys, owners, 9).shape == (2, 4)
+    picked, sims = candidate_memories(queries, keys, owners, 2)
+    assert picked.tolist() == [[0, 1], [1, 1]]
+    assert (sims[:, 0] >= sims[:, 1]).all()
+    assert candidate_memories(queries, keys, owners, 9)[0].shape == (2, 4)
 
 
-def test_whether_a_row_is_routed_is_algorithm_2s_top1_decision_whatever_the_order():
+def test_sparse_route_equals_dense_route_when_every_memory_is_a_candidate():
     torch.manual_seed(0)
     for _ in range(20):
         scores = torch.rand(5, 7) * 10  # (M, B)
@@ -130,25 +132,31 @@ def test_whether_a_row_is_routed_is_algorithm_2s_top1_decision_whatever_the_orde
         thresholds = torch.rand(5) * 8
         order = torch.stack([torch.randperm(5) for _ in range(7)])  # (B, M), any key order
         sparse = route_sparse(order, lambda m, rows, s=scores: s[m][rows], thresholds)
-        dense = route(scores, thresholds)
-        assert torch.equal(sparse >= 0, dense >= 0)
-        for row in range(7):  # the answer: the first memory in key order that clears
-            clearing = [m for m in order[row].tolist() if scores[m, row] > thresholds[m]]
-            assert sparse[row] == (clearing[0] if dense[row] >= 0 else -1)
+        assert torch.equal(sparse, route(scores, thresholds))
+        # keys no prompt repeats change nothing
+        far = torch.full(order.shape, 0.9)
+        again = route_sparse(order, lambda m, rows, s=scores: s[m][rows], thresholds, far)
+        assert torch.equal(again, sparse)
 
 
-def test_the_nearest_clearing_memory_answers_not_the_top_scorer():
+def test_an_edits_own_prompt_goes_to_its_memory_when_that_clears_its_threshold():
+    from wise_edit.wise.router import VERBATIM
+
     scores = torch.tensor([[9.0, 9.0, 9.0], [5.0, 1.0, 5.0]])  # (M=2, B=3)
     thresholds = torch.tensor([2.0, 4.0])
-    # rows 0, 1: memory 1 is the nearest key; it clears its threshold on row 0 only
-    # row 2: memory 0 is nearest and the top scorer
-    candidates = torch.tensor([[1, 0], [1, 0], [0, 1]])
-    out = route_sparse(candidates, lambda m, rows: scores[m][rows], thresholds)
+    candidates = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    # row 0: memory 1 holds the prompt's own edit and clears; row 1: it does not clear;
+    # row 2: memory 1's key is only near the prompt's
+    similarity = torch.tensor([[0.9, 1.0], [0.9, 1.0], [0.9, VERBATIM - 0.01]])
+    out = route_sparse(candidates, lambda m, rows: scores[m][rows], thresholds, similarity)
     assert out.tolist() == [1, 0, 0]
     # the top scorer below its own threshold: no side memory, though memory 1 clears
     low = torch.tensor([[5.0], [4.5]])
     out = route_sparse(
-        torch.tensor([[1, 0]]), lambda m, rows: low[m][rows], torch.tensor([6.0, 4.0])
+        torch.tensor([[1, 0]]),
+        lambda m, rows: low[m][rows],
+        torch.tensor([6.0, 4.0]),
+        torch.tensor([[1.0, 0.5]]),
     )
     assert out.tolist() == [-1]
 
@@ -166,8 +174,11 @@ def test_candidates_outside_the_key_radius_are_none():
     owners = torch.tensor([0, 1, 1, 2])
     queries = torch.tensor([[2.0, 0.1], [0.1, 3.0]])
     # cosines: row 0 -> key 0 .999, key 2 .74; row 1 -> key 1 .9994, key 2 .73
-    assert candidate_memories(queries, keys, owners, 2, radius=0.9).tolist() == [[0, -1], [1, -1]]
-    assert candidate_memories(queries, keys, owners, 2, radius=0.7).tolist() == [[0, 1], [1, 1]]
+    assert candidate_memories(queries, keys, owners, 2, radius=0.9)[0].tolist() == [
+        [0, -1],
+        [1, -1],
+    ]
+    assert candidate_memories(queries, keys, owners, 2, radius=0.7)[0].tolist() == [[0, 1], [1, 1]]
 
 
 def test_memory_nearness_is_the_best_cosine_over_each_memorys_keys():

@@ -247,11 +247,11 @@ class WiseLayer(AttachedLayer):
         return torch.cat(keys), torch.cat(owners).to(device)
 
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Algorithm 2 (`route_sparse`): a side memory answers when the top score clears
-        its threshold, and the one that answers is the memory of the nearest edit key
-        among those that clear theirs; -1 for none. With ``candidates`` and more memories
-        than that, only the memories of each sequence's nearest edit keys are scored
-        (exactly); the rest cannot win. Within the key radius only."""
+        """Top-1 memory whose score clears its own threshold (Algorithm 2), -1 for none,
+        or the memory of an edit whose prompt this sequence repeats (`route_sparse`).
+        With ``candidates`` and more memories than that, only the memories of each
+        sequence's nearest edit keys are scored (exactly); the rest cannot win. Within
+        the key radius only."""
         if not len(self.memories):
             return unrouted(acts)
         thresholds = self.thresholds(acts.device)
@@ -259,12 +259,12 @@ class WiseLayer(AttachedLayer):
         dense = not self.candidates or len(self.memories) <= self.candidates
         queries = mean_inputs(acts, token_mask)  # (B, I)
         k = len(keys) if dense else self.candidates  # dense: every memory, nearest first
-        candidates = candidate_memories(queries, keys, owners, k, self.radius or 0.0)
+        candidates, similarity = candidate_memories(queries, keys, owners, k, self.radius or 0.0)
 
         def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
             return self.memories[memory].scores(acts[rows], token_mask[rows])
 
-        return route_sparse(candidates, score, thresholds)
+        return route_sparse(candidates, score, thresholds, similarity)
 
     def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's best activation score over the memories."""

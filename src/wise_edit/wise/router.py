@@ -88,16 +88,17 @@ def candidate_memories(
     owners: torch.Tensor,
     k: int,
     radius: float = 0.0,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The memories of the ``k`` edit keys (E, I) most similar by cosine to each query
-    (B, I): (B, k') memory indices, k' = min(k, E), most similar first (may repeat).
-    ``owners`` (E,) names the memory each key's edit lives in. With a ``radius`` > 0 a key
-    less similar than that gives -1 (no candidate) instead of its memory."""
+    (B, I): (B, k') memory indices, k' = min(k, E), most similar first (may repeat), and
+    those keys' cosines (B, k'). ``owners`` (E,) names the memory each key's edit lives
+    in. With a ``radius`` > 0 a key less similar than that gives -1 (no candidate)
+    instead of its memory."""
     sims, top = key_similarity(queries, keys).topk(min(k, keys.shape[0]), dim=-1)  # (B, k')
     picked = owners[top]
     if radius > 0:
         picked = torch.where(sims >= radius, picked, torch.full_like(picked, -1))
-    return picked
+    return picked, sims
 
 
 def memory_nearness(
@@ -131,23 +132,29 @@ def within_radius(scores: torch.Tensor, nearness: torch.Tensor, radius: float) -
     return scores.masked_fill(nearness < radius, float("-inf"))
 
 
+# The cosine between a prompt's key and an edit's at which the prompt is taken for that
+# edit's own prompt (verbatim, or a token away); on SmolLM2 paraphrases' keys lie at
+# 0.86-0.98 of their edit's (p10-p90, ZsRE), and 0.98, 0.99 and 0.995 routed alike.
+VERBATIM = 0.99
+
+
 def route_sparse(
     candidates: torch.Tensor,
     score_fn: Callable[[int, torch.Tensor], torch.Tensor],
     thresholds: torch.Tensor,
+    similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Algorithm 2 over each row's ``candidates`` (B, k) memories, nearest edit key
-    first (as `candidate_memories` orders them; -1: none): whether the row uses a side
-    memory is the paper's decision, the top-1 by exact score against its own threshold
-    (ties to the lower memory index, as in `route`); *which* memory answers is the first
-    candidate whose score clears its own threshold.
+    """`route` (Algorithm 2) computed only where it can matter: each row's top-1 among
+    its ``candidates`` (B, k) memories (-1: none), by exact score, then that memory's
+    threshold; ties go to the lower memory index, as in `route`.
 
-    Why not the top scorer: scores of different memories are not on one scale, and with
-    many memories a prompt is often cleared by two, its own and a neighbour trained on a
-    similar prompt (ZsRE holds the same question several times, sometimes with another
-    answer); the top score then picks the neighbour for 5% of edit prompts at T = 100
-    and T = 1000, where the edit key the prompt is worded nearest names its own memory
-    (docs/RESULTS.md). The rows routed at all are unchanged, so locality is too.
+    One exception, given the candidates' key cosines ``similarity`` (B, k): when the
+    row's key is an edit's own (>= `VERBATIM`), that edit's memory answers if its score
+    clears its own threshold, rather than the top scorer. Scores of different memories
+    are not on one scale, and with many memories an edit prompt is often cleared by its
+    own memory and by a neighbour trained on a similar prompt; the top score then gave
+    the neighbour 5% of edit prompts at T = 100 and T = 1000 (docs/RESULTS.md). Whether
+    a side memory answers at all is unchanged, so locality is too.
     ``score_fn(memory, rows)`` gives the scores of the rows (a bool mask) against one
     memory."""
     batch, width = candidates.shape
@@ -163,8 +170,13 @@ def route_sparse(
     best = scores.max(dim=1).values  # (B,)
     lowest = torch.iinfo(torch.long).max
     top = torch.where(held & (scores == best[:, None]), candidates, lowest).min(dim=1).values
-    routed = (best > float("-inf")) & (best > thresholds[top.clamp(max=len(thresholds) - 1)])
-    clears = held & (scores > thresholds[candidates.clamp(min=0)])  # (B, k)
-    first = clears.to(torch.uint8).argmax(dim=1)  # the nearest candidate that clears
-    answer = candidates.gather(1, first[:, None]).squeeze(1)
+    top = top.clamp(max=len(thresholds) - 1)  # rows without candidates: not routed below
+    routed = (best > float("-inf")) & (best > thresholds[top])
+    answer = top
+    if similarity is not None:
+        clears = held & (scores > thresholds[candidates.clamp(min=0)])
+        verbatim = clears & (similarity >= VERBATIM)  # (B, k)
+        first = verbatim.to(torch.uint8).argmax(dim=1)  # the most similar such key
+        mine = candidates.gather(1, first[:, None]).squeeze(1)
+        answer = torch.where(verbatim.any(dim=1), mine, top)
     return torch.where(routed, answer, torch.full_like(answer, -1))
