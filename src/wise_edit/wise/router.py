@@ -153,7 +153,7 @@ def route_sparse(
     clears its own threshold, rather than the top scorer. Scores of different memories
     are not on one scale, and with many memories an edit prompt is often cleared by its
     own memory and by a neighbour trained on a similar prompt; the top score then gave
-    the neighbour 5% of edit prompts at T = 100 and T = 1000 (docs/RESULTS.md). Whether
+    the neighbour 5-8% of ZsRE's edit prompts at T = 100-1000 (docs/RESULTS.md). Whether
     a side memory answers at all is unchanged, so locality is too.
     ``score_fn(memory, rows)`` gives the scores of the rows (a bool mask) against one
     memory."""
@@ -168,8 +168,9 @@ def route_sparse(
         scores = torch.where(candidates == memory, row_scores[:, None], scores)
     held = candidates >= 0
     best = scores.max(dim=1).values  # (B,)
-    lowest = torch.iinfo(torch.long).max
-    top = torch.where(held & (scores == best[:, None]), candidates, lowest).min(dim=1).values
+    above_all = torch.iinfo(torch.long).max  # never the lowest index at the top score
+    at_top = held & (scores == best[:, None])
+    top = torch.where(at_top, candidates, above_all).min(dim=1).values
     top = top.clamp(max=len(thresholds) - 1)  # rows without candidates: not routed below
     routed = (best > float("-inf")) & (best > thresholds[top])
     answer = top
