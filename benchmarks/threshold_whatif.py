@@ -182,10 +182,7 @@ def main() -> None:
 
     keys, key_owner = editor.edit_keys()
     memories = len(editor.memories)
-    nearness = {
-        name: memory_nearness(editor.prompt_keys(prompts), keys, key_owner, memories)
-        for name, (prompts, _) in groups.items()
-    }
+    nearness = {name: memory_nearness(queries[name], keys, key_owner, memories) for name in groups}
     for tau in args.taus:
         rows[f"saved thresholds, key radius {tau}, dense"] = {
             name: share(route(within_radius(dense[name], nearness[name], tau), saved) == want)
@@ -258,14 +255,11 @@ def index_route(
     if not k or len(editor.memories) <= k:  # the layer scores every memory then
         k = len(keys)
     candidates, similarity = candidate_memories(queries, keys, owners, k, editor.key_radius or 0.0)
-    if top:
-        seen = torch.zeros_like(scores, dtype=torch.bool)
-        for column in candidates.t():
-            rows = column >= 0
-            seen[column[rows], torch.arange(len(column))[rows]] = True
-        return route(scores.masked_fill(~seen, float("-inf")), thresholds)
-    return route_sparse(
-        candidates, lambda memory, rows: scores[memory, rows], thresholds, similarity
+    return route_sparse(  # without the keys' cosines, route_sparse is the paper's rule
+        candidates,
+        lambda memory, rows: scores[memory, rows],
+        thresholds,
+        None if top else similarity,
     )
 
 
