@@ -339,14 +339,21 @@ class WiseEditor(EditorBase):
         self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
         memory.add_key(self._prompt_acts[index].float().mean(0))
         if memory.group_edits == cfg.edits_per_memory():
-            memory.merge(
-                get_merge(cfg.merge_method),
-                density=cfg.merge_density,
-                generator=merge_generator(cfg.seed, plan.memory, memory.merges),
-                norm_bound=cfg.norm_bound,
-                close=cfg.mode == "retrieve",
-            )
+            self._merge_group(memory, plan.memory, cfg.merge_method)
         memory.refresh_threshold(*self._stacked_prompt_acts(memory.edit_ids), cfg.threshold_ratio)
+
+    def _merge_group(self, memory: SideMemory, number: int, method: str) -> None:
+        """Eq. 8 for memory number ``number``, whose group of shards is full. Its own
+        method so that a subclass can look at the shards first (benchmarks/merge_compare.py
+        keeps them, to merge one trained stream with every method)."""
+        cfg = self.config
+        memory.merge(
+            get_merge(method),
+            density=cfg.merge_density,
+            generator=merge_generator(cfg.seed, number, memory.merges),
+            norm_bound=cfg.norm_bound,
+            close=cfg.mode == "retrieve",
+        )
 
     # ------------------------------------------------------------------ retraction
     def _rebuild_without(self, edit_id: int) -> tuple[Callable[[], None], int]:
