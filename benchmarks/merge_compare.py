@@ -1,0 +1,329 @@
+"""The six merge methods on one sharded WISE-Retrieve stream (the paper's Table 11 at T
+edits), and unsharded memories of the same size beside them.
+
+    python benchmarks/merge_compare.py --edits 1000 --mask-ratio 0.5 --out runs/merge-T1000
+    python benchmarks/merge_compare.py --edits 1000 --shards 1 --mask-ratio 1 \\
+        --shard-size 10 --out runs/merge-T1000-unsharded
+    python benchmarks/merge_compare.py --load runs/merge-T1000 runs/merge-T1000-unsharded \\
+        --plot merges.png
+
+In retrieve mode a memory merges its k shards once, when the last is full, and closes:
+no edit is ever trained against a merged memory (an edit's losses read its own memory's
+shards, that memory's earlier edits and other edits' prompts, never another memory's
+delta). So the merge method decides each closed memory's final delta and threshold and
+nothing else, and one stream trained once, each memory's shards kept as they were just
+before its merge, gives every method exactly: merge each kept memory again with the
+method, refresh its threshold, score. (tests/test_merge_compare.py checks a re-merged
+stream against one trained with the other method.) A sharded stream of 1000 edits takes
+hours on a CPU; six of them would take days.
+
+Scored per method: teacher-forced Rel on every edit prompt and the share fully held (TF
+Rel = 1), TF Gen and Loc and answer exact match on a fixed sample, and which memory the
+edit prompts and paraphrases reach. Long runs resume: the editor and the kept memories
+are saved to OUT/checkpoint every --checkpoint-every edits; rerun the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wise_edit import WiseEditor
+from wise_edit.bench import routing_scores
+from wise_edit.data import EditRecord, load_dataset
+from wise_edit.evaluation import (
+    ANSWER_EM,
+    TEACHER_FORCED,
+    Baseline,
+    locality_baseline,
+    sample_indices,
+    score,
+)
+from wise_edit.metrics import Decoder, token_accuracy
+from wise_edit.wise.layer import SideMemory
+from wise_edit.wise.merging import MERGE_METHODS
+
+KEPT_TENSORS = "kept_memories.safetensors"
+KEPT_STATE = "kept_memories.json"
+
+
+class ShardKeeper(WiseEditor):
+    """A WISE editor that keeps each memory as it was just before its shards merged, so
+    that the trained stream can be merged again with any method (retrieve mode only: a
+    merge-mode memory trains on after its merges, so its later edits depend on them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.mode != "retrieve":
+            raise ValueError("ShardKeeper needs retrieve mode: merge-mode edits train on merges")
+        self.kept: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
+
+    def _merge_group(self, memory: SideMemory, number: int, method: str) -> None:
+        tensors = {k: v.detach().clone().cpu() for k, v in memory.tensors("m").items()}
+        self.kept[number] = (memory.state(), tensors)
+        super()._merge_group(memory, number, method)
+
+    def remerge(self, method: str) -> None:
+        """Every kept memory merged with ``method`` instead, its threshold refreshed."""
+        for number, (state, tensors) in sorted(self.kept.items()):
+            memory = SideMemory(self.layer.weight.shape, self.layer.weight.device)
+            memory.restore(state, tensors, "m", self.config.edits_per_memory())
+            self._merge_group(memory, number, method)
+            acts = self._stacked_prompt_acts(memory.edit_ids)
+            memory.refresh_threshold(*acts, self.config.threshold_ratio)
+            self.layer.memories[number] = memory
+
+    def save_kept(self, folder: Path) -> None:
+        """The kept memories beside an editor save (safetensors + JSON, written first:
+        a save never names a merged memory whose shards are missing)."""
+        tensors = {
+            f"memory.{n}.{k[2:]}": v for n, (_, kept) in self.kept.items() for k, v in kept.items()
+        }
+        save_file(tensors, str(folder / KEPT_TENSORS))
+        states = {str(n): state for n, (state, _) in self.kept.items()}
+        (folder / KEPT_STATE).write_text(json.dumps(states))
+
+    def load_kept(self, folder: Path) -> None:
+        states = json.loads((folder / KEPT_STATE).read_text())
+        tensors = load_file(str(folder / KEPT_TENSORS))
+        for key, state in states.items():
+            prefix = f"memory.{key}."
+            mine = {f"m.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
+            self.kept[int(key)] = (state, mine)
+        merged = [n for n, m in enumerate(self.memories) if m.merges]
+        if sorted(self.kept) != merged:
+            raise ValueError(f"{folder}: kept memories {sorted(self.kept)}, merged {merged}")
+
+
+# ---------------------------------------------------------------------------- the run
+def train(
+    args: argparse.Namespace, records: list[EditRecord], editor: ShardKeeper
+) -> list[dict[str, float]]:
+    """Edit the records the editor does not hold yet, saving the editor, the kept
+    memories and each chunk's s/edit and steps/edit to OUT/checkpoint as it goes."""
+    folder = Path(args.out) / "checkpoint"
+    progress_file = folder / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else []
+    progress = [p for p in progress if p["edits"] <= editor.num_edits]  # a save that lagged
+    for start in range(editor.num_edits, len(records), args.checkpoint_every):
+        chunk = records[start : start + args.checkpoint_every]
+        began = time.perf_counter()
+        steps = [editor.edit(r.prompt, r.target, subject=r.subject).steps for r in chunk]
+        seconds = (time.perf_counter() - began) / len(chunk)
+        editor.save_kept(folder)
+        editor.save_pretrained(folder / "editor", replace=True)
+        progress.append(
+            {"edits": editor.num_edits, "s_per_edit": seconds, "steps": statistics.fmean(steps)}
+        )
+        progress_file.write_text(json.dumps(progress))
+        print(f"  {json.dumps(progress[-1])}", flush=True)
+    return progress
+
+
+def evaluate(
+    editor: ShardKeeper, records: list[EditRecord], base: Baseline, args: argparse.Namespace
+) -> dict[str, Any]:
+    model, fmt = editor.model, editor.format
+    scored = {}
+    with torch.no_grad():
+        rel = [token_accuracy(model, fmt, r.prompt, r.target) for r in records]
+        for kind, sample in ((TEACHER_FORCED, args.sample), (ANSWER_EM, args.answer_sample)):
+            picked = sample_indices(len(records), sample)
+            subset = [records[i] for i in picked]
+            scored[kind.name] = score(kind, model, fmt, subset, _baseline_of(base, records, picked))
+        routing = routing_scores(editor, records)
+    assert routing is not None  # WISE routes
+    summary = routing["summary"]
+    own = summary["share_routed_to_own_memory"]
+    return {
+        "tf_rel_all": statistics.fmean(rel),
+        "held_all": sum(a == 1.0 for a in rel) / len(rel),
+        "tf": asdict(scored[TEACHER_FORCED.name]),
+        "answer_em": asdict(scored[ANSWER_EM.name]),
+        "own_memory": {"edit prompts": own["edit prompts"], "paraphrases": own["paraphrases"]},
+        "unrelated_to_none": 1 - summary["share_routed_to_side_memory"]["unrelated"],
+    }
+
+
+def _baseline_of(base: Baseline, records: list[EditRecord], picked: list[int]) -> Baseline:
+    """The unedited model's probe records of ``records[picked]`` (``base`` holds one per
+    probed record, in order)."""
+    position, probed = {}, 0
+    for i, r in enumerate(records):
+        if r.loc and r.loc_ans:
+            position[i], probed = probed, probed + 1
+    return {
+        name: [values[position[i]] for i in picked if i in position]
+        for name, values in base.items()
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from common import HEADLINE, overrides
+
+    from wise_edit import WiseConfig, models
+    from wise_edit.data import load_zsre_irrelevant
+
+    out = Path(args.out)
+    folder = out / "checkpoint"
+    records = load_dataset(args.data, args.data_dir, limit=args.edits)
+    model, tokenizer = models.load(args.model, device=args.device)
+    pool = load_zsre_irrelevant(args.data_dir)
+    fields = {
+        **HEADLINE,
+        "mask_ratio": args.mask_ratio,
+        "shards_per_merge": args.shards,
+        "shard_size": args.shard_size,
+        "merge_density": args.merge_density if args.shards > 1 else 1.0,
+        "merge_method": "ties",
+        **overrides(args),
+    }
+    if (folder / "editor").exists():
+        editor = ShardKeeper.from_pretrained(model, tokenizer, folder / "editor", pool)
+        editor.load_kept(folder)
+        saved = editor.config
+        asked = (fields["mask_ratio"], fields["shards_per_merge"], fields["shard_size"])
+        if (saved.mask_ratio, saved.shards_per_merge, saved.shard_size) != asked:
+            raise SystemExit(f"{folder} holds another setting: {saved}; use another --out")
+        base = json.loads((folder / "baseline.json").read_text())
+        print(f"resumed at {editor.num_edits} edits", flush=True)
+    else:
+        config = WiseConfig.for_model(model, **fields)
+        editor = ShardKeeper(model, tokenizer, config, irrelevant_prompts=pool)
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            base = locality_baseline(model, editor.format, records, Decoder(model, editor.format))
+        (folder / "baseline.json").write_text(json.dumps(base))
+    progress = train(args, records, editor)
+    methods = args.methods.split(",") if editor.config.shards_per_merge > 1 else ["unsharded"]
+    results: dict[str, Any] = {}
+    for method in methods:
+        if method != "unsharded":
+            editor.remerge(method)
+        results[method] = evaluate(editor, records, base, args)
+        print(f"  {method}: {json.dumps(results[method])}", flush=True)
+    cfg = editor.config
+    return {
+        "setting": {
+            "edits": len(records),
+            "data": args.data,
+            "mask_ratio": cfg.mask_ratio,
+            "shards": cfg.shards_per_merge,
+            "shard_size": cfg.shard_size,
+            "merge_density": cfg.merge_density,
+            "memories": len(editor.memories),
+            "sample": args.sample,
+            "answer_sample": args.answer_sample,
+        },
+        "progress": progress,
+        "s_per_edit": statistics.fmean(p["s_per_edit"] for p in progress),
+        "steps_per_edit": statistics.fmean(p["steps"] for p in progress),
+        "methods": results,
+    }
+
+
+# ---------------------------------------------------------------------------- report
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| setting | method | TF Rel (all) | held (all) | TF Gen | TF Loc"
+        " | answer EM Rel / Gen / Loc | edit / para -> own memory | unrelated -> none"
+        " | steps/edit, s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in runs.values():
+        s = result["setting"]
+        label = (
+            f"{s['shards']} x {s['shard_size']} edits, rho {s['mask_ratio']}"
+            f" ({s['memories']} memories)"
+        )
+        for method, m in result["methods"].items():
+            em, own = m["answer_em"], m["own_memory"]
+            lines.append(
+                f"| {label} | {method} | {m['tf_rel_all']:.3f} | {m['held_all']:.3f} "
+                f"| {m['tf']['gen']:.3f} | {m['tf']['loc']:.3f} "
+                f"| {em['rel']:.3f} / {em['gen']:.3f} / {em['loc']:.3f} "
+                f"| {own['edit prompts']:.3f} / {own['paraphrases']:.3f} "
+                f"| {m['unrelated_to_none']:.3f} "
+                f"| {result['steps_per_edit']:.1f}, {result['s_per_edit']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [
+        (f"{m}" if m != "unsharded" else f"unsharded\n{r['setting']['shard_size']}/memory", m_res)
+        for r in runs.values()
+        for m, m_res in r["methods"].items()
+    ]
+    metrics = {
+        "held (TF Rel = 1)": lambda m: m["held_all"],
+        "TF Gen": lambda m: m["tf"]["gen"],
+        "TF Loc": lambda m: m["tf"]["loc"],
+        "answer EM Rel": lambda m: m["answer_em"]["rel"],
+    }
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 4))
+    width = 0.8 / len(metrics)
+    for j, (name, get) in enumerate(metrics.items()):
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(bars))]
+        ax.bar(xs, [get(m) for _, m in bars], width, label=name)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(metrics), loc="upper center", bbox_to_anchor=(0.5, 1.15))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from common import editing_parser
+
+    parser = editing_parser(__doc__, edits=1000)
+    parser.add_argument("--data", default="zsre", choices=["zsre", "counterfact"])
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=5)
+    parser.add_argument("--merge-density", type=float, default=0.53)
+    parser.add_argument("--methods", default=",".join(MERGE_METHODS))
+    parser.add_argument("--sample", type=int, default=200, help="records for TF Gen/Loc")
+    parser.add_argument("--answer-sample", type=int, default=100, help="records for answer EM")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--out", help="run folder (resumes from OUT/checkpoint)")
+    parser.add_argument("--load", nargs="+", help="report run folders instead of editing")
+    parser.add_argument("--plot", help="write a bar chart of the methods to this PNG")
+    args = parser.parse_args()
+    unknown = set(args.methods.split(",")) - set(MERGE_METHODS)
+    if unknown:
+        parser.error(f"unknown merge methods {sorted(unknown)}; choose from {list(MERGE_METHODS)}")
+    if not args.load and not args.out:
+        parser.error("give --out (a run folder) or --load")
+    if args.checkpoint_every < 1:
+        parser.error("--checkpoint-every must be >= 1")
+    runs: dict[str, dict[str, Any]] = {}
+    for folder in args.load or []:
+        runs[folder] = json.loads((Path(folder) / "merge_compare.json").read_text())
+    if not args.load:
+        result = run(args)
+        Path(args.out, "merge_compare.json").write_text(json.dumps(result, indent=1))
+        runs[args.out] = result
+    print(table(runs))
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""benchmarks/merge_compare.py rests on one claim: in retrieve mode the merge method does
+not change what is trained, so a stream trained once and merged again with another method
+equals a stream trained with that method. Checked exactly on a tiny model, also after the
+kept memories went through their files."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EDITS, fast_config, tiny_model
+
+from wise_edit import WiseEditor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# memories of 2 shards x 1 edit, half the entries each (so shards overlap and merges
+# differ), replay on: edits 0-3 fill two memories that merge and close, 4-5 a third
+CONFIG = fast_config(
+    mode="retrieve",
+    mask_ratio=0.5,
+    shard_size=1,
+    shards_per_merge=2,
+    merge_method="ties",
+    merge_density=0.5,
+    replay=True,
+    replay_rows=2,
+)
+
+
+@pytest.fixture
+def merge_compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import merge_compare
+
+    return merge_compare
+
+
+def _memories(editor: WiseEditor) -> list[tuple[torch.Tensor, float, tuple[int, ...]]]:
+    return [(m.delta.clone(), m.epsilon, m.edit_ids) for m in editor.memories]
+
+
+def _trained(cls, tokenizer, config):
+    editor = cls(tiny_model(), tokenizer, config)
+    editor.edit_many(EDITS[:5])
+    return editor
+
+
+@pytest.mark.parametrize("method", ["linear", "dare"])
+def test_a_stream_merged_again_equals_one_trained_with_that_method(
+    merge_compare, tokenizer, tmp_path, method
+):
+    keeper = _trained(merge_compare.ShardKeeper, tokenizer, CONFIG)
+    direct = _trained(WiseEditor, tokenizer, replace(CONFIG, merge_method=method))
+    assert sorted(keeper.kept) == [0, 1]  # the third memory holds one edit, unmerged
+    ties = _memories(keeper)
+    assert not torch.equal(ties[0][0], _memories(direct)[0][0])  # the methods do differ
+
+    keeper.remerge(method)
+    for (a, eps_a, ids_a), (b, eps_b, ids_b) in zip(_memories(keeper), _memories(direct)):
+        assert torch.equal(a, b) and eps_a == eps_b and ids_a == ids_b
+
+    # through the files: an editor save plus the kept memories, loaded into a new keeper
+    keeper.save_kept(tmp_path)
+    keeper.save_pretrained(tmp_path / "editor")
+    loaded = merge_compare.ShardKeeper.from_pretrained(tiny_model(), tokenizer, tmp_path / "editor")
+    loaded.load_kept(tmp_path)
+    loaded.remerge("ties")
+    for (a, eps_a, _), (b, eps_b, _) in zip(_memories(loaded), ties):
+        assert torch.equal(a, b) and eps_a == eps_b
+
+
+def test_the_keeper_refuses_merge_mode_and_kept_memories_that_do_not_match(
+    merge_compare, tokenizer, tmp_path
+):
+    with pytest.raises(ValueError, match="retrieve mode"):
+        merge_compare.ShardKeeper(
+            tiny_model(), tokenizer, replace(CONFIG, mode="merge", replay=False)
+        )
+    keeper = _trained(merge_compare.ShardKeeper, tokenizer, CONFIG)
+    keeper.kept.pop(1)
+    keeper.save_kept(tmp_path)
+    keeper.save_pretrained(tmp_path / "editor")
+    loaded = merge_compare.ShardKeeper.from_pretrained(tiny_model(), tokenizer, tmp_path / "editor")
+    with pytest.raises(ValueError, match="kept memories"):
+        loaded.load_kept(tmp_path)
