@@ -70,7 +70,7 @@ def test_a_stream_merged_again_equals_one_trained_with_that_method(
         assert torch.equal(a, b) and eps_a == eps_b
 
 
-def test_the_keeper_refuses_merge_mode_and_kept_memories_that_do_not_match(
+def test_the_keeper_refuses_merge_mode_and_a_merged_memory_it_did_not_keep(
     merge_compare, tokenizer, tmp_path
 ):
     with pytest.raises(ValueError, match="retrieve mode"):
@@ -78,9 +78,18 @@ def test_the_keeper_refuses_merge_mode_and_kept_memories_that_do_not_match(
             tiny_model(), tokenizer, replace(CONFIG, mode="merge", replay=False)
         )
     keeper = _trained(merge_compare.ShardKeeper, tokenizer, CONFIG)
-    keeper.kept.pop(1)
+    state, tensors = keeper.kept[0]  # kept files written before a save that did not land
+    keeper.kept[7] = (state, {k: v.clone() for k, v in tensors.items()})
     keeper.save_kept(tmp_path)
     keeper.save_pretrained(tmp_path / "editor")
+    loaded = merge_compare.ShardKeeper.from_pretrained(tiny_model(), tokenizer, tmp_path / "editor")
+    loaded.load_kept(tmp_path)
+    assert sorted(loaded.kept) == [0, 1]
+
+    keeper.kept.pop(7)
+    keeper.kept.pop(1)
+    keeper.save_kept(tmp_path)
+    keeper.save_pretrained(tmp_path / "editor", replace=True)
     loaded = merge_compare.ShardKeeper.from_pretrained(tiny_model(), tokenizer, tmp_path / "editor")
     with pytest.raises(ValueError, match="kept memories"):
         loaded.load_kept(tmp_path)
