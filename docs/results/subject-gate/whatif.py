@@ -31,7 +31,12 @@ def token_acts(editor, prompts, batch=32):
         ids, _ = encode_prompts(editor.format, chunk)
         for a, m, row in zip(acts, mask, ids):
             keep = m.bool().cpu()
-            out.append((torch.nn.functional.normalize(a.float().cpu()[keep], dim=-1), row[keep.to(row.device)].tolist()))
+            out.append(
+                (
+                    torch.nn.functional.normalize(a.float().cpu()[keep], dim=-1),
+                    row[keep.to(row.device)].tolist(),
+                )
+            )
     return out
 
 
@@ -69,7 +74,9 @@ def main():
             elif KEY == "last":
                 keys.append(acts[span[1]])
             else:
-                keys.append(torch.nn.functional.normalize(acts[span[0] : span[1] + 1].mean(0), dim=0))
+                keys.append(
+                    torch.nn.functional.normalize(acts[span[0] : span[1] + 1].mean(0), dim=0)
+                )
         keys = torch.stack(keys)  # (E, I) unit rows (the mean is not unit; rare)
         print(f"subject found in {found} of {edits} edit prompts")
         memories = len(editor.memories)
@@ -78,7 +85,10 @@ def main():
             member[m, i] = True
         groups = {
             "edit": ([r.prompt for r in records], owner),
-            "para": ([r.rephrase for r in records if r.rephrase], [o for r, o in zip(records, owner) if r.rephrase]),
+            "para": (
+                [r.rephrase for r in records if r.rephrase],
+                [o for r, o in zip(records, owner) if r.rephrase],
+            ),
             "loc": ([r.loc for r in records if r.loc], None),
             "same": ([r.prompt for r in loaded[edits:]], None),
         }
