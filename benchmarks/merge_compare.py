@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from wise_edit import WiseEditor
 from wise_edit.bench import routing_scores
@@ -113,10 +114,14 @@ def train(
     progress_file = folder / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else []
     progress = [p for p in progress if p["edits"] <= editor.num_edits]  # a save that lagged
+    bar = tqdm(total=len(records), initial=editor.num_edits, desc="sharded edits", unit="edit")
     for start in range(editor.num_edits, len(records), args.checkpoint_every):
         chunk = records[start : start + args.checkpoint_every]
         began = time.perf_counter()
-        steps = [editor.edit(r.prompt, r.target, subject=r.subject).steps for r in chunk]
+        steps = []
+        for r in chunk:
+            steps.append(editor.edit(r.prompt, r.target, subject=r.subject).steps)
+            bar.update(1)
         seconds = (time.perf_counter() - began) / len(chunk)
         editor.save_kept(folder)
         editor.save_pretrained(folder / "editor", replace=True)
@@ -124,7 +129,8 @@ def train(
             {"edits": editor.num_edits, "s_per_edit": seconds, "steps": statistics.fmean(steps)}
         )
         progress_file.write_text(json.dumps(progress))
-        print(f"  {json.dumps(progress[-1])}", flush=True)
+        bar.write(f"  {json.dumps(progress[-1])}")
+    bar.close()
     return progress
 
 
