@@ -7,6 +7,9 @@ edits), and unsharded memories of the same size beside them.
     python benchmarks/merge_compare.py --load runs/merge-T1000 runs/merge-T1000-unsharded \\
         --plot merges.png
 
+``--also SAVE`` scores saved editors of the same records beside the run, with the same
+unedited baseline and samples (e.g. a `wise-edit bench` run's checkpoint/editor).
+
 In retrieve mode a memory merges its k shards once, when the last is full, and closes:
 no edit is ever trained against a merged memory (an edit's losses read its own memory's
 shards, that memory's earlier edits and other edits' prompts, never another memory's
@@ -21,6 +24,8 @@ Scored per method: teacher-forced Rel on every edit prompt and the share fully h
 Rel = 1), TF Gen and Loc and answer exact match on a fixed sample, and which memory the
 edit prompts and paraphrases reach. Long runs resume: the editor and the kept memories
 are saved to OUT/checkpoint every --checkpoint-every edits; rerun the same command.
+The table's steps and seconds per edit are the edit log's: those of the run that made
+the edits, on whatever else the machine was doing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -105,33 +109,40 @@ class ShardKeeper(WiseEditor):
 
 
 # ---------------------------------------------------------------------------- the run
-def train(
-    args: argparse.Namespace, records: list[EditRecord], editor: ShardKeeper
-) -> list[dict[str, float]]:
-    """Edit the records the editor does not hold yet, saving the editor, the kept
-    memories and each chunk's s/edit and steps/edit to OUT/checkpoint as it goes."""
+def train(args: argparse.Namespace, records: list[EditRecord], editor: ShardKeeper) -> None:
+    """Edit the records the editor does not hold yet, saving the kept memories and the
+    editor to OUT/checkpoint every --checkpoint-every edits."""
     folder = Path(args.out) / "checkpoint"
-    progress_file = folder / "progress.json"
-    progress = json.loads(progress_file.read_text()) if progress_file.exists() else []
-    progress = [p for p in progress if p["edits"] <= editor.num_edits]  # a save that lagged
     bar = tqdm(total=len(records), initial=editor.num_edits, desc="sharded edits", unit="edit")
     for start in range(editor.num_edits, len(records), args.checkpoint_every):
-        chunk = records[start : start + args.checkpoint_every]
-        began = time.perf_counter()
-        steps = []
-        for r in chunk:
-            steps.append(editor.edit(r.prompt, r.target, subject=r.subject).steps)
+        for r in records[start : start + args.checkpoint_every]:
+            result = editor.edit(r.prompt, r.target, subject=r.subject)
             bar.update(1)
-        seconds = (time.perf_counter() - began) / len(chunk)
+            bar.set_postfix(steps=result.steps, s_per_edit=f"{result.seconds:.1f}")
         editor.save_kept(folder)
         editor.save_pretrained(folder / "editor", replace=True)
-        progress.append(
-            {"edits": editor.num_edits, "s_per_edit": seconds, "steps": statistics.fmean(steps)}
-        )
-        progress_file.write_text(json.dumps(progress))
-        bar.write(f"  {json.dumps(progress[-1])}")
     bar.close()
-    return progress
+
+
+def setting_of(editor: WiseEditor, records: list[EditRecord], args: argparse.Namespace):
+    """What a row of the table was trained with, and its steps and seconds per edit
+    (from the edit log: the figures of the run that made the edits)."""
+    cfg, log = editor.config, editor.edit_log
+    if [(e["prompt"], e["target"]) for e in log] != [(r.prompt, r.target) for r in records]:
+        raise SystemExit(f"the editor's {len(log)} edits are not the {len(records)} records")
+    return {
+        "edits": len(records),
+        "data": args.data,
+        "mask_ratio": cfg.mask_ratio,
+        "shards": cfg.shards_per_merge,
+        "shard_size": cfg.shard_size,
+        "merge_density": cfg.merge_density,
+        "memories": len(editor.memories),
+        "sample": args.sample,
+        "answer_sample": args.answer_sample,
+        "steps_per_edit": statistics.fmean(e["steps"] for e in log),
+        "s_per_edit": statistics.fmean(e["seconds"] for e in log),
+    }
 
 
 def evaluate(
@@ -172,7 +183,7 @@ def _baseline_of(base: Baseline, records: list[EditRecord], picked: list[int]) -
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from common import HEADLINE, overrides
 
     from wise_edit import WiseConfig, models
@@ -208,32 +219,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             base = locality_baseline(model, editor.format, records, Decoder(model, editor.format))
         (folder / "baseline.json").write_text(json.dumps(base))
-    progress = train(args, records, editor)
+    train(args, records, editor)
     methods = args.methods.split(",") if editor.config.shards_per_merge > 1 else ["unsharded"]
-    results: dict[str, Any] = {}
+    scores: dict[str, Any] = {}
     for method in methods:
         if method != "unsharded":
             editor.remerge(method)
-        results[method] = evaluate(editor, records, base, args)
-        print(f"  {method}: {json.dumps(results[method])}", flush=True)
-    cfg = editor.config
-    return {
-        "setting": {
-            "edits": len(records),
-            "data": args.data,
-            "mask_ratio": cfg.mask_ratio,
-            "shards": cfg.shards_per_merge,
-            "shard_size": cfg.shard_size,
-            "merge_density": cfg.merge_density,
-            "memories": len(editor.memories),
-            "sample": args.sample,
-            "answer_sample": args.answer_sample,
-        },
-        "progress": progress,
-        "s_per_edit": statistics.fmean(p["s_per_edit"] for p in progress),
-        "steps_per_edit": statistics.fmean(p["steps"] for p in progress),
-        "methods": results,
-    }
+        scores[method] = evaluate(editor, records, base, args)
+        print(f"  {method}: {json.dumps(scores[method])}", flush=True)
+    runs = {args.out: {"setting": setting_of(editor, records, args), "methods": scores}}
+    for save in args.also or []:  # saved editors of the same records, the same baseline
+        model, tokenizer = models.load(args.model, device=args.device)
+        other = WiseEditor.from_pretrained(model, tokenizer, save, pool)
+        label = "unsharded" if other.config.shards_per_merge == 1 else other.config.merge_method
+        scores = {label: evaluate(other, records, base, args)}
+        print(f"  {save}: {json.dumps(scores)}", flush=True)
+        runs[save] = {"setting": setting_of(other, records, args), "methods": scores}
+    return runs
 
 
 # ---------------------------------------------------------------------------- report
@@ -258,7 +260,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
                 f"| {em['rel']:.3f} / {em['gen']:.3f} / {em['loc']:.3f} "
                 f"| {own['edit prompts']:.3f} / {own['paraphrases']:.3f} "
                 f"| {m['unrelated_to_none']:.3f} "
-                f"| {result['steps_per_edit']:.1f}, {result['s_per_edit']:.1f} |"
+                f"| {s['steps_per_edit']:.1f}, {s['s_per_edit']:.1f} |"
             )
     return "\n".join(lines)
 
@@ -308,6 +310,9 @@ def main() -> None:
     parser.add_argument("--answer-sample", type=int, default=100, help="records for answer EM")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--out", help="run folder (resumes from OUT/checkpoint)")
+    parser.add_argument(
+        "--also", nargs="+", help="saved editors of the same records to score beside the run"
+    )
     parser.add_argument("--load", nargs="+", help="report run folders instead of editing")
     parser.add_argument("--plot", help="write a bar chart of the methods to this PNG")
     args = parser.parse_args()
@@ -320,11 +325,10 @@ def main() -> None:
         parser.error("--checkpoint-every must be >= 1")
     runs: dict[str, dict[str, Any]] = {}
     for folder in args.load or []:
-        runs[folder] = json.loads((Path(folder) / "merge_compare.json").read_text())
+        runs |= json.loads((Path(folder) / "merge_compare.json").read_text())
     if not args.load:
-        result = run(args)
-        Path(args.out, "merge_compare.json").write_text(json.dumps(result, indent=1))
-        runs[args.out] = result
+        runs = run(args)
+        Path(args.out, "merge_compare.json").write_text(json.dumps(runs, indent=1))
     print(table(runs))
     if args.plot:
         plot(runs, args.plot)
