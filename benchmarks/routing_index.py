@@ -3,13 +3,14 @@
 of each sequence's k nearest edit keys are scored, exactly), on the same prompts.
 
 Reads a save, e.g. the last checkpoint of a long `wise-edit bench --checkpoint-every` run
-(its edit i is ZsRE record i), and scores a seeded sample of the edited records:
+(its edit i is record i of --data, ZsRE or CounterFact), and scores a seeded sample of
+the edited records:
 
     python benchmarks/routing_index.py --save runs/zsre-T1000/checkpoint/editor \\
         --edits 1000 --sample 200 --candidates 4 8 16 32
 
 Per setting: the share of edit prompts and of paraphrases routed to the memory that holds
-their edit ("own"), the share of unrelated prompts (ZsRE's locality questions) routed to
+their edit ("own"), the share of unrelated prompts (the records' locality probes) routed to
 no memory, and the forward latency of the edited model over the unedited one (a batch of
 16 edit prompts + 16 unrelated prompts, timed alternately, median of --repeats).
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from wise_edit import WiseEditor, models
-from wise_edit.data import default_data_dir, load_zsre
+from wise_edit.data import default_data_dir, load_dataset
 from wise_edit.evaluation import latency_ratio
 
 CHUNK = 32  # prompts per routing batch
@@ -48,7 +49,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=str(default_data_dir()))
-    parser.add_argument("--edits", type=int, required=True, help="ZsRE records edited (T)")
+    parser.add_argument("--data", default="zsre", choices=["zsre", "counterfact"])
+    parser.add_argument("--edits", type=int, required=True, help="records edited (T)")
     parser.add_argument("--sample", type=int, default=200)
     parser.add_argument("--candidates", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=7)
@@ -61,7 +63,7 @@ def main() -> None:
     editor = WiseEditor.from_pretrained(model, tokenizer, args.save)
     if editor.num_edits != args.edits:
         parser.error(f"{args.save} holds {editor.num_edits} edits, not --edits {args.edits}")
-    records = load_zsre(args.data_dir, limit=args.edits)
+    records = load_dataset(args.data, args.data_dir, limit=args.edits)
     picked = sorted(random.Random(0).sample(range(args.edits), min(args.sample, args.edits)))
     own = [editor.memory_holding(i) for i in picked]
     with_para = [(i, o) for i, o in zip(picked, own) if records[i].rephrase]
