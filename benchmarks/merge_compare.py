@@ -82,8 +82,7 @@ class ShardKeeper(WiseEditor):
             memory = SideMemory(self.layer.weight.shape, self.layer.weight.device)
             memory.restore(state, tensors, "m", self.config.edits_per_memory())
             self._merge_group(memory, number, method)
-            acts = self._stacked_prompt_acts(memory.edit_ids)
-            memory.refresh_threshold(*acts, self.config.threshold_ratio)
+            self._refresh_threshold(memory)
             self.layer.memories[number] = memory
 
     def save_kept(self, folder: Path) -> None:
@@ -146,7 +145,7 @@ def setting_of(editor: WiseEditor, records: list[EditRecord], args: argparse.Nam
 
 
 def evaluate(
-    editor: ShardKeeper, records: list[EditRecord], base: Baseline, args: argparse.Namespace
+    editor: WiseEditor, records: list[EditRecord], base: Baseline, args: argparse.Namespace
 ) -> dict[str, Any]:
     model, fmt = editor.model, editor.format
     scored = {}

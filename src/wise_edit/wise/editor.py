@@ -340,7 +340,12 @@ class WiseEditor(EditorBase):
         memory.add_key(self._prompt_acts[index].float().mean(0))
         if memory.group_edits == cfg.edits_per_memory():
             self._merge_group(memory, plan.memory, cfg.merge_method)
-        memory.refresh_threshold(*self._stacked_prompt_acts(memory.edit_ids), cfg.threshold_ratio)
+        self._refresh_threshold(memory)
+
+    def _refresh_threshold(self, memory: SideMemory) -> None:
+        """epsilon over every edit the memory holds, after an edit or a merge moved it."""
+        acts = self._stacked_prompt_acts(memory.edit_ids)
+        memory.refresh_threshold(*acts, self.config.threshold_ratio)
 
     def _merge_group(self, memory: SideMemory, number: int, method: str) -> None:
         """Eq. 8 for memory number ``number``, whose group of shards is full. Its own
