@@ -15,6 +15,7 @@ from wise_edit.wise.router import (
     score_unit,
     sequence_scores,
     threshold,
+    value_change,
     within_radius,
 )
 
@@ -29,6 +30,18 @@ def test_sequence_score_is_the_mean_norm_over_the_rows_own_tokens():
     )
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     torch.testing.assert_close(sequence_scores(acts, delta, mask), torch.tensor([3.5, 0.5]))
+
+
+def test_value_change_is_the_input_times_the_delta_transposed():
+    delta = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]])  # (O, I) = (2, 3)
+    acts = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 1.0, 0.0]]])  # (B, T, I) = (2, 1, 3)
+    expected = torch.tensor([[[7.0, 1.0]], [[0.0, -1.0]]])
+    assert torch.equal(value_change(acts, delta), expected)
+    torch.manual_seed(0)
+    acts, delta = torch.randn(3, 4, 5, dtype=torch.bfloat16), torch.randn(6, 5)
+    out = value_change(acts, delta)
+    assert out.shape == (3, 4, 6) and out.dtype == torch.float32
+    torch.testing.assert_close(out, acts.float() @ delta.t())
 
 
 def test_sequence_score_of_a_row_does_not_depend_on_its_batch():

@@ -151,6 +151,26 @@ def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
     assert all(torch.equal(a, m.keys) for a, m in zip(keys, old.memories))
 
 
+def test_the_retrieval_index_follows_every_edit_and_is_not_handed_out(tokenizer):
+    """The layer joins the memories' keys once and keeps them; a new edit (a new memory,
+    or a key added to an open one) must reach routing at once, and what `edit_keys`
+    returns is the caller's to change."""
+    config = fast_config(mode="retrieve", shard_size=2, shards_per_merge=1, max_steps=25)
+    editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
+    editor.layer.candidates = 1
+    prompts = [p for p, _ in EDITS[:3]]
+    for count, (prompt, target) in enumerate(EDITS[:3], start=1):
+        editor.edit(prompt, target)
+        keys, owners = editor.edit_keys()
+        assert len(keys) == count and owners.tolist() == [0, 0, 1][:count]
+        editor.routed(prompts)  # builds (or reuses) the index
+    assert editor.routed(prompts)[2] == 1  # the third edit, in the second memory
+    keys, _ = editor.edit_keys()
+    keys.zero_()
+    assert torch.equal(editor.edit_keys()[0], torch.cat([m.keys for m in editor.memories]))
+    assert editor.routed(prompts)[2] == 1
+
+
 def test_key_radius_keeps_memories_to_prompts_worded_like_their_edits(tokenizer, tmp_path):
     """A prompt with words added routes to its edit's memory by score alone; a radius
     tighter than its key's cosine to the edit's (the edit prompts' own keys are within

@@ -202,7 +202,8 @@ class WiseEditor(EditorBase):
         """Every edit's key (E, I) and the side memory holding it (E,), in memory order."""
         if not len(self.layer.memories):
             return torch.zeros((0, self.layer.weight.shape[1])), torch.zeros(0, dtype=torch.long)
-        return self.layer.key_index(torch.device("cpu"))
+        keys, owners = self.layer.key_index(torch.device("cpu"))
+        return keys.clone(), owners.clone()  # the layer's own index is not the caller's
 
     def summary(self) -> dict[str, Any]:
         return {

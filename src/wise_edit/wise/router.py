@@ -9,13 +9,25 @@ import torch
 import torch.nn.functional as F
 
 
+def value_change(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What a side memory adds to the value projection's output: a (W' - W)^T for inputs
+    (..., I) and delta (O, I), in float32: (..., O).
+
+    Computed as delta @ a^T: with few rows (one prompt scored against a retrieval
+    candidate, one token decoded) CPU kernels run this order about twice as fast as
+    a @ delta^T (0.5 against 1.1 ms for 15 tokens on SmolLM2's 576 x 1536 matrix, one
+    thread), and with many rows they take the same time."""
+    flat = acts.float().reshape(-1, acts.shape[-1])
+    return (delta.float() @ flat.t()).t().reshape(*acts.shape[:-1], delta.shape[0])
+
+
 def sequence_scores(acts: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Activation score per sequence: mean over its own non-pad tokens of ||a_t (W' - W)||.
 
     acts: (B, T, I) inputs of the value matrix; delta: (O, I) = W' - W; mask: (B, T), 1 for
     tokens that count. Padding never enters the score, and each row is scored alone.
     """
-    per_token = torch.linalg.vector_norm(acts.float() @ delta.float().t(), dim=-1)  # (B, T)
+    per_token = torch.linalg.vector_norm(value_change(acts, delta), dim=-1)  # (B, T)
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
 
@@ -94,7 +106,20 @@ def candidate_memories(
     those keys' cosines (B, k'). ``owners`` (E,) names the memory each key's edit lives
     in. With a ``radius`` > 0 a key less similar than that gives -1 (no candidate)
     instead of its memory."""
-    sims, top = key_similarity(queries, keys).topk(min(k, keys.shape[0]), dim=-1)  # (B, k')
+    unit = F.normalize(keys.float(), dim=-1)
+    return unit_candidates(F.normalize(queries.float(), dim=-1), unit, owners, k, radius)
+
+
+def unit_candidates(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    owners: torch.Tensor,
+    k: int,
+    radius: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`candidate_memories` for queries and keys already of unit length, so that a layer
+    can normalise its keys once rather than on every forward (~6 ms at 3000 keys)."""
+    sims, top = (queries @ keys.t()).topk(min(k, keys.shape[0]), dim=-1)  # (B, k')
     picked = owners[top]
     if radius > 0:
         picked = torch.where(sims >= radius, picked, torch.full_like(picked, -1))
