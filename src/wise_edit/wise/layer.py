@@ -308,7 +308,7 @@ class WiseLayer(AttachedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
         if self._trial is not None:  # editing: base + a·delta for every row, unrouted
-            return base + (x.float() @ self._trial.t()).to(base.dtype)
+            return base + value_change(x, self._trial).to(base.dtype)
         if self._disabled or not self.memories:
             return base
         routing = self.routing
