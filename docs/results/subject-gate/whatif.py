@@ -56,6 +56,36 @@ def subject_span(tokenizer, ids, subject):
     return None
 
 
+def probe_groups(loaded, edits, owner):
+    """name -> (prompts, the memory each should reach, or None: no memory). "same" are
+    the prompts of the records after the edited ones (same form, unedited subjects)."""
+    records = loaded[:edits]
+    return {
+        "edit": ([r.prompt for r in records], owner),
+        "para": (
+            [r.rephrase for r in records if r.rephrase],
+            [o for r, o in zip(records, owner) if r.rephrase],
+        ),
+        "loc": ([r.loc for r in records if r.loc], None),
+        "same": ([r.prompt for r in loaded[edits:]], None),
+    }
+
+
+def gated_cells(choice, match, member, want):
+    """One table row: per tau, the share routed right once the gate has sent back every
+    prompt whose chosen memory holds no edit its ``match`` (B, E) reaches tau in."""
+    cells = []
+    for tau in TAUS:
+        right = 0
+        for b, c in enumerate(choice):
+            gated = c
+            if c >= 0 and not bool((match[b][member[c]] >= tau).any()):
+                gated = -1
+            right += (gated == want[b]) if want is not None else (gated < 0)
+        cells.append(f"{right / len(choice):.3f}")
+    return " | ".join(cells)
+
+
 def main():
     save, data, edits = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model, tokenizer = models.load("smollm2-135m", device="cpu")
@@ -83,15 +113,7 @@ def main():
         member = torch.zeros(memories, edits, dtype=torch.bool)
         for i, m in enumerate(owner):
             member[m, i] = True
-        groups = {
-            "edit": ([r.prompt for r in records], owner),
-            "para": (
-                [r.rephrase for r in records if r.rephrase],
-                [o for r, o in zip(records, owner) if r.rephrase],
-            ),
-            "loc": ([r.loc for r in records if r.loc], None),
-            "same": ([r.prompt for r in loaded[edits:]], None),
-        }
+        groups = probe_groups(loaded, edits, owner)
         print("group (n) | " + " | ".join(f"tau {t}" for t in TAUS))
         for name, (prompts, want) in groups.items():
             choice = []
@@ -99,16 +121,7 @@ def main():
                 choice += editor.routing_detail(prompts[i : i + 32])[0]
             acts = token_acts(editor, prompts)
             match = torch.stack([(a @ keys.T).max(0).values for a, _ in acts])  # (B, E)
-            cells = []
-            for tau in TAUS:
-                right = 0
-                for b, c in enumerate(choice):
-                    gated = c
-                    if c >= 0 and not bool((match[b][member[c]] >= tau).any()):
-                        gated = -1
-                    right += (gated == want[b]) if want is not None else (gated < 0)
-                cells.append(f"{right / len(prompts):.3f}")
-            print(f"{name} ({len(prompts)}) | " + " | ".join(cells), flush=True)
+            print(f"{name} ({len(prompts)}) | " + gated_cells(choice, match, member, want))
         # how well the subject match alone separates: own edit's match on paraphrases vs
         # the best match among the chosen memory's edits for locality probes
         print("done")

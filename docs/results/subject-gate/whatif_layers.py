@@ -16,7 +16,7 @@ when the memory it was routed to holds no edit matched at tau or above.
 import sys
 
 import torch
-from whatif import TAUS, subject_span
+from whatif import TAUS, gated_cells, probe_groups, subject_span
 
 from wise_edit import WiseEditor, models
 from wise_edit.core.rows import encode_prompts
@@ -52,15 +52,7 @@ def main():
     member = torch.zeros(len(editor.memories), edits, dtype=torch.bool)
     for i, m in enumerate(owner):
         member[m, i] = True
-    groups = {
-        "edit": ([r.prompt for r in records], owner),
-        "para": (
-            [r.rephrase for r in records if r.rephrase],
-            [o for r, o in zip(records, owner) if r.rephrase],
-        ),
-        "loc": ([r.loc for r in records if r.loc], None),
-        "same": ([r.prompt for r in loaded[edits:]], None),
-    }
+    groups = probe_groups(loaded, edits, owner)
     with torch.no_grad():
         neutral, _ = hidden_tokens(editor, list(NEUTRAL_PROMPTS), layers)
         centre = {layer: torch.cat(neutral[layer]).mean(0) for layer in layers}
@@ -92,16 +84,7 @@ def main():
             match = torch.stack(
                 [(unit(layer, s) @ keys[layer].T).max(0).values for s in states[layer]]
             )  # (B, E)
-            cells = []
-            for tau in TAUS:
-                right = 0
-                for b, c in enumerate(choice):
-                    gated = c
-                    if c >= 0 and not bool((match[b][member[c]] >= tau).any()):
-                        gated = -1
-                    right += (gated == want[b]) if want is not None else (gated < 0)
-                cells.append(f"{right / len(prompts):.3f}")
-            print(f"{name} ({len(prompts)}) | " + " | ".join(cells), flush=True)
+            print(f"{name} ({len(prompts)}) | " + gated_cells(choice, match, member, want))
 
 
 if __name__ == "__main__":
