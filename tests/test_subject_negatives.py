@@ -44,7 +44,9 @@ def _captured_prompts(monkeypatch) -> list[list[str]]:
 
 
 def test_an_edit_that_names_its_subject_trains_against_it_swapped(tokenizer, monkeypatch):
-    editor = WiseEditor(tiny_model(), tokenizer, fast_config(subject_negatives=3))
+    # (no subject gate: its key would read the edit's own prompt through the same spy)
+    config = fast_config(subject_negatives=3, subject_tau=0.0)
+    editor = WiseEditor(tiny_model(), tokenizer, config)
     seen = _captured_prompts(monkeypatch)
     editor.edit(PROMPT, TARGET, subject=SUBJECT)
     swapped = [p for batch in seen for p in batch if p.startswith("Who designed ")]

@@ -39,11 +39,15 @@ class RoutingState:
         self.choice: torch.Tensor | None = None
         self.pending = True
         self._last_ids: torch.Tensor | None = None  # input of the last cache-less forward
+        # a lower decoder layer's output in this forward (B, T, H), for routing that reads
+        # it (WISE's subject gate); set by that layer's hook, cleared when a forward starts
+        self.lower: torch.Tensor | None = None
 
     def begin(self, token_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
         """A forward without a KV cache: a new sequence, unless it is the last one grown
         by one token (generation without a cache), which keeps the decision."""
         last, self._last_ids = self._last_ids, input_ids
+        self.lower = None
         if self.choice is not None and _grown_by_one(last, input_ids):
             self.token_mask, self.pending = token_mask, False
             return
@@ -53,6 +57,7 @@ class RoutingState:
         """A forward that continues a KV cache: keep the decision."""
         self.pending = False
         self._last_ids = None
+        self.lower = None
 
     def decide(self, batch: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The held decision (one entry per row), made by ``make`` for a new sequence."""

@@ -234,6 +234,28 @@ class WiseConfig(EditConfig):
             "(docs/RESULTS.md)."
         },
     )
+    subject_tau: float = field(
+        default=0.6,
+        metadata={
+            "help": "Subject gate: a side memory may answer a sequence only if one of the "
+            "sequence's tokens lies within this cosine of the subject key of one of its "
+            "edits (the residual stream after `subject_layer` decoder layers at the "
+            "subject's last token, centred on neutral text); edits given without a "
+            "subject are not gated. 0: off. On saved SmolLM2 runs at tau .6 it kept 93% "
+            "of CounterFact's locality probes off every memory at T = 1000 instead of 70%, "
+            "for one paraphrase in a thousand (docs/RESULTS.md, a subject gate)."
+        },
+    )
+    subject_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layers below the subject key (>= 1, at most the edited "
+            "layer's index). Low, so that a subject's last token still carries the subject "
+            "rather than its sentence: on SmolLM2 the gate worked at 2 of 30 and no longer "
+            "from 3 up. None: 2, or the edited layer's index if that is lower (an editor "
+            "of the first decoder layer has nothing below it, and no gate)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of masks, prefixes and row sampling."})
 
     @classmethod
@@ -248,6 +270,9 @@ class WiseConfig(EditConfig):
         # saves from before the key radius routed without one
         if "key_radius" not in data:
             data = {**data, "key_radius": 0.0}
+        # saves from before the subject gate routed without one
+        if "subject_tau" not in data:
+            data = {**data, "subject_tau": 0.0}
         # a stream resumed from a save from before side steps keeps training as it did
         if "side_steps" not in data:
             data = {**data, "side_steps": 0}
@@ -300,6 +325,12 @@ class WiseConfig(EditConfig):
                 "key_radius",
                 self.key_radius is None or 0.0 <= self.key_radius <= 1.0,
                 "must be None or a cosine in [0, 1]",
+            ),
+            ("subject_tau", 0.0 <= self.subject_tau <= 1.0, "must be a cosine in [0, 1]"),
+            (
+                "subject_layer",
+                self.subject_layer is None or self.subject_layer >= 1,
+                "must be None or >= 1",
             ),
             ("hard_negatives", self.hard_negatives >= 0, "must be >= 0"),
             ("hard_negative_candidates", self.hard_negative_candidates >= 1, "must be >= 1"),

@@ -18,7 +18,7 @@ from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
 from ..core.persistence import STATE_FILE
-from ..core.rows import SEED_WORDS, EditRows, build_answer_rows, left_pad, pad_id
+from ..core.rows import SEED_WORDS, EditRows, build_answer_rows, encode_prompts, left_pad, pad_id
 from ..core.seeds import (
     candidate_generator,
     mask_generator,
@@ -49,6 +49,7 @@ from .router import (
     score_unit,
     sequence_scores,
 )
+from .subject import centred_unit, subject_end
 
 __all__ = ["EditResult", "WiseEditor"]
 
@@ -56,6 +57,9 @@ Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T
 # the calibrated key radius: this quantile of the cosines between the keys of pairs of
 # neutral sentences (1% of such pairs lie nearer than it)
 RADIUS_QUANTILE = 0.99
+# the subject gate's key: the residual stream after this many decoder layers, unless the
+# config names it (on SmolLM2, 2 of 30 kept subjects apart and 3 and above did not)
+DEFAULT_SUBJECT_LAYER = 2
 
 
 @dataclass
@@ -84,8 +88,10 @@ class _WiseDraft(Draft):
         replay: Acts | None,
         scale: float,
         rehearsal: list[tuple[EditRows, Captured]],
+        subject_key: torch.Tensor,
     ) -> None:
         self.config, self.plan, self.scale = config, plan, scale
+        self.subject_key = subject_key  # (H,), zeros: not gated (`subject.py`)
         self._rehearsal = rehearsal
         self.memory, self.shard = plan.memory, plan.shard
         self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
@@ -154,6 +160,13 @@ class WiseEditor(EditorBase):
         irrelevant_prompts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(model, tokenizer, config, irrelevant_prompts)
+        self._subject_hook: Any = None
+        depth = self._subject_depth()
+        if depth:
+            below = self.layers[depth - 1]
+            self._subject_hook = below.register_forward_hook(self._hand_up_lower_states)
+        else:
+            self.layer.subject_tau = 0.0
         self.score_scale: float | None = self.config.score_scale
         self.prefixes: list[str] | None = None
         self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
@@ -247,6 +260,7 @@ class WiseEditor(EditorBase):
             self._replay_acts(plan.memory, index),
             self._calibrate(),
             self._rehearsal(plan, index),
+            self._subject_key(request),
         )
 
     def _subject_swaps(self, request: EditRequest, index: int) -> list[str]:
@@ -339,6 +353,7 @@ class WiseEditor(EditorBase):
         acts, mask = draft.edit_acts
         self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
         memory.add_key(self._prompt_acts[index].float().mean(0))
+        memory.add_subject_key(draft.subject_key)
         if memory.group_edits == cfg.edits_per_memory():
             self._merge_group(memory, plan.memory, cfg.merge_method)
         self._refresh_threshold(memory)
@@ -413,6 +428,63 @@ class WiseEditor(EditorBase):
             acts = self._capture(rows, keep_lower_output=False).acts
         return acts[0][rows.prompt_mask[0].bool()].cpu()
 
+    # ------------------------------------------------------------------ subject gate
+    def detach(self) -> nn.Module:
+        if self._subject_hook is not None:
+            self._subject_hook.remove()
+            self._subject_hook = None
+        return super().detach()
+
+    def _subject_depth(self) -> int:
+        """Decoder layers below the subject key; 0: no gate."""
+        cfg = self.config
+        if not cfg.subject_tau:
+            return 0
+        if cfg.subject_layer is None:
+            return min(DEFAULT_SUBJECT_LAYER, self.layer_index)
+        if cfg.subject_layer > self.layer_index:
+            self.detach()
+            raise ValueError(
+                f"subject_layer: {cfg.subject_layer} decoder layers do not lie below the "
+                f"edited layer (index {self.layer_index}); choose at most {self.layer_index}, "
+                f"None or subject_tau=0"
+            )
+        return cfg.subject_layer
+
+    def _hand_up_lower_states(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        """Forward hook below the edited layer: this forward's residual stream there, for
+        the subject gate of the same call (per thread, like its routing decision)."""
+        self.layer.routing.lower = output[0] if isinstance(output, tuple) else output
+
+    @torch.no_grad()
+    def _lower_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subject layer's states (B, T, H) of a prompt batch and its routing mask."""
+        _, mask = self._prompt_batch_acts(prompts)
+        lower = self.layer.routing.lower
+        assert lower is not None, "the subject layer's hook did not run"
+        return lower, mask
+
+    def _subject_centre(self) -> torch.Tensor:
+        """The subject layer's mean state over neutral text's routed tokens, once."""
+        if self.layer.subject_centre is None:
+            states, mask = self._lower_states(list(NEUTRAL_PROMPTS))
+            weights = mask.to(states.dtype).unsqueeze(-1)
+            self.layer.subject_centre = (states * weights).sum((0, 1)).float() / weights.sum()
+        return self.layer.subject_centre
+
+    def _subject_key(self, request: EditRequest) -> torch.Tensor:
+        """The edit's subject key (`subject.py`); zeros, which leave its memory ungated,
+        when the gate is off, the edit names no subject or its prompt does not hold it."""
+        zero = torch.zeros(self.layer.weight.shape[0], device=self.device)
+        if self._subject_hook is None or request.subject is None:
+            return zero
+        ids, _ = encode_prompts(self.format, [request.prompt])
+        at = subject_end(self.tokenizer, ids[0].tolist(), request.subject)
+        if at is None:
+            return zero
+        states, _ = self._lower_states([request.prompt])
+        return centred_unit(states[0, at], self._subject_centre())
+
     # ------------------------------------------------------------------ one-time setup
     @torch.no_grad()
     def _calibrate(self) -> float:
@@ -466,6 +538,8 @@ class WiseEditor(EditorBase):
         tensors: dict[str, torch.Tensor] = {}
         for i, memory in enumerate(self.layer.memories):
             tensors.update(memory.tensors(f"memory.{i}"))
+        if self.layer.subject_centre is not None:
+            tensors["subject_centre"] = self.layer.subject_centre
         return tensors
 
     @classmethod
@@ -476,6 +550,8 @@ class WiseEditor(EditorBase):
         check.number(state, "key_radius", low=0.0, high=1.0, optional=True)
         check.strings(state, "prefixes", optional=True)
         memories = check.field(state, "memories", list)
+        if "subject_centre" in check.tensors:
+            check.tensor("subject_centre", (weight.shape[0],))
         edits = len(state["edit_log"])
         held: set[int] = set()
         for i, meta in enumerate(memories):
@@ -498,6 +574,8 @@ class WiseEditor(EditorBase):
         if self.config.key_radius is None and state.get("key_radius") is not None:
             self.layer.radius = float(state["key_radius"])
         self.prefixes = state["prefixes"]
+        if "subject_centre" in tensors:
+            self.layer.subject_centre = tensors["subject_centre"].float().to(self.device)
         for i, meta in enumerate(state["memories"]):
             memory = self.layer.new_memory()
             memory.restore(meta, tensors, f"memory.{i}", self.config.edits_per_memory())
@@ -505,9 +583,15 @@ class WiseEditor(EditorBase):
                 memory.keys = memory.keys[:0]
                 for index in memory.edit_ids:
                     memory.add_key(self._prompt_acts_of(index).float().mean(0))
+            if len(memory.subject_keys) != len(memory.edit_ids):  # before the subject gate
+                memory.subject_keys = memory.subject_keys[:0]
+                for index in memory.edit_ids:
+                    request = EditRequest.of_entry(self.edit_log[index])
+                    memory.add_subject_key(self._subject_key(request))
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
-        return WiseLayer(module, self.config.route_candidates, self.config.key_radius)
+        cfg = self.config
+        return WiseLayer(module, cfg.route_candidates, cfg.key_radius, cfg.subject_tau)
 
 
 class _NegativePool:

@@ -21,6 +21,7 @@ from .router import (
     unit_candidates,
     value_change,
 )
+from .subject import centred_unit, subject_gate
 
 if TYPE_CHECKING:
     from .config import WiseConfig
@@ -47,6 +48,10 @@ class SideMemory(nn.Module):
         self.register_buffer("delta", torch.zeros(shape, device=device), persistent=False)
         # one key per edit: the mean of its prompt's value-matrix inputs (retrieval index)
         self.register_buffer("keys", torch.zeros((0, shape[1]), device=device), persistent=False)
+        # one subject key per edit (`subject.py`), zeros for an edit without a subject
+        self.register_buffer(
+            "subject_keys", torch.zeros((0, shape[0]), device=device), persistent=False
+        )
         self._masks: list[torch.Tensor] = []
         self._shard_values: list[torch.Tensor] = []
         self._epsilon = float("inf")  # routing threshold; inf until the memory holds an edit
@@ -101,6 +106,12 @@ class SideMemory(nn.Module):
         """Index an edit of this memory by its key (I,). ``keys`` is replaced, never
         changed in place: the layer's index knows it is current by the tensors' identity."""
         self.keys = torch.cat([self.keys, key.float().view(1, -1).to(self.keys.device)])
+
+    def add_subject_key(self, key: torch.Tensor) -> None:
+        """The subject gate's key of the edit just added (H,), zeros for none; replaced,
+        like ``keys``, never changed in place."""
+        row = key.float().view(1, -1).to(self.subject_keys.device)
+        self.subject_keys = torch.cat([self.subject_keys, row])
 
     def add_edit(
         self, edit_id: int, shard: int, step: torch.Tensor, group_masks: Sequence[torch.Tensor]
@@ -164,6 +175,7 @@ class SideMemory(nn.Module):
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.delta": self.delta, f"{prefix}.keys": self.keys}
+        out[f"{prefix}.subject_keys"] = self.subject_keys
         out.update({f"{prefix}.mask.{j}": m for j, m in enumerate(self._masks)})
         out.update({f"{prefix}.shard.{j}": v for j, v in enumerate(self._shard_values)})
         return out
@@ -189,6 +201,8 @@ class SideMemory(nn.Module):
         check.tensor(f"{prefix}.delta", shape, bound=config.norm_bound)
         if f"{prefix}.keys" in check.tensors:  # saves before the retrieval index have none
             check.tensor(f"{prefix}.keys", (len(ids), shape[1]))
+        if f"{prefix}.subject_keys" in check.tensors:  # saves before the subject gate have none
+            check.tensor(f"{prefix}.subject_keys", (len(ids), shape[0]))
         for j in range(masks):
             mask = check.tensor(f"{prefix}.mask.{j}", shape, kind="bool")
             if j < shards:
@@ -206,6 +220,8 @@ class SideMemory(nn.Module):
         self.delta.copy_(tensors[f"{prefix}.delta"])
         if f"{prefix}.keys" in tensors:
             self.keys = tensors[f"{prefix}.keys"].float().to(self.delta.device)
+        if f"{prefix}.subject_keys" in tensors:
+            self.subject_keys = tensors[f"{prefix}.subject_keys"].float().to(self.delta.device)
         self._masks = [tensors[f"{prefix}.mask.{j}"] for j in range(int(meta["masks"]))]
         self._shard_values = [
             tensors[f"{prefix}.shard.{j}"].to(self.delta.device) for j in range(int(meta["shards"]))
@@ -228,7 +244,11 @@ class WiseLayer(AttachedLayer):
     reads_content = True
 
     def __init__(
-        self, base_layer: nn.Module, candidates: int = 0, radius: float | None = 0.0
+        self,
+        base_layer: nn.Module,
+        candidates: int = 0,
+        radius: float | None = 0.0,
+        subject_tau: float = 0.0,
     ) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
@@ -236,6 +256,10 @@ class WiseLayer(AttachedLayer):
         # > 0: a memory takes only rows this near (cosine) an edit key; None: not yet
         # calibrated by the editor, routes as 0
         self.radius = radius
+        # > 0: the subject gate (`subject.py`), reading `routing.lower`; its centre (H,),
+        # the neutral mean of that lower layer, is set by the editor with the first key
+        self.subject_tau = subject_tau
+        self.register_buffer("subject_centre", None, persistent=False)
         # every memory's keys joined, rebuilt when one of them is replaced (`_joined_keys`)
         self._index: _KeyIndex | None = None
 
@@ -297,7 +321,18 @@ class WiseLayer(AttachedLayer):
         def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
             return self.memories[memory].scores(acts[rows], token_mask[rows])
 
-        return route_sparse(candidates, score, thresholds, similarity)
+        choice = route_sparse(candidates, score, thresholds, similarity)
+        if self.subject_tau > 0 and self.subject_centre is not None:
+            lower = self.routing.lower
+            if lower is None or lower.shape[:2] != token_mask.shape:
+                raise RuntimeError(
+                    "the subject gate found no lower-layer states of this sequence; "
+                    "was the model run without its editor's hooks?"
+                )
+            states = centred_unit(lower, self.subject_centre)
+            keys = [m.subject_keys for m in self.memories]
+            choice = subject_gate(choice, states, token_mask, keys, self.subject_tau)
+        return choice
 
     def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's best activation score over the memories."""
