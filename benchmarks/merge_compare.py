@@ -219,22 +219,48 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             base = locality_baseline(model, editor.format, records, Decoder(model, editor.format))
         (folder / "baseline.json").write_text(json.dumps(base))
     train(args, records, editor)
+    done = EvaluatedScores(folder / "scores.json", editor.num_edits)
     methods = args.methods.split(",") if editor.config.shards_per_merge > 1 else ["unsharded"]
     scores: dict[str, Any] = {}
     for method in methods:
-        if method != "unsharded":
-            editor.remerge(method)
-        scores[method] = evaluate(editor, records, base, args)
+        if method not in done:
+            if method != "unsharded":
+                editor.remerge(method)
+            done.add(method, evaluate(editor, records, base, args))
+        scores[method] = done[method]
         print(f"  {method}: {json.dumps(scores[method])}", flush=True)
     runs = {args.out: {"setting": setting_of(editor, records, args), "methods": scores}}
     for save in args.also or []:  # saved editors of the same records, the same baseline
         model, tokenizer = models.load(args.model, device=args.device)
         other = WiseEditor.from_pretrained(model, tokenizer, save, pool)
         label = "unsharded" if other.config.shards_per_merge == 1 else other.config.merge_method
-        scores = {label: evaluate(other, records, base, args)}
+        if f"also:{save}" not in done:
+            done.add(f"also:{save}", evaluate(other, records, base, args))
+        scores = {label: done[f"also:{save}"]}
         print(f"  {save}: {json.dumps(scores)}", flush=True)
         runs[save] = {"setting": setting_of(other, records, args), "methods": scores}
     return runs
+
+
+class EvaluatedScores:
+    """Each evaluation's scores, written as soon as it is done (an evaluation takes
+    minutes, seven of them most of an hour), so a killed run does not score again what
+    it already scored. Kept only for the number of edits they were scored at."""
+
+    def __init__(self, path: Path, edits: int) -> None:
+        self.path, self.edits = path, edits
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.scores: dict[str, Any] = saved.get("scores", {}) if saved.get("edits") == edits else {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.scores
+
+    def __getitem__(self, name: str) -> Any:
+        return self.scores[name]
+
+    def add(self, name: str, scores: dict[str, Any]) -> None:
+        self.scores[name] = scores
+        self.path.write_text(json.dumps({"edits": self.edits, "scores": self.scores}, indent=1))
 
 
 # ---------------------------------------------------------------------------- report

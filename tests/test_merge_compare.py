@@ -93,3 +93,13 @@ def test_the_keeper_refuses_merge_mode_and_a_merged_memory_it_did_not_keep(
     loaded = merge_compare.ShardKeeper.from_pretrained(tiny_model(), tokenizer, tmp_path / "editor")
     with pytest.raises(ValueError, match="kept memories"):
         loaded.load_kept(tmp_path)
+
+
+def test_scores_already_evaluated_survive_a_kill_for_the_same_number_of_edits(
+    merge_compare, tmp_path
+):
+    done = merge_compare.EvaluatedScores(tmp_path / "scores.json", 1000)
+    done.add("ties", {"tf_rel_all": 0.5})
+    again = merge_compare.EvaluatedScores(tmp_path / "scores.json", 1000)
+    assert "ties" in again and again["ties"] == {"tf_rel_all": 0.5} and "dare" not in again
+    assert "ties" not in merge_compare.EvaluatedScores(tmp_path / "scores.json", 900)
