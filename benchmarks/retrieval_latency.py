@@ -73,6 +73,7 @@ def main() -> None:
     for count in args.memories:
         editor = WiseEditor(model, tokenizer, WiseConfig.for_model(model, mode="retrieve"))
         build(editor, [r.prompt for r in records[:count]], count)
+        editor.layer.candidates = 0  # every memory scored (the config's default is the index)
         dense = latency_ratio(editor, probe, args.repeats)["ratio"]
         dense_route = [editor.routed(g) for g in (probe[:16], rephrased, probe[16:])]
         editor.layer.candidates = args.candidates
