@@ -1,15 +1,18 @@
 """The fast editing forward (lower layers replayed, logits at target positions only) must
 give the same loss and gradient as running the whole model."""
 
+import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
 from wise_edit.core.fastpath import (
+    backbone_inputs,
     capture,
     fast_target_logits,
     full_lm_loss,
     greedy_hits,
+    layer_output,
     target_loss,
 )
 from wise_edit.core.prompts import PromptFormat
@@ -76,6 +79,37 @@ def test_replay_restores_layer_forward(tokenizer):
     rows = build_rows(PromptFormat.create(tokenizer), *EDITS[0], [])
     _loss_and_grad(editor, rows, fast=True)
     assert all("forward" not in vars(layer) for layer in editor.layers)
+
+
+def test_layer_output_is_the_full_forwards_state_and_runs_nothing_above(family, tokenizer):
+    model = tiny_model(family)
+    editor = WiseEditor(model, tokenizer, fast_config())
+    rows = build_rows(PromptFormat.create(tokenizer), *EDITS[0], ["The day"])
+    ran: list[int] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _a, out, i=i: ran.append(i) or None)
+        for i, layer in enumerate(editor.layers)
+    ]
+    with torch.no_grad():
+        inputs = backbone_inputs(rows.input_ids, rows.attention_mask)
+        full = model(**inputs, output_hidden_states=True)
+        ran.clear()
+        states = layer_output(
+            model.base_model, editor.layers, 1, rows.input_ids, rows.attention_mask
+        )
+    for hook in hooks:
+        hook.remove()
+    assert ran == [0]
+    assert torch.equal(states, full.hidden_states[1])
+
+
+def test_layer_output_refuses_a_depth_the_model_lacks(tokenizer):
+    model = tiny_model("llama")
+    editor = WiseEditor(model, tokenizer, fast_config())
+    ids = torch.tensor([[1, 2, 3]])
+    for depth in (0, len(editor.layers) + 1):
+        with pytest.raises(ValueError, match="decoder layers"):
+            layer_output(model.base_model, editor.layers, depth, ids, torch.ones_like(ids))
 
 
 def test_editor_paths_give_the_same_edit(tokenizer):

@@ -83,6 +83,34 @@ def capture(
     return Captured(acts=found["acts"], lower_output=found.get("lower"))
 
 
+@torch.no_grad()
+def layer_output(
+    backbone: nn.Module,
+    layers: nn.ModuleList,
+    depth: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The residual stream (B, T, H) after the first ``depth`` decoder layers, and nothing
+    above them computed: a key read low in the model costs a few layers, not the forward."""
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"depth {depth}: the model has {len(layers)} decoder layers")
+    found: dict[str, torch.Tensor] = {}
+
+    def grab(_module: nn.Module, _args: Any, output: Any) -> None:
+        found["states"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = layers[depth - 1].register_forward_hook(_this_thread(grab))
+    try:
+        backbone(**backbone_inputs(input_ids, attention_mask))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return found["states"]
+
+
 def _this_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
     """``hook`` for calls from the current thread; a no-op in every other thread."""
     owner = threading.get_ident()

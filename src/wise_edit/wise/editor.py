@@ -16,7 +16,7 @@ from torch import nn
 from ..core.attach import editing_mode
 from ..core.draft import Draft, EditRequest, EditResult
 from ..core.editor import EditorBase
-from ..core.fastpath import Captured
+from ..core.fastpath import Captured, layer_output
 from ..core.persistence import STATE_FILE
 from ..core.rows import SEED_WORDS, EditRows, build_answer_rows, encode_prompts, left_pad, pad_id
 from ..core.seeds import (
@@ -457,17 +457,21 @@ class WiseEditor(EditorBase):
         self.layer.routing.lower = output[0] if isinstance(output, tuple) else output
 
     @torch.no_grad()
-    def _lower_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The subject layer's states (B, T, H) of a prompt batch and its routing mask."""
-        _, mask = self._prompt_batch_acts(prompts)
-        lower = self.layer.routing.lower
-        assert lower is not None, "the subject layer's hook did not run"
-        return lower, mask
+    def _lower_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The subject layer's states (B, T, H) of a left-padded prompt batch, its routing
+        mask and its token ids; only the layers up to the subject layer run."""
+        ids, mask = encode_prompts(self.format, prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with editing_mode(self.model):
+            states = layer_output(
+                self.model.base_model, self.layers, self._subject_depth(), ids, mask
+            )
+        return states, self._routing_mask(ids, mask), ids
 
     def _subject_centre(self) -> torch.Tensor:
         """The subject layer's mean state over neutral text's routed tokens, once."""
         if self.layer.subject_centre is None:
-            states, mask = self._lower_states(list(NEUTRAL_PROMPTS))
+            states, mask, _ = self._lower_states(list(NEUTRAL_PROMPTS))
             weights = mask.to(states.dtype).unsqueeze(-1)
             self.layer.subject_centre = (states * weights).sum((0, 1)).float() / weights.sum()
         return self.layer.subject_centre
@@ -478,11 +482,10 @@ class WiseEditor(EditorBase):
         zero = torch.zeros(self.layer.weight.shape[0], device=self.device)
         if self._subject_hook is None or request.subject is None:
             return zero
-        ids, _ = encode_prompts(self.format, [request.prompt])
+        states, _, ids = self._lower_states([request.prompt])
         at = subject_end(self.tokenizer, ids[0].tolist(), request.subject)
         if at is None:
             return zero
-        states, _ = self._lower_states([request.prompt])
         return centred_unit(states[0, at], self._subject_centre())
 
     # ------------------------------------------------------------------ one-time setup
