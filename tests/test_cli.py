@@ -107,10 +107,13 @@ def test_bench_writes_results(model_dir, tmp_path):
             str(out),
             "--latency-repeats",
             "1",
+            "--decode-batch",
+            "4",
             *FAST,
         ]
     )
     result = json.loads((out / "results.json").read_text())
+    assert result["extra"]["decode_batch"] == 4
     for key in (
         "method",
         "mode",

@@ -132,3 +132,47 @@ def test_kinds_share_one_decoding_per_prompt(tokenizer, monkeypatch):
     prompts = {r.prompt for r in RECORDS} | {r.rephrase for r in RECORDS} | {r.loc for r in RECORDS}
     assert decode.decodings == len(prompts)
     assert base == locality_baseline(model, fmt, RECORDS)
+
+
+def test_batched_decoding_scores_as_decoding_alone(tokenizer, monkeypatch):
+    """The protocol with prompts decoded in batches gives the scores of decoding each
+    alone (`--decode-batch 1`), and does batch: fewer decoding calls than prompts."""
+    from wise_edit import metrics
+
+    same_length = [EDITS[0][0], "Who designed Turku Town Hall?", "Who designed Lahti Old Hall?"]
+    records = [
+        EditRecord(
+            p, t, rephrase=same_length[i - 1], loc=f"The bakery {i} sells bread.", loc_ans="x"
+        )
+        for i, (p, (_, t)) in enumerate(zip(same_length, EDITS))
+    ]
+    calls = []
+    batched = metrics.greedy_continuations
+    monkeypatch.setattr(
+        metrics,
+        "greedy_continuations",
+        lambda m, f, p, n: calls.append(len(p)) or batched(m, f, p, n),
+    )
+    results = {}
+    for batch in (1, 4):
+        model = tiny_model()
+        fmt = PromptFormat.create(tokenizer)
+
+        def make():
+            return WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=0.05))  # noqa: B023
+
+        calls.clear()
+        result, _ = run_protocol(
+            model,
+            fmt,
+            records,
+            make,
+            method="WISE",
+            mode="merge",
+            dataset="toy",
+            progress=False,
+            decode_batch=batch,
+        )
+        results[batch] = (result.scores, result.pre_edit, list(calls))
+    assert results[1][:2] == results[4][:2]
+    assert set(results[1][2]) == {1} and max(results[4][2]) > 1

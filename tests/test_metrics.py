@@ -162,3 +162,81 @@ def test_decoder_keeps_an_answer_that_stopped_for_any_budget(monkeypatch, model,
     assert metrics.answer_match(model, fmt, "Who?", "Eliel", decode=decode) == 1.0
     assert metrics.prefix_match(model, fmt, "Who?", "Eliel", decode=decode) == 1.0
     assert budgets == [10]
+
+
+# --- batched decoding (`greedy_continuations`, `Decoder.prefetch`) ---------------------
+SAME_LENGTH = [  # 21 tokens each with the tiny tokenizer: a decoding batch without padding
+    EDITS[0][0],
+    "Who designed Turku Town Hall?",
+    "Who painted the Lahti Town Hall?",
+    "Who designed Lahti Old Hall?",
+]
+
+
+def _alone_and_batched(model, fmt, prompts, n):
+    ids = [fmt.prompt_ids(p) for p in prompts]
+    assert len({len(i) for i in ids}) == 1
+    alone = [metrics.greedy_continuation(model, fmt, p, n) for p in prompts]
+    return alone, metrics.greedy_continuations(model, fmt, ids, n)
+
+
+def test_a_decoding_batch_decodes_each_prompt_as_alone(family, tokenizer):
+    fmt = PromptFormat.create(tokenizer, "raw")
+    alone, batched = _alone_and_batched(tiny_model(family), fmt, SAME_LENGTH, 12)
+    assert batched == alone
+
+
+def test_a_decoding_batch_routes_each_row_as_alone(tokenizer):
+    strong = fast_config(max_steps=100, lr=0.05, early_stop_loss=0.01)
+    editor = WiseEditor(tiny_model("llama"), tokenizer, strong)
+    editor.edit(*EDITS[0])
+    routed = editor.routed(SAME_LENGTH)
+    assert routed[0] == 0 and -1 in routed  # the batch mixes routed and unrouted rows
+    alone, batched = _alone_and_batched(editor.model, editor.format, SAME_LENGTH, 12)
+    assert batched == alone
+    assert metrics.answer_text(editor.format, batched[0]).strip() == EDITS[0][1]
+
+
+def test_a_decoding_batch_refuses_prompts_of_different_lengths(model, fmt):
+    with pytest.raises(ValueError, match="one token length"):
+        metrics.greedy_continuations(model, fmt, [[5, 6, 7], [5, 6]], 4)
+
+
+class _ScriptedModel(torch.nn.Module):
+    """`generate` returns a fixed batch: the prompt, then the scripted new tokens."""
+
+    def __init__(self, new: list[list[int]]) -> None:
+        super().__init__()
+        self.new, self.weight = torch.tensor(new), torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, **_kwargs):
+        return torch.cat([input_ids, self.new], dim=1)
+
+
+def test_a_row_that_stops_before_its_batch_is_cut_after_its_stop(fmt, tokenizer):
+    eos, pad = tokenizer.eos_token_id, 0
+    scripted = _ScriptedModel([[40, eos, pad, pad], [41, 42, 43, 44], [eos, pad, pad, pad]])
+    rows = metrics.greedy_continuations(scripted, fmt, [[5, 6]] * 3, 4)
+    assert rows == [[40, eos], [41, 42, 43, 44], [eos]]
+
+
+def test_prefetch_gives_every_later_call_its_own_decoding(model, fmt):
+    """Mixed lengths and budgets: batches of one length, each to its largest budget; a
+    later call decodes nothing and answers as a decoding of its own budget would."""
+    wanted = [(p, 6) for p in SAME_LENGTH] + [(EDITS[1][0], 9), (SAME_LENGTH[2], 10)]
+    decode = metrics.Decoder(model, fmt, batch_size=3)
+    decode.prefetch(wanted)
+    assert decode.decodings == 5
+    for prompt, budget in wanted:
+        assert decode(prompt, budget) == metrics.greedy_continuation(model, fmt, prompt, budget)
+    assert decode.decodings == 5
+    decode.prefetch(wanted)  # all covered
+    assert decode.decodings == 5
+
+
+def test_prefetch_with_batch_size_one_decodes_nothing_ahead(model, fmt):
+    decode = metrics.Decoder(model, fmt, batch_size=1)
+    decode.prefetch([(p, 6) for p in SAME_LENGTH])
+    assert decode.decodings == 0
+    with pytest.raises(ValueError, match="batch size"):
+        metrics.Decoder(model, fmt, batch_size=0)

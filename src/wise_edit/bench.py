@@ -91,6 +91,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         checkpoint=checkpoint,
         eval_sample=args.eval_sample,
         pre_edit=pre_edit,
+        decode_batch=args.decode_batch,
     )
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
@@ -98,6 +99,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["model"] = args.model
     result.extra["device"] = str(model.device)
     result.extra["command"] = "wise-edit " + " ".join(getattr(args, "argv", []) or [])
+    result.extra["decode_batch"] = args.decode_batch
     result.extra.update(editor.summary())
     if args.chunk is None:
         result.extra.update(dataset_metrics(args.data, editor, fmt, records))

@@ -355,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a fixed random sample of K of the T edits (seeded; all T are edited)",
     )
     bench.add_argument(
+        "--decode-batch",
+        type=int,
+        default=metrics.DECODE_BATCH,
+        metavar="B",
+        help="prompts of one token length decoded together when scoring generated answers "
+        f"(default {metrics.DECODE_BATCH}; 1: each alone, as runs before this flag)",
+    )
+    bench.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,

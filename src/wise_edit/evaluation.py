@@ -74,6 +74,23 @@ class MetricKind:
     answer: Callable[[Decoder, str, str], float]
     probe: Callable[[Decoder, EditRecord], list[int]] | None = None
     same: Callable[[list[int], list[int]], float] | None = None
+    # what it decodes, so that a `Decoder` can batch it ahead: the budget of an answer
+    # to a target, and of a locality probe (None: it reads no decoding)
+    answer_budget: Callable[[PromptFormat, str], int] | None = None
+    probe_budget: int | None = None
+
+    def decodings(
+        self, fmt: PromptFormat, records: Sequence[EditRecord], probes: bool
+    ) -> list[tuple[str, int]]:
+        """The (prompt, budget) pairs scoring ``records`` decodes (and their probes)."""
+        wanted = []
+        if self.answer_budget is not None:
+            for r in records:
+                budget = self.answer_budget(fmt, r.target)
+                wanted += [(p, budget) for p in (r.prompt, r.rephrase) if p]
+        if probes and self.probe_budget is not None:
+            wanted += [(r.loc, self.probe_budget) for r in _probed(records)]
+        return wanted
 
 
 TEACHER_FORCED = MetricKind(
@@ -89,7 +106,10 @@ ANSWER_EM = MetricKind(
     lambda d, prompt, target: metrics.answer_match(d.model, d.fmt, prompt, target, decode=d),
     lambda d, r: d(r.loc, metrics.ANSWER_NEW_TOKENS),
     lambda before, after: float(before == after),
+    metrics.answer_budget,
+    metrics.ANSWER_NEW_TOKENS,
 )
+# these two read answer EM's decodings (never longer), so they name no budgets
 PREFIX_EM = MetricKind(
     "prefix_em",
     lambda d, prompt, target: metrics.prefix_match(d.model, d.fmt, prompt, target, decode=d),
@@ -123,10 +143,12 @@ def locality_baseline(
     """The unedited model's record of each locality probe, per metric kind. ``decode``:
     a `Decoder` of this model state to share decodings with (a new one when None)."""
     decode = decode or Decoder(model, fmt)
+    probed = _probed(records)
+    decode.prefetch(
+        (r.loc, k.probe_budget) for k in kinds_for(fmt) if k.probe_budget for r in probed
+    )
     return {
-        k.name: [k.probe(decode, r) for r in _probed(records)]
-        for k in kinds_for(fmt)
-        if k.probe is not None
+        k.name: [k.probe(decode, r) for r in probed] for k in kinds_for(fmt) if k.probe is not None
     }
 
 
@@ -143,6 +165,8 @@ def score(
     decode = decode or Decoder(model, fmt)
     probed = _probed(records)
     loc = None
+    probes = base is not None and bool(probed) and kind.probe is not None
+    decode.prefetch(kind.decodings(fmt, records, probes))
     if base is not None and probed and kind.probe is not None and kind.same is not None:
         loc = _mean(
             [kind.same(before, kind.probe(decode, r)) for before, r in zip(base[kind.name], probed)]
@@ -188,6 +212,7 @@ def run_protocol(
     checkpoint: Checkpointing | None = None,
     eval_sample: int | None = None,
     pre_edit: PreEdit | None = None,
+    decode_batch: int = metrics.DECODE_BATCH,
 ) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
@@ -195,8 +220,9 @@ def run_protocol(
     (the editors' own format). ``eval_sample``: score a fixed random sample of that many
     records (seeded; the editing always covers all). ``checkpoint``: save as it goes and
     continue a killed run where it stopped. ``pre_edit``: the unedited model's scores
-    when already known (`PreEdit.borrow`), else computed. Returns the result and the
-    last editor (still attached)."""
+    when already known (`PreEdit.borrow`), else computed. ``decode_batch``: prompts
+    decoded together (`Decoder`; 1 decodes each alone). Returns the result and the last
+    editor (still attached)."""
     records = list(records)
     if not records:
         raise ValueError("no records to edit")
@@ -211,7 +237,7 @@ def run_protocol(
     kinds = kinds_for(fmt)
     start = PreEdit.load(checkpoint, records, scored) if checkpoint else None
     if start is None:
-        start = pre_edit or PreEdit.compute(model, fmt, records, scored, kinds)
+        start = pre_edit or PreEdit.compute(model, fmt, records, scored, kinds, decode_batch)
         if checkpoint is not None:
             start.write(checkpoint, records)
     parts: dict[str, list[tuple[int, Scores]]] = {k.name: [] for k in kinds}
@@ -227,7 +253,7 @@ def run_protocol(
         seconds += [entry["seconds"] for entry in editor.edit_log]
         picked = [records[i] for i in scored if offset <= i < offset + len(group)]
         part = _slice_baseline(start.base, chosen, done, len(picked))
-        decode = Decoder(model, fmt)  # this group's edited model
+        decode = Decoder(model, fmt, decode_batch)  # this group's edited model
         for kind in kinds:
             parts[kind.name].append((len(picked), score(kind, model, fmt, picked, part, decode)))
         offset, done = offset + len(group), done + len(picked)
@@ -272,9 +298,17 @@ class PreEdit:
     pre: dict[str, Scores]
 
     @classmethod
-    def compute(cls, model, fmt, records, scored, kinds) -> PreEdit:  # noqa: ANN001
+    def compute(
+        cls,
+        model,
+        fmt,
+        records,
+        scored,
+        kinds,
+        decode_batch=metrics.DECODE_BATCH,  # noqa: ANN001
+    ) -> PreEdit:
         chosen = [records[i] for i in scored]
-        decode = Decoder(model, fmt)  # the unedited model
+        decode = Decoder(model, fmt, decode_batch)  # the unedited model
         base = locality_baseline(model, fmt, chosen, decode)
         return cls(base, {k.name: score(k, model, fmt, chosen, None, decode) for k in kinds})
 
