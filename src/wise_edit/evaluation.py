@@ -165,12 +165,13 @@ def score(
     decode = decode or Decoder(model, fmt)
     probed = _probed(records)
     loc = None
-    probes = base is not None and bool(probed) and kind.probe is not None
-    decode.prefetch(kind.decodings(fmt, records, probes))
     if base is not None and probed and kind.probe is not None and kind.same is not None:
+        decode.prefetch(kind.decodings(fmt, records, probes=True))
         loc = _mean(
             [kind.same(before, kind.probe(decode, r)) for before, r in zip(base[kind.name], probed)]
         )
+    else:
+        decode.prefetch(kind.decodings(fmt, records, probes=False))
     return Scores(
         rel=_mean([kind.answer(decode, r.prompt, r.target) for r in records]),
         gen=_mean([kind.answer(decode, r.rephrase, r.target) for r in records if r.rephrase]),
