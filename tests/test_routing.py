@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from wise_edit import WiseEditor
 from wise_edit.neutral import NEUTRAL_PROMPTS
-from wise_edit.wise.router import memory_nearness
+from wise_edit.wise.router import mean_inputs, memory_nearness
 
 UNRELATED = [
     "Tomorrow we will paint the fence in the garden.",
@@ -149,6 +149,28 @@ def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
     state_file.write_text(json.dumps(state))
     old = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     assert all(torch.equal(a, m.keys) for a, m in zip(keys, old.memories))
+
+
+def test_route_scores_with_the_index_are_the_best_of_the_nearest_keys_memories(tokenizer):
+    """Fig. 3's score: dense, the best of every memory; with the index, the best of the
+    memories of the row's k nearest edit keys (none left out by the key radius)."""
+    config = fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=10)
+    editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
+    editor.edit_many(EDITS[:4])
+    prompts = [p for p, _ in EDITS[:4]] + UNRELATED
+    layer = editor.layer
+    acts, mask = editor._prompt_batch_acts(prompts)
+    every = layer.scores(acts, mask)  # (M, B)
+    layer.candidates = 0
+    assert torch.equal(layer.route_scores(acts, mask), every.max(dim=0).values)
+    layer.candidates, layer.radius = 1, 0.999  # the radius would leave rows without any
+    keys, owners = editor.edit_keys()
+    queries = torch.nn.functional.normalize(mean_inputs(acts, mask).float(), dim=-1)
+    near = owners[(queries @ torch.nn.functional.normalize(keys, dim=-1).t()).topk(1).indices]
+    expected = torch.stack([every[near[b], b].max() for b in range(len(prompts))])
+    got = layer.route_scores(acts, mask)
+    assert torch.equal(got, expected) and torch.isfinite(got).all()
+    assert not torch.equal(got, every.max(dim=0).values)  # some row's best is left out
 
 
 def test_the_retrieval_index_follows_every_edit_and_is_not_handed_out(tokenizer):

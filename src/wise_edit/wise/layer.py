@@ -3,7 +3,7 @@ memories, and routes each sequence to one of them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -14,6 +14,7 @@ from ..core.layer import AttachedLayer, unrouted
 from ..core.validate import SaveChecker
 from .merging import MergeFn
 from .router import (
+    candidate_scores,
     mean_inputs,
     route_sparse,
     sequence_scores,
@@ -309,19 +310,9 @@ class WiseLayer(AttachedLayer):
         the key radius only."""
         if not len(self.memories):
             return unrouted(acts)
-        thresholds = self.thresholds(acts.device)
-        index = self._joined_keys(acts.device)
-        dense = not self.candidates or len(self.memories) <= self.candidates
-        queries = F.normalize(mean_inputs(acts, token_mask).float(), dim=-1)  # (B, I)
-        k = len(index.keys) if dense else self.candidates  # dense: every memory, nearest first
-        candidates, similarity = unit_candidates(
-            queries, index.unit, index.owners, k, self.radius or 0.0
-        )
-
-        def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
-            return self.memories[memory].scores(acts[rows], token_mask[rows])
-
-        choice = route_sparse(candidates, score, thresholds, similarity)
+        candidates, similarity = self._candidates(acts, token_mask, self.radius or 0.0)
+        score = self._scorer(acts, token_mask)
+        choice = route_sparse(candidates, score, self.thresholds(acts.device), similarity)
         if self.subject_tau > 0 and self.subject_centre is not None:
             lower = self.routing.lower
             if lower is None or lower.shape[:2] != token_mask.shape:
@@ -334,11 +325,38 @@ class WiseLayer(AttachedLayer):
             choice = subject_gate(choice, states, token_mask, keys, self.subject_tau)
         return choice
 
+    def _dense(self) -> bool:
+        return not self.candidates or len(self.memories) <= self.candidates
+
+    def _candidates(
+        self, acts: torch.Tensor, token_mask: torch.Tensor, radius: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's candidate memories (B, k) and their keys' cosines: the memories of
+        its ``candidates`` nearest edit keys, or every memory (nearest first) when dense."""
+        index = self._joined_keys(acts.device)
+        queries = F.normalize(mean_inputs(acts, token_mask).float(), dim=-1)  # (B, I)
+        k = len(index.keys) if self._dense() else self.candidates
+        return unit_candidates(queries, index.unit, index.owners, k, radius)
+
+    def _scorer(
+        self, acts: torch.Tensor, token_mask: torch.Tensor
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
+            return self.memories[memory].scores(acts[rows], token_mask[rows])
+
+        return score
+
     def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
-        """Each row's best activation score over the memories."""
+        """Each row's best activation score over the memories routing would score for it
+        (the paper's Fig. 3): every memory when dense; with the retrieval index, those of
+        its nearest edit keys (whatever the key radius), so that a report at T = 3000 does
+        not score 600 memories per prompt (it took over an hour per bench run)."""
         if not len(self.memories):
             return None
-        return self.scores(acts, token_mask).max(dim=0).values
+        if self._dense():
+            return self.scores(acts, token_mask).max(dim=0).values
+        candidates, _ = self._candidates(acts, token_mask, radius=0.0)
+        return candidate_scores(candidates, self._scorer(acts, token_mask)).max(dim=1).values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)

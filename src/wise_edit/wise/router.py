@@ -163,6 +163,23 @@ def within_radius(scores: torch.Tensor, nearness: torch.Tensor, radius: float) -
 VERBATIM = 0.99
 
 
+def candidate_scores(
+    candidates: torch.Tensor, score_fn: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The exact score (B, k) of each row against each of its ``candidates`` (B, k)
+    memories, -inf where there is none (-1); each memory scores only its rows."""
+    batch, width = candidates.shape
+    scores = torch.full((batch, width), float("-inf"), device=candidates.device)
+    for memory in candidates.unique().tolist():
+        if memory < 0:  # no candidate (outside the key radius)
+            continue
+        rows = (candidates == memory).any(dim=1)
+        row_scores = torch.full((batch,), float("-inf"), device=candidates.device)
+        row_scores[rows] = score_fn(memory, rows).to(row_scores)
+        scores = torch.where(candidates == memory, row_scores[:, None], scores)
+    return scores
+
+
 def route_sparse(
     candidates: torch.Tensor,
     score_fn: Callable[[int, torch.Tensor], torch.Tensor],
@@ -182,15 +199,7 @@ def route_sparse(
     a side memory answers at all is unchanged, so locality is too.
     ``score_fn(memory, rows)`` gives the scores of the rows (a bool mask) against one
     memory."""
-    batch, width = candidates.shape
-    scores = torch.full((batch, width), float("-inf"), device=candidates.device)
-    for memory in candidates.unique().tolist():
-        if memory < 0:  # no candidate (outside the key radius)
-            continue
-        rows = (candidates == memory).any(dim=1)
-        row_scores = torch.full((batch,), float("-inf"), device=candidates.device)
-        row_scores[rows] = score_fn(memory, rows).to(row_scores)
-        scores = torch.where(candidates == memory, row_scores[:, None], scores)
+    scores = candidate_scores(candidates, score_fn)
     held = candidates >= 0
     best = scores.max(dim=1).values  # (B,)
     above_all = torch.iinfo(torch.long).max  # never the lowest index at the top score
