@@ -71,13 +71,7 @@ def capture(
     handles = [value_module.register_forward_pre_hook(_this_thread(grab_acts))]
     if keep_lower_output and layer_index > 0:
         handles.append(layers[layer_index - 1].register_forward_hook(_this_thread(grab_lower)))
-    try:
-        backbone(**backbone_inputs(input_ids, attention_mask))
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_until_stopped(backbone, input_ids, attention_mask, handles)
     if "acts" not in found:
         raise RuntimeError("the value module was never called; is the target module right?")
     return Captured(acts=found["acts"], lower_output=found.get("lower"))
@@ -102,13 +96,25 @@ def layer_output(
         raise _StopForward
 
     handle = layers[depth - 1].register_forward_hook(_this_thread(grab))
+    _run_until_stopped(backbone, input_ids, attention_mask, [handle])
+    return found["states"]
+
+
+def _run_until_stopped(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    handles: list[torch.utils.hooks.RemovableHandle],
+) -> None:
+    """Run the backbone until one of its hooks raises `_StopForward` (or to the end),
+    then remove the hooks, whatever happened."""
     try:
         backbone(**backbone_inputs(input_ids, attention_mask))
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return found["states"]
+        for handle in handles:
+            handle.remove()
 
 
 def _this_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
