@@ -60,6 +60,7 @@ def main() -> None:
         alone, alone_s = decode_all(Decoder(model, fmt, batch_size=1), wanted)
         batched, batched_s = decode_all(Decoder(model, fmt, batch_size=args.batch), wanted)
     differ = [i for i, (a, b) in enumerate(zip(alone, batched)) if a != b]
+    probes = {r.loc for r in records if r.loc}
 
     def em(decodings: list[list[int]]) -> dict[str, float]:
         said = {prompt: answer_text(fmt, ids) for (prompt, _), ids in zip(wanted, decodings)}
@@ -78,9 +79,7 @@ def main() -> None:
         "answer EM alone": em(alone),
         "answer EM batched": em(batched),
         "locality probes that differ": sum(
-            a != b
-            for (prompt, _), a, b in zip(wanted, alone, batched)
-            if prompt in {r.loc for r in records}
+            a != b for (prompt, _), a, b in zip(wanted, alone, batched) if prompt in probes
         ),
     }
     for name, value in figures.items():
