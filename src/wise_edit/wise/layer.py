@@ -350,7 +350,8 @@ class WiseLayer(AttachedLayer):
         """Each row's best activation score over the memories routing would score for it
         (the paper's Fig. 3): every memory when dense; with the retrieval index, those of
         its nearest edit keys (whatever the key radius), so that a report at T = 3000 does
-        not score 600 memories per prompt (it took over an hour per bench run)."""
+        not score 600 memories per prompt (dense, a bench's report there was still in its
+        second of four prompt groups after 52 minutes)."""
         if not len(self.memories):
             return None
         if self._dense():
