@@ -1,7 +1,8 @@
-"""Where an edit's seconds go: ZsRE edits with the current defaults (the setting of the
+"""Where an edit's seconds go: edits with the current defaults (the setting of the
 headline rows) under cProfile, each phase's time as a share of the edits' time.
 
     python benchmarks/profile_edit.py --edits 15
+    python benchmarks/profile_edit.py --data temporal --edits 3
 
 The first edit (which also generates the random prefixes, sets the score scale and
 computes the hard-negative pool's activations once) is made before the profile starts
@@ -17,7 +18,7 @@ import time
 import torch
 from common import HEADLINE, editing_parser, fresh_editor, overrides
 
-from wise_edit.data import load_zsre
+from wise_edit.data import DATASETS, load_dataset
 
 # (label, function, the caller it is counted under or None for every caller, whether the
 # row is a part of the phase above it); the phases, not their parts, partition an edit
@@ -47,22 +48,23 @@ def phase_seconds(stats: pstats.Stats, name: str, caller: str | None) -> float:
 
 def main() -> None:
     parser = editing_parser(__doc__, edits=15)
+    parser.add_argument("--data", default="zsre", choices=list(DATASETS))
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest calls")
     args = parser.parse_args()
     torch.manual_seed(0)
     editor = fresh_editor(args, {**HEADLINE, **overrides(args)})
-    records = load_zsre(args.data_dir, limit=args.edits + 1)
-    editor.edit(records[0].prompt, records[0].target)
+    records = load_dataset(args.data, args.data_dir, limit=args.edits + 1)
+    editor.edit(records[0].prompt, records[0].target, subject=records[0].subject)
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
-    results = editor.edit_many([(r.prompt, r.target) for r in records[1:]], progress=True)
+    results = [editor.edit(r.prompt, r.target, subject=r.subject) for r in records[1:]]
     profile.disable()
     elapsed = time.perf_counter() - started
     stats = pstats.Stats(profile)
     n = len(results)
     print(
-        f"{n} ZsRE edits on {args.model} ({args.device}), torch threads "
+        f"{n} {args.data} edits on {args.model} ({args.device}), torch threads "
         f"{torch.get_num_threads()}: {elapsed / n:.2f} s/edit under the profiler, "
         f"{sum(r.steps for r in results) / n:.1f} steps/edit"
     )
