@@ -103,3 +103,36 @@ def test_scores_already_evaluated_survive_a_kill_for_the_same_number_of_edits(
     again = merge_compare.EvaluatedScores(tmp_path / "scores.json", 1000)
     assert "ties" in again and again["ties"] == {"tf_rel_all": 0.5} and "dare" not in again
     assert "ties" not in merge_compare.EvaluatedScores(tmp_path / "scores.json", 900)
+
+
+def test_the_baseline_of_the_scored_records_reads_as_the_full_one(merge_compare, tmp_path):
+    from wise_edit.data import EditRecord
+
+    # records 1 and 4 have no probe; a probe record is its own index, per kind
+    records = [
+        EditRecord(f"p{i}", "t", loc=None if i in (1, 4) else f"l{i}", loc_ans="a")
+        for i in range(6)
+    ]
+    probed = [i for i, r in enumerate(records) if r.loc]
+    full = merge_compare.ProbeBaseline(list(range(6)), {"k": [[i] for i in probed]})
+    covered = [0, 1, 3, 5]
+    cut = merge_compare.ProbeBaseline(covered, {"k": [[i] for i in covered if i in probed]})
+    cut.save(tmp_path / "baseline.json")
+    loaded = merge_compare.ProbeBaseline.load(tmp_path / "baseline.json", 6)
+    assert loaded.of(records, [1, 3, 5]) == full.of(records, [1, 3, 5]) == {"k": [[3], [5]]}
+    with pytest.raises(ValueError, match="does not cover records \\[2\\]"):
+        loaded.of(records, [2, 3])
+    # a baseline.json written before the cut (the plain per-kind lists) covers every record
+    (tmp_path / "old.json").write_text('{"k": [[0], [2], [3], [5]]}')
+    old = merge_compare.ProbeBaseline.load(tmp_path / "old.json", 6)
+    assert old.of(records, [0, 2, 4]) == {"k": [[0], [2]]}
+
+
+def test_the_scored_records_are_both_samples(merge_compare):
+    from argparse import Namespace
+
+    from wise_edit.evaluation import sample_indices
+
+    covered = merge_compare.scored_indices(1000, Namespace(sample=200, answer_sample=100))
+    assert covered == sample_indices(1000, 200)  # the answer sample is the first 100 of it
+    assert set(sample_indices(1000, 100)) <= set(covered)
