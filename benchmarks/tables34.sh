@@ -23,8 +23,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/tables34}
 KEEP=${KEEP:-docs/results/tables34}
-SETS=${SETS:-"temporal:75 hallucination:600"}
-METHODS=${METHODS:-"wise grace defer ft-l ft-ewc"}
+GRID_SETS="temporal:75 hallucination:600"  # the paper's grid, which the table covers
+GRID_METHODS="wise grace defer ft-l ft-ewc"
+SETS=${SETS:-$GRID_SETS}
+METHODS=${METHODS:-$GRID_METHODS}
 EVERY=${EVERY:-15}
 mkdir -p "$OUT" "$KEEP"
 
@@ -70,8 +72,8 @@ done
 
 # the table: every set and method of the paper's, whichever of them this call ran
 runs=() kept=()
-for entry in temporal:75 hallucination:600; do
-    for method in wise grace defer ft-l ft-ewc; do
+for entry in $GRID_SETS; do
+    for method in $GRID_METHODS; do
         runs+=("$KEEP/${entry%%:*}-T${entry##*:}-raw-$method")
         [[ -f ${runs[-1]}/results.json ]] && kept+=("${runs[-1]}")
     done
