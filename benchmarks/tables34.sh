@@ -16,6 +16,13 @@
 #
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/tables34.sh > runs/tables34.log 2>&1 &
 #
+# WISE runs in the headline setting (Retrieve, 5 edits per memory, replay), except that on
+# Temporal it trains the bare prompt alone (no random prefixes) and rehearses at most two
+# of its memory's earlier edits: a Temporal target is a ~130-token paragraph, and with the
+# 10 prefixes and 4 rehearsed rows an edit took 210 s alone at two threads (2 prefixes: 116
+# s at one thread), ~4.4 h for T = 75, more than a session holds
+# (docs/results/profile-edit/temporal-*.txt).
+#
 # Settings: OUT (default runs/tables34), KEEP (default docs/results/tables34), SETS
 # (default "temporal:75 hallucination:600"), METHODS (default "wise grace defer ft-l
 # ft-ewc"), EVERY (checkpoint every N edits).
@@ -43,6 +50,7 @@ run() {  # run DATA T METHOD
             --checkpoint-every "$EVERY" --out "$out")
         if [[ $method == wise ]]; then
             args+=(--mode retrieve --set shard_size=5 --set replay=true)
+            [[ $data == temporal ]] && args+=(--set prefix_count=0 --set rehearse_rows=2)
         else
             args+=(--method "$method")
         fi
