@@ -234,6 +234,15 @@ def test_prefetch_gives_every_later_call_its_own_decoding(model, fmt):
     assert decode.decodings == 5
 
 
+def test_prefetch_shows_its_progress(model, fmt, capsys):
+    decode = metrics.Decoder(model, fmt, batch_size=3)
+    decode.prefetch([(p, 4) for p in SAME_LENGTH])
+    shown = capsys.readouterr().err
+    assert "decoding:" in shown and f"/{len(SAME_LENGTH)} [" in shown
+    decode.prefetch([(p, 4) for p in SAME_LENGTH])  # nothing left to decode: no bar
+    assert capsys.readouterr().err == ""
+
+
 def test_prefetch_with_batch_size_one_decodes_nothing_ahead(model, fmt):
     decode = metrics.Decoder(model, fmt, batch_size=1)
     decode.prefetch([(p, 6) for p in SAME_LENGTH])
