@@ -41,7 +41,7 @@ def test_unedited_model_scores_locality_one(tokenizer):
     assert score(ANSWER_EM, model, fmt, RECORDS, base).rel == 0.0
 
 
-def test_protocol_edits_then_scores_the_final_model(tokenizer):
+def test_protocol_edits_then_scores_the_final_model(tokenizer, capsys):
     model = tiny_model()
     made = []
 
@@ -53,6 +53,7 @@ def test_protocol_edits_then_scores_the_final_model(tokenizer):
     result, editor = run_protocol(
         model, fmt, RECORDS, make, method="WISE", mode="merge", dataset="toy", progress=False
     )
+    assert capsys.readouterr().err == ""  # no bar: neither the edits' nor the decodings'
     assert len(made) == 1 and editor.num_edits == 4
     assert result.edits == 4 and result.seconds_per_edit > 0 and result.peak_memory_mb > 0
     assert result.scores["teacher_forced"].rel > result.pre_edit["teacher_forced"].rel

@@ -241,6 +241,10 @@ def test_prefetch_shows_its_progress(model, fmt, capsys):
     assert "decoding:" in shown and f"/{len(SAME_LENGTH)} [" in shown
     decode.prefetch([(p, 4) for p in SAME_LENGTH])  # nothing left to decode: no bar
     assert capsys.readouterr().err == ""
+    metrics.Decoder(model, fmt, batch_size=3, progress=False).prefetch(
+        [(p, 4) for p in SAME_LENGTH]
+    )
+    assert capsys.readouterr().err == ""
 
 
 def test_prefetch_with_batch_size_one_decodes_nothing_ahead(model, fmt):

@@ -222,8 +222,8 @@ def run_protocol(
     records (seeded; the editing always covers all). ``checkpoint``: save as it goes and
     continue a killed run where it stopped. ``pre_edit``: the unedited model's scores
     when already known (`PreEdit.borrow`), else computed. ``decode_batch``: prompts
-    decoded together (`Decoder`; 1 decodes each alone). Returns the result and the last
-    editor (still attached)."""
+    decoded together (`Decoder`; 1 decodes each alone). ``progress``: bars over the edits
+    and the decodings. Returns the result and the last editor (still attached)."""
     records = list(records)
     if not records:
         raise ValueError("no records to edit")
@@ -238,7 +238,9 @@ def run_protocol(
     kinds = kinds_for(fmt)
     start = PreEdit.load(checkpoint, records, scored) if checkpoint else None
     if start is None:
-        start = pre_edit or PreEdit.compute(model, fmt, records, scored, kinds, decode_batch)
+        start = pre_edit or PreEdit.compute(
+            model, fmt, records, scored, kinds, decode_batch, progress
+        )
         if checkpoint is not None:
             start.write(checkpoint, records)
     parts: dict[str, list[tuple[int, Scores]]] = {k.name: [] for k in kinds}
@@ -254,7 +256,7 @@ def run_protocol(
         seconds += [entry["seconds"] for entry in editor.edit_log]
         picked = [records[i] for i in scored if offset <= i < offset + len(group)]
         part = _slice_baseline(start.base, chosen, done, len(picked))
-        decode = Decoder(model, fmt, decode_batch)  # this group's edited model
+        decode = Decoder(model, fmt, decode_batch, progress)  # this group's edited model
         for kind in kinds:
             parts[kind.name].append((len(picked), score(kind, model, fmt, picked, part, decode)))
         offset, done = offset + len(group), done + len(picked)
@@ -307,9 +309,10 @@ class PreEdit:
         scored,
         kinds,
         decode_batch=metrics.DECODE_BATCH,  # noqa: ANN001
+        progress=True,  # noqa: ANN001
     ) -> PreEdit:
         chosen = [records[i] for i in scored]
-        decode = Decoder(model, fmt, decode_batch)  # the unedited model
+        decode = Decoder(model, fmt, decode_batch, progress)  # the unedited model
         base = locality_baseline(model, fmt, chosen, decode)
         return cls(base, {k.name: score(k, model, fmt, chosen, None, decode) for k in kinds})
 

@@ -144,12 +144,21 @@ class Decoder:
 
     `prefetch` decodes many prompts ahead in batches of ``batch_size`` (one token length
     per batch, so nothing is padded): on a CPU, 16 prompts decode in about the time of
-    two. ``batch_size`` 1 decodes every prompt alone, as evaluations before batching did."""
+    two. ``batch_size`` 1 decodes every prompt alone, as evaluations before batching did.
+    ``progress``: a bar while `prefetch` decodes, where a run's evaluation spends its time
+    (Temporal's unedited answers: ~45 minutes)."""
 
-    def __init__(self, model: nn.Module, fmt: PromptFormat, batch_size: int = DECODE_BATCH) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        fmt: PromptFormat,
+        batch_size: int = DECODE_BATCH,
+        progress: bool = True,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"decoding batch size must be >= 1, got {batch_size}")
         self.model, self.fmt, self.batch_size = model, fmt, batch_size
+        self.progress = progress
         self._done: dict[str, tuple[int, list[int]]] = {}  # prompt -> (budget, ids)
         self.decodings = 0  # how many decodings ran (the rest were cut from these)
 
@@ -178,19 +187,20 @@ class Decoder:
         for prompt, budget in need.items():
             ids = self.fmt.prompt_ids(prompt)
             by_length[len(ids)].append((budget, prompt, ids))
-        # a run's whole evaluation decodes here (Temporal's unedited answers: ~45 minutes)
-        bar = tqdm(total=len(need), desc="decoding", unit="prompt", leave=False, disable=not need)
-        for group in by_length.values():
-            group.sort()  # like budgets together
-            for i in range(0, len(group), self.batch_size):
-                chunk = group[i : i + self.batch_size]
-                budget = chunk[-1][0]
-                rows = greedy_continuations(self.model, self.fmt, [c[2] for c in chunk], budget)
-                for (_, prompt, _), row in zip(chunk, rows):
-                    self._done[prompt] = (budget, row)
-                self.decodings += len(chunk)
-                bar.update(len(chunk))
-        bar.close()
+        shown = self.progress and bool(need)
+        with tqdm(
+            total=len(need), desc="decoding", unit="prompt", leave=False, disable=not shown
+        ) as bar:
+            for group in by_length.values():
+                group.sort()  # like budgets together
+                for i in range(0, len(group), self.batch_size):
+                    chunk = group[i : i + self.batch_size]
+                    budget = chunk[-1][0]
+                    rows = greedy_continuations(self.model, self.fmt, [c[2] for c in chunk], budget)
+                    for (_, prompt, _), row in zip(chunk, rows):
+                        self._done[prompt] = (budget, row)
+                    self.decodings += len(chunk)
+                    bar.update(len(chunk))
 
 
 def normalise(text: str) -> str:
