@@ -17,11 +17,14 @@
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/tables34.sh > runs/tables34.log 2>&1 &
 #
 # WISE runs in the headline setting (Retrieve, 5 edits per memory, replay), except that on
-# Temporal it trains the bare prompt alone (no random prefixes) and rehearses at most two
-# of its memory's earlier edits: a Temporal target is a ~130-token paragraph, and with the
-# 10 prefixes and 4 rehearsed rows an edit took 210 s alone at two threads (2 prefixes: 116
-# s at one thread), ~4.4 h for T = 75, more than a session holds
-# (docs/results/profile-edit/temporal-*.txt).
+# these long-form sets it trains the bare prompt alone (no random prefixes) and rehearses
+# at most two of its memory's earlier edits: a Temporal target is a ~130-token paragraph,
+# and with the 10 prefixes and 4 rehearsed rows an edit took 210 s alone at two threads (2
+# prefixes: 116 s at one thread), ~4.4 h for T = 75; a Hallucination edit (a ~70-token
+# passage, a ~30-token sentence) took 40-180 s at one thread (43 edits in 2 h, ~24 h for
+# T = 600), and without the prefixes still 22 s alone at two threads (the first 7 edits,
+# 7-70 steps each; ~3.7 h for T = 600): each more than a session holds, so a Hallucination
+# edit also stops after at most 20 steps (its s/edit and steps/edit are in its results).
 #
 # Settings: OUT (default runs/tables34), KEEP (default docs/results/tables34), SETS
 # (default "temporal:75 hallucination:600"), METHODS (default "wise grace defer ft-l
@@ -50,7 +53,9 @@ run() {  # run DATA T METHOD
             --checkpoint-every "$EVERY" --out "$out")
         if [[ $method == wise ]]; then
             args+=(--mode retrieve --set shard_size=5 --set replay=true)
-            [[ $data == temporal ]] && args+=(--set prefix_count=0 --set rehearse_rows=2)
+            [[ $data == temporal || $data == hallucination ]] &&
+                args+=(--set prefix_count=0 --set rehearse_rows=2)
+            [[ $data == hallucination ]] && args+=(--set max_steps=20)
         else
             args+=(--method "$method")
         fi
