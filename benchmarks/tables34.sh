@@ -26,9 +26,15 @@
 # 7-70 steps each; ~3.7 h for T = 600): each more than a session holds, so a Hallucination
 # edit also stops after at most 20 steps (its s/edit and steps/edit are in its results).
 #
+# A run longer than a session can be carried to the next one: `bash benchmarks/tables34.sh
+# carry` copies each unfinished run's last checkpoint of at most CARRY_MB (default 8: a
+# baseline's state is one layer, ~4 MB; WISE's side memories, 3.5 MB each, soon outgrow
+# it) to KEEP/<run>/checkpoint, to be committed. A later call that finds no
+# checkpoint in OUT resumes from the carried one, and deletes it once the run is kept.
+#
 # Settings: OUT (default runs/tables34), KEEP (default docs/results/tables34), SETS
 # (default "temporal:75 hallucination:600"), METHODS (default "wise grace defer ft-l
-# ft-ewc"), EVERY (checkpoint every N edits).
+# ft-ewc"), EVERY (checkpoint every N edits), CARRY_MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/tables34}
@@ -38,7 +44,24 @@ GRID_METHODS="wise grace defer ft-l ft-ewc"
 SETS=${SETS:-$GRID_SETS}
 METHODS=${METHODS:-$GRID_METHODS}
 EVERY=${EVERY:-15}
+CARRY_MB=${CARRY_MB:-8}
 mkdir -p "$OUT" "$KEEP"
+
+carry() {  # carry DATA T METHOD: the unfinished run's checkpoint into KEEP
+    local name="$1-T$2-raw-$3"
+    local from="$OUT/$name/checkpoint" to="$KEEP/$name/checkpoint"
+    [[ -d $from/editor && ! -f $OUT/$name/results.json ]] || return 0
+    local mb
+    mb=$(du -sm "$from" | cut -f1)
+    if (( mb > CARRY_MB )); then
+        echo "not carried: $from ($mb MB > CARRY_MB=$CARRY_MB)"
+        return
+    fi
+    rm -rf "$to.new" && mkdir -p "$(dirname "$to")"
+    cp -r "$from" "$to.new" && rm -f "$to.new"/.*.lock
+    rm -rf "$to" && mv "$to.new" "$to"
+    echo "carried: $to ($mb MB; commit it)"
+}
 
 run() {  # run DATA T METHOD
     local data=$1 t=$2 method=$3
@@ -61,6 +84,10 @@ run() {  # run DATA T METHOD
         fi
         # the unedited model's scores: committed, or the WISE run's (computed once a set)
         local pre="$KEEP/$data-T$t-raw-protocol.json"
+        if [[ ! -d $out/checkpoint && -d $keep/checkpoint ]]; then
+            mkdir -p "$out" && cp -r "$keep/checkpoint" "$out/checkpoint"
+            echo "resuming from the carried $keep/checkpoint"
+        fi
         if [[ -d $out/checkpoint ]]; then
             args+=(--resume)
         elif [[ -f $pre ]]; then
@@ -74,14 +101,18 @@ run() {  # run DATA T METHOD
     fi
     mkdir -p "$keep"
     cp "$out"/results.json "$out"/results.md "$keep"/
+    rm -rf "$keep/checkpoint"
     echo "kept: $keep (commit it)"
 }
 
+action=run
+[[ ${1:-} == carry ]] && action=carry
 for entry in $SETS; do
     for method in $METHODS; do
-        run "${entry%%:*}" "${entry##*:}" "$method"
+        "$action" "${entry%%:*}" "${entry##*:}" "$method"
     done
 done
+[[ $action == carry ]] && exit 0
 
 # the table: every set and method of the paper's, whichever of them this call ran
 runs=() kept=()
