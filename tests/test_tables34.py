@@ -1,0 +1,97 @@
+"""benchmarks/tables34.sh carries an unfinished run's checkpoint from one session to the
+next through the repository: `carry` copies it into KEEP, and a later call without a
+checkpoint in OUT resumes from that copy and drops it once the run is kept. Checked with
+a stand-in `python` on PATH that records its arguments, so no model runs."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tables34.sh"
+RUN = "temporal-T3-raw-ft-l"
+
+# records each call; `bench` writes the results a finished run leaves in its --out
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+if [[ $3 == bench ]]; then
+    while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && out=$2; shift; done
+    ls "$out/checkpoint/editor" >> "$CALLS" 2>/dev/null || true
+    echo '{}' > "$out/results.json"
+    echo done > "$out/results.md"
+fi
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CALLS": str(tmp_path / "calls.txt"),
+        "OUT": str(tmp_path / "out"),
+        "KEEP": str(tmp_path / "keep"),
+        "SETS": "temporal:3",
+        "METHODS": "ft-l",
+    }
+
+
+def tables34(env: dict[str, str], *args: str, **extra: str) -> str:
+    done = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def checkpoint(root: Path) -> Path:
+    editor = root / RUN / "checkpoint" / "editor"
+    editor.mkdir(parents=True)
+    (editor / "editor_state.json").write_text("{}")
+    (editor.parent / ".editor.lock").write_text("")
+    return editor.parent
+
+
+def test_carry_copies_an_unfinished_checkpoint_without_its_lock(env):
+    checkpoint(Path(env["OUT"]))
+    printed = tables34(env, "carry")
+    carried = Path(env["KEEP"]) / RUN / "checkpoint"
+    assert "carried:" in printed
+    assert (carried / "editor" / "editor_state.json").is_file()
+    assert not (carried / ".editor.lock").exists()
+    assert not Path(env["CALLS"]).exists()  # nothing ran
+
+
+def test_carry_skips_a_checkpoint_over_the_size_limit(env):
+    checkpoint(Path(env["OUT"]))
+    printed = tables34(env, "carry", CARRY_MB="0")
+    assert "not carried:" in printed
+    assert not (Path(env["KEEP"]) / RUN).exists()
+
+
+def test_carry_skips_a_finished_run(env):
+    checkpoint(Path(env["OUT"]))
+    (Path(env["OUT"]) / RUN / "results.json").write_text("{}")
+    assert tables34(env, "carry") == ""
+    assert not (Path(env["KEEP"]) / RUN).exists()
+
+
+def test_a_carried_checkpoint_is_resumed_and_dropped_once_kept(env):
+    carried = checkpoint(Path(env["KEEP"]))
+    printed = tables34(env)
+    calls = Path(env["CALLS"]).read_text().splitlines()
+    bench = next(line for line in calls if " bench " in line)
+    assert "--resume" in bench and "--pre-edit-from" not in bench
+    assert calls[calls.index(bench) + 1] == "editor_state.json"  # restored before the run
+    assert "resuming from the carried" in printed
+    assert (Path(env["KEEP"]) / RUN / "results.json").is_file()
+    assert not carried.exists()
