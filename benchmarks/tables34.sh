@@ -47,8 +47,13 @@ EVERY=${EVERY:-15}
 CARRY_MB=${CARRY_MB:-8}
 mkdir -p "$OUT" "$KEEP"
 
+run_name() {  # run_name DATA T METHOD: a run's folder name, in OUT and in KEEP
+    echo "$1-T$2-raw-$3"
+}
+
 carry() {  # carry DATA T METHOD: the unfinished run's checkpoint into KEEP
-    local name="$1-T$2-raw-$3"
+    local name
+    name=$(run_name "$@")
     local from="$OUT/$name/checkpoint" to="$KEEP/$name/checkpoint"
     [[ -d $from/editor && ! -f $OUT/$name/results.json ]] || return 0
     local mb
@@ -65,8 +70,9 @@ carry() {  # carry DATA T METHOD: the unfinished run's checkpoint into KEEP
 
 run() {  # run DATA T METHOD
     local data=$1 t=$2 method=$3
-    local name="$data-T$t-raw-$method"
-    local out="$OUT/$name" wise="$OUT/$data-T$t-raw-wise" keep="$KEEP/$name"
+    local name
+    name=$(run_name "$@")
+    local out="$OUT/$name" wise="$OUT/$(run_name "$data" "$t" wise)" keep="$KEEP/$name"
     if [[ -f $keep/results.json ]]; then
         echo "kept: $keep"
         return
@@ -82,12 +88,12 @@ run() {  # run DATA T METHOD
         else
             args+=(--method "$method")
         fi
-        # the unedited model's scores: committed, or the WISE run's (computed once a set)
-        local pre="$KEEP/$data-T$t-raw-protocol.json"
         if [[ ! -d $out/checkpoint && -d $keep/checkpoint ]]; then
             mkdir -p "$out" && cp -r "$keep/checkpoint" "$out/checkpoint"
             echo "resuming from the carried $keep/checkpoint"
         fi
+        # the unedited model's scores: committed, or the WISE run's (computed once a set)
+        local pre="$KEEP/$data-T$t-raw-protocol.json"
         if [[ -d $out/checkpoint ]]; then
             args+=(--resume)
         elif [[ -f $pre ]]; then
@@ -118,7 +124,7 @@ done
 runs=() kept=()
 for entry in $GRID_SETS; do
     for method in $GRID_METHODS; do
-        runs+=("$KEEP/${entry%%:*}-T${entry##*:}-raw-$method")
+        runs+=("$KEEP/$(run_name "${entry%%:*}" "${entry##*:}" "$method")")
         [[ -f ${runs[-1]}/results.json ]] && kept+=("${runs[-1]}")
     done
 done
