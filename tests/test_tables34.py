@@ -18,6 +18,7 @@ echo "$*" >> "$CALLS"
 if [[ $3 == bench ]]; then
     while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && out=$2; shift; done
     ls "$out/checkpoint/editor" >> "$CALLS" 2>/dev/null || true
+    mkdir -p "$out"
     echo '{}' > "$out/results.json"
     echo done > "$out/results.md"
 fi
@@ -95,3 +96,21 @@ def test_a_carried_checkpoint_is_resumed_and_dropped_once_kept(env):
     assert "resuming from the carried" in printed
     assert (Path(env["KEEP"]) / RUN / "results.json").is_file()
     assert not carried.exists()
+
+
+def test_hallucination_edits_are_capped_at_20_steps_but_ft_ewcs(env):
+    tables34(env, SETS="hallucination:3 temporal:3", METHODS="wise grace ft-ewc")
+    calls = Path(env["CALLS"]).read_text().splitlines()
+    capped = {
+        line.split("--out ")[1].split()[0].rsplit("/", 1)[1]: "--set max_steps=20" in line
+        for line in calls
+        if " bench " in line
+    }
+    assert capped == {
+        "hallucination-T3-raw-wise": True,
+        "hallucination-T3-raw-grace": True,
+        "hallucination-T3-raw-ft-ewc": False,  # run before the cap, with its own 100 steps
+        "temporal-T3-raw-wise": False,
+        "temporal-T3-raw-grace": False,
+        "temporal-T3-raw-ft-ewc": False,
+    }
