@@ -54,6 +54,12 @@ run_name() {  # run_name DATA T METHOD: a run's folder name, in OUT and in KEEP
     echo "$1-T$2-raw-$3"
 }
 
+edits_done() {  # edits_done CHECKPOINT: how many edits it holds (-1 without one)
+    [[ -d $1/editor ]] || { echo -1; return; }
+    # one "index" key per entry of the edit log; JSON escapes quotes inside strings
+    { grep -o '"index":' "$1/editor/editor_state.json" 2>/dev/null || true; } | wc -l
+}
+
 carry() {  # carry DATA T METHOD: the unfinished run's checkpoint into KEEP
     local name
     name=$(run_name "$@")
@@ -94,8 +100,13 @@ run() {  # run DATA T METHOD
         # baselines' alike; FT-EWC, run before the baselines got the cap, kept its own 100
         # (23.6 steps on average; its results record the command it ran)
         [[ $data == hallucination && $method != ft-ewc ]] && args+=(--set max_steps=20)
-        if [[ ! -d $out/checkpoint && -d $keep/checkpoint ]]; then
-            mkdir -p "$out" && cp -r "$keep/checkpoint" "$out/checkpoint"
+        # the carried checkpoint wins where it is further on than OUT's (or OUT has none):
+        # a session that finds an older run of its own in OUT must not redo the edits
+        # another session carried past it
+        if [[ -d $keep/checkpoint ]] &&
+            (( $(edits_done "$keep/checkpoint") > $(edits_done "$out/checkpoint") )); then
+            rm -rf "$out/checkpoint" && mkdir -p "$out"
+            cp -r "$keep/checkpoint" "$out/checkpoint"
             echo "resuming from the carried $keep/checkpoint"
         fi
         # the unedited model's scores: committed, or the WISE run's (computed once a set)

@@ -3,6 +3,7 @@ next through the repository: `carry` copies it into KEEP, and a later call witho
 checkpoint in OUT resumes from that copy and drops it once the run is kept. Checked with
 a stand-in `python` on PATH that records its arguments, so no model runs."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -54,10 +55,11 @@ def tables34(env: dict[str, str], *args: str, **extra: str) -> str:
     return done.stdout
 
 
-def checkpoint(root: Path) -> Path:
+def checkpoint(root: Path, edits: int = 0) -> Path:
     editor = root / RUN / "checkpoint" / "editor"
     editor.mkdir(parents=True)
-    (editor / "editor_state.json").write_text("{}")
+    log = [{"index": i, "prompt": f'say "index": {i}'} for i in range(edits)]
+    (editor / "editor_state.json").write_text(json.dumps({"edit_log": log}, indent=2))
     (editor.parent / ".editor.lock").write_text("")
     return editor.parent
 
@@ -114,3 +116,16 @@ def test_hallucination_edits_are_capped_at_20_steps_but_ft_ewcs(env):
         "temporal-T3-raw-grace": False,
         "temporal-T3-raw-ft-ewc": False,
     }
+
+
+@pytest.mark.parametrize(("in_out", "carried", "resumed"), [(1, 2, 2), (3, 2, 3), (2, 2, 2)])
+def test_the_further_checkpoint_is_resumed(env, in_out, carried, resumed):
+    """A session whose OUT kept an older checkpoint of the run resumes from the one
+    another session carried past it, and never goes back from its own to an older one."""
+    checkpoint(Path(env["OUT"]), edits=in_out)
+    checkpoint(Path(env["KEEP"]), edits=carried)
+    printed = tables34(env)
+    state = Path(env["OUT"]) / RUN / "checkpoint" / "editor" / "editor_state.json"
+    assert len(json.loads(state.read_text())["edit_log"]) == resumed
+    assert ("resuming from the carried" in printed) == (carried > in_out)
+    assert "--resume" in Path(env["CALLS"]).read_text()
