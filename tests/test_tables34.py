@@ -1,6 +1,7 @@
 """benchmarks/tables34.sh carries an unfinished run's checkpoint from one session to the
-next through the repository: `carry` copies it into KEEP, and a later call without a
-checkpoint in OUT resumes from that copy and drops it once the run is kept. Checked with
+next through the repository: `carry` copies it into KEEP, and a later call resumes from
+that copy where OUT has no checkpoint of the run or an older one, and drops it once the
+run is kept. Checked with
 a stand-in `python` on PATH that records its arguments, so no model runs."""
 
 import json
