@@ -4,7 +4,7 @@
 # four baselines, each a resumable `wise-edit bench` run. Run it again to continue: a
 # method whose results are kept (KEEP/<run>/results.json) or whose results.json exists is
 # skipped, one with a checkpoint is resumed. A finished run's results.{json,md} are
-# copied to KEEP (default docs/results/tables34, in the repository), so that a session
+# copied to KEEP (default docs/notebook/results/tables34, in the repository), so that a session
 # can commit each run as it finishes: OUT (runs/, ignored by git) does not survive a fresh
 # checkout, and a run of this table takes hours. The unedited model's scores of a set,
 # when committed as KEEP/<set>-T<T>-raw-protocol.json (Temporal's took ~45 CPU-minutes:
@@ -35,13 +35,13 @@
 # it) to KEEP/<run>/checkpoint, to be committed. A later call that finds no
 # checkpoint in OUT resumes from the carried one, and deletes it once the run is kept.
 #
-# Settings: OUT (default runs/tables34), KEEP (default docs/results/tables34), SETS
+# Settings: OUT (default runs/tables34), KEEP (default docs/notebook/results/tables34), SETS
 # (default "temporal:75 hallucination:600"), METHODS (default "wise grace defer ft-l
 # ft-ewc"), EVERY (checkpoint every N edits), CARRY_MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/tables34}
-KEEP=${KEEP:-docs/results/tables34}
+KEEP=${KEEP:-docs/notebook/results/tables34}
 GRID_SETS="temporal:75 hallucination:600"  # the paper's grid, which the table covers
 GRID_METHODS="wise grace defer ft-l ft-ewc"
 SETS=${SETS:-$GRID_SETS}

@@ -58,7 +58,7 @@ def test_three_zsre_edits_are_generated_and_unrelated_output_is_unchanged(smollm
         model,
         tokenizer,
         # the Merge preset (one side memory), raw text, stop trained: without rehearsal
-        # the later two edits overwrote the first here (docs/RESULTS.md, "Rehearsal")
+        # the later two edits overwrote the first here (docs/notebook/RESULTS.md, "Rehearsal")
         WiseConfig.for_model(model, prompt_format="raw"),
         irrelevant_prompts=load_zsre_irrelevant(DATA, limit=200),
     )
@@ -98,7 +98,7 @@ def test_baselines_learn_two_zsre_edits(smollm2, method):
     records = load_zsre(DATA, limit=2)
     cls = editor_class(method)
     # the paper's setting: raw text, no stop token (with it, FT-L's second edit overwrites
-    # the first on this model: docs/RESULTS.md, "Answers that stop")
+    # the first on this model: docs/notebook/RESULTS.md, "Answers that stop")
     config = cls.config_class.for_model(model, prompt_format="raw", train_stop=False)
     editor = cls(model, tokenizer, config)
     before = {p: _answer(editor, p) for p in UNRELATED}
