@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=metrics.DECODE_BATCH,
         metavar="B",
         help="prompts of one token length decoded together when scoring generated answers "
-        f"(default {metrics.DECODE_BATCH}; 1: each alone, as runs before this flag)",
+        f"(default {metrics.DECODE_BATCH}; 1: each prompt alone)",
     )
     bench.add_argument(
         "--checkpoint-every",
