@@ -1,4 +1,4 @@
-"""The `wise-edit` command line: demo, bench, edit, generate."""
+"""The `wise-edit` command line: demo, bench, edit, compare, generate, inspect, serve."""
 
 from __future__ import annotations
 
@@ -247,6 +247,54 @@ def _where(editor: Editor, prompt: str) -> str:
     return "unedited" if index < 0 else f"{editor.method}: {editor.route_unit} {index}"
 
 
+def _editor_save(path: str) -> Path:
+    """The editor save at ``path``: the folder itself, or a bench run folder's last
+    checkpoint (``RUN/checkpoint/editor``); a ValueError saying what is there otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--save {path}: no such folder")
+    for candidate in (folder, folder / "checkpoint" / "editor"):
+        if save_layout(candidate) is not None:
+            return candidate
+    raise ValueError(
+        f"--save {path}: no editor save in it (a folder written by `wise-edit edit --out`, "
+        "save_pretrained, or a bench run with --checkpoint-every)"
+    )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print (and with --out write as JSONL) what a saved editor answers to the records
+    it was given, and count its misses by where each prompt went."""
+    from .answers import check_kinds, inspect_answers, miss_summary
+    from .evaluation import sample_indices
+
+    kinds = check_kinds(k.strip() for k in args.kinds.split(",") if k.strip())
+    save = _editor_save(args.save)
+    if args.edits is not None and args.edits < 1:
+        raise ValueError(f"--edits must be >= 1, got {args.edits}")
+    if args.sample is not None and args.sample < 1:
+        raise ValueError(f"--sample must be >= 1, got {args.sample}")
+    model, tokenizer = models.load(args.model, device=args.device)
+    editor = load_editor(model, tokenizer, save)
+    edits = args.edits if args.edits is not None else editor.num_edits
+    if edits < 1:
+        raise ValueError(f"{save} holds no edits; nothing to inspect")
+    records = load_dataset(args.data, args.data_dir, edits)
+    if editor.num_edits != len(records):
+        print(f"note: the save holds {editor.num_edits} edits; asking {len(records)} records")
+    rows = []
+    for row in inspect_answers(editor, records, kinds, sample_indices(len(records), args.sample)):
+        rows.append(row)
+        print(row.line(), flush=True)
+    print(miss_summary(rows))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(row.to_json()) + "\n" for row in rows))
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .bench import comparison_table
 
@@ -360,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=metrics.DECODE_BATCH,
         metavar="B",
         help="prompts of one token length decoded together when scoring generated answers "
-        f"(default {metrics.DECODE_BATCH}; 1: each alone, as runs before this flag)",
+        f"(default {metrics.DECODE_BATCH}; 1: each prompt alone)",
     )
     bench.add_argument(
         "--checkpoint-every",
@@ -437,6 +485,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="what a saved editor answers to each edited record, and where each miss went",
+        description="Ask a saved editor each edited record's prompt and paraphrase (and with "
+        "--kinds locality its locality probe), print its greedy answer (as answer EM scores "
+        "it), whether it is right and which edit memory answered, then count the misses by "
+        "cause: routed to no memory, to another edit's memory, or to its own memory with a "
+        "wrong answer. Edit i of the save must be record i of --data. For reading a bench "
+        "run's misses; the scores are `wise-edit bench`'s.",
+    )
+    _add_model_args(ins)
+    ins.add_argument(
+        "--save",
+        required=True,
+        help="an editor save (`wise-edit edit --out`, save_pretrained) or a bench run folder "
+        "with a checkpoint (its checkpoint/editor)",
+    )
+    ins.add_argument(
+        "--data",
+        default="zsre",
+        help=f"the records the save was edited with: {', '.join(DATASETS)} or a JSONL file",
+    )
+    ins.add_argument("--data-dir", default=str(default_data_dir()))
+    ins.add_argument(
+        "--edits",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ask the first N records (default: as many as the save holds edits)",
+    )
+    ins.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ask only the K records that `bench --eval-sample K` scores (seeded)",
+    )
+    ins.add_argument(
+        "--kinds",
+        default="prompt,rephrase",
+        help="comma-separated, of prompt, rephrase, locality (a locality probe is right when "
+        "its answer is the unedited model's); default prompt,rephrase",
+    )
+    ins.add_argument(
+        "--out", default=None, help="also write one JSON object per record to this file"
+    )
+    ins.set_defaults(func=cmd_inspect)
 
     srv = sub.add_parser("serve", help="serve the edited model over HTTP while edits stream in")
     _add_model_args(srv)

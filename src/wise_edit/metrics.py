@@ -143,10 +143,11 @@ class Decoder:
     new one whenever the model changes (pre-edit, after the edits).
 
     `prefetch` decodes many prompts ahead in batches of ``batch_size`` (one token length
-    per batch, so nothing is padded): on a CPU, 16 prompts decode in about the time of
-    two. ``batch_size`` 1 decodes every prompt alone, as evaluations before batching did.
-    ``progress``: a bar while `prefetch` decodes, where a run's evaluation spends its time
-    (Temporal's unedited answers: ~45 minutes)."""
+    per batch, so nothing is padded and a prompt is attended and routed as it would be
+    alone): a decoding step is bound by reading the weights, which a batch reads once for
+    all of its prompts. ``batch_size`` 1 decodes every prompt alone. ``progress``: a bar while
+    `prefetch` decodes, since that is where an evaluation of long answers spends its
+    time."""
 
     def __init__(
         self,

@@ -39,8 +39,9 @@ class FTLConfig(EditConfig):
         metadata={
             "help": "Every weight stays within +-norm_bound of its original value over the "
             "whole stream of edits (None: unbounded). 1.0 is WISE's bound on its side "
-            "memory, so FT-L differs from WISE only in editing the main memory unrouted. "
-            "ROME's 5e-4 left SmolLM2 unable to learn edits (docs/RESULTS.md)."
+            "memory, so FT-L differs from WISE only in editing the main memory unrouted; "
+            "ROME's 5e-4, set for much larger models, holds a small model's weights too "
+            "close to their original values for an edit to be learnt."
         },
     )
     early_stop_loss: float = field(

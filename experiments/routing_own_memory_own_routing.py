@@ -1,3 +1,9 @@
+# Experiment: What share of edit prompts and paraphrases of runs finished before 693ad65 reach the
+#   memory that holds their edit, not just some memory?
+# Decided: Fewer than reported (ZsRE T = 1000: 8% of edit prompts, 23% of paraphrases miss their own
+#   memory); the bench reports own-memory routing since 693ad65
+# Ran at: 35b832a, as docs/results/routing-own-memory/own_routing.py. Output:
+#   docs/notebook/results/routing-own-memory/
 """Share of edit prompts and paraphrases routed to the memory holding their edit, of
 saved bench runs, by `wise_edit.bench.routing_scores` over all T records (what `bench`
 reports since 693ad65), for runs that finished before it did:

@@ -1,3 +1,9 @@
+# Experiment: Is ZsRE's lower TF Gen at T = 1000 forgetting along the stream, or which records are
+#   scored?
+# Decided: The records: on the same 100 the T = 1000 editor matches the T = 100 one (.797 / .801);
+#   the gap is the router's reach on hard paraphrases, not forgetting; nothing changed
+# Ran at: d397404, as docs/results/tf-gen-by-records/by_records.py. Output:
+#   docs/notebook/results/tf-gen-by-records/
 """Is ZsRE's TF Gen at T = 1000 (.74 on the bench's sample of 200) lower than at T = 100
 (.81) because of the thousand edits, or because of which records are scored? The saved
 T = 1000 editor and the saved T = 100 editor, each scored (TF Gen, TF Rel, paraphrase ->

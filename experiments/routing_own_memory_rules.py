@@ -1,3 +1,9 @@
+# Experiment: Which memory should answer when several clear their thresholds (six routing rules on
+#   saved Retrieve runs)?
+# Decided: Rule F, the paper's top score except that a prompt repeating an edit's own (key cosine >=
+#   0.99) goes to that edit's memory, is the editor's rule since e04ad99
+# Ran at: 35b832a, as docs/results/routing-own-memory/rules.py. Output:
+#   docs/notebook/results/routing-own-memory/
 """Which memory should answer when several clear their thresholds? Routing rules compared
 on a saved WISE-Retrieve run (issue 11; docs/RESULTS.md, "Which memory answers").
 

@@ -1,3 +1,8 @@
+# Experiment: Where do an edit's seconds go, phase by phase (cProfile)?
+# Decided: ~81% is the fit's steps, so speed work cuts steps, not their cost; the hard negatives'
+#   activations are computed once for a pool; Temporal's 210 s edits made tables34.sh train the bare
+#   prompt with 2 rehearsed rows there
+# Ran at: f26b81d, as benchmarks/profile_edit.py. Output: docs/notebook/results/profile-edit/
 """Where an edit's seconds go: edits with the current defaults (the setting of the
 headline rows) under cProfile, each phase's time as a share of the edits' time.
 

@@ -1,3 +1,11 @@
+# Experiment: Does the retrieval index (only the memories of the k nearest edit keys scored) route
+#   trained memories as well as scoring every memory, and at what latency?
+# Decided: With k = 4 it routes as well as dense scoring or better at 1.02-1.07x the unedited
+#   forward (dense: 1.68-2.67x); `route_candidates` = 4 is the default
+# Ran at: cdba639, as benchmarks/routing_index.py. Output:
+#   docs/notebook/results/routing-index-T1000/, docs/notebook/results/routing-index-T3000/,
+#   docs/notebook/results/zsre-T1000-raw-retrieve5/routing-index/,
+#   docs/notebook/results/zsre-T100-raw-retrieve5-adam-stop02/routing-index/
 """Routing and forward latency of a trained WISE-Retrieve editor: every side memory scored
 (dense) against the retrieval index (`WiseConfig.route_candidates` = k: only the memories
 of each sequence's k nearest edit keys are scored, exactly), on the same prompts.

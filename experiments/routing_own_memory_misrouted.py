@@ -1,3 +1,8 @@
+# Experiment: Which edit prompts does the router send to another memory than their own, and why?
+# Decided: Repeated and same-template ZsRE questions, where the top score picks a neighbour's
+#   memory; this led to the rules compared and the repeated-prompt rule (e04ad99)
+# Ran at: 35b832a, as docs/results/routing-own-memory/misrouted.py. Output:
+#   docs/notebook/results/routing-own-memory/
 """Edit prompts of a saved run that the router sends to another memory than their own,
 with that memory's edits (what they were taken for):
 

@@ -1,3 +1,9 @@
+# Experiment: Does a token-by-token key separate paraphrases from locality probes better than the
+#   mean key?
+# Decided: No, worse (at 0.7: paraphrases .47, locality .85); not adopted, the key radius uses the
+#   mean key
+# Ran at: 94875c4, as docs/results/counterfact-T100-key-radius/token_match.py. Output:
+#   docs/notebook/results/counterfact-T100-key-radius/
 """A finer key than the mean, tried before the key radius and not adopted: match a
 prompt to an edit token by token (for each token of the edit prompt, its best cosine
 among the prompt's tokens, averaged), so that a paraphrase (same subject, other words)

@@ -1,3 +1,9 @@
+# Experiment: How many edits does one side memory hold, sharded under each merge method (the paper's
+#   Table 11) or not?
+# Decided: ~30 of its first 50 and ~80 of 200 on SmolLM2; sharding did not help (4x the steps, fewer
+#   held), so the preset stays unsharded and Retrieve closes a memory every 5 edits
+# Ran at: 6b63835, as benchmarks/memory_capacity.py. Output: docs/notebook/results/memory-capacity/,
+#   docs/notebook/results/table11-50/
 """How many edits one side memory holds: WISE-Merge (a single memory for the whole stream)
 with knowledge sharding off (the SmolLM2 preset) and on under each merge method (the
 paper's Table 11), every edit made so far re-scored every N edits.

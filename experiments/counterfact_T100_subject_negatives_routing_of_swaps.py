@@ -1,3 +1,8 @@
+# Experiment: Do memories trained on subject swaps stay off their wording about other subjects?
+# Decided: Only for the subjects trained on (.185 -> .055 reach a memory), not others (.17 -> .175)
+#   nor locality probes; `subject_negatives` stays 0
+# Ran at: b49d534, as docs/results/counterfact-T100-subject-negatives/routing_of_swaps.py. Output:
+#   docs/notebook/results/counterfact-T100-subject-negatives/
 """Share of the first 100 CounterFact prompts, each rewritten about 2 built-in subjects or 2
 subjects of held-out records (8000-8999), and of their locality probes, that reach a side
 memory of a saved CounterFact T = 100 run (runs/<name>/checkpoint/editor)."""

@@ -1,3 +1,9 @@
+# Experiment: What if a memory could answer only prompts naming one of its edits' subjects, keyed at
+#   the edited layer?
+# Decided: At layer 25 the gate trades locality for paraphrases about one for one; not built there
+#   (see subject_gate_whatif_layers.py)
+# Ran at: c8da663, as docs/results/subject-gate/whatif.py. Output:
+#   docs/notebook/results/subject-gate/
 """What if a side memory could answer only prompts that name one of its edits' subjects?
 A what-if on a saved WISE-Retrieve run (issue 11, CounterFact locality): routing only.
 

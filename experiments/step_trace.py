@@ -1,3 +1,10 @@
+# Experiment: Where do an edit's steps go (per step: target NLL, greedy hit, each term of the margin
+#   loss)?
+# Decided: The last steps only push the hardest unrelated prompt under alpha: the answer stop's
+#   `early_stop_loss` became 0.2, and side steps (margin-only updates once the answer's NLL settled)
+#   became the default
+# Ran at: 9412e5c, as benchmarks/step_trace.py. Output: docs/notebook/results/step-trace/,
+#   docs/notebook/results/step-trace-side16/
 """Where an edit's steps go: per step, the target NLL, whether greedy decoding already
 says the target, and each term of the margin loss (Eq. 5), for a few ZsRE edits.
 

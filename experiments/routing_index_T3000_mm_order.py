@@ -1,3 +1,8 @@
+# Experiment: Is `a @ delta^T` or `delta @ a^T` faster per side memory on SmolLM2's value matrix?
+# Decided: `delta @ a^T` (0.55 against 1.02 ms per memory); the router scores with `value_change`
+#   since c87da1e
+# Ran at: 20041a9, as docs/results/routing-index-T3000/mm_order.py. Output:
+#   docs/notebook/results/routing-index-T3000/
 """Milliseconds per side memory for `a @ delta^T` against `value_change` (delta @ a^T) on
 SmolLM2's value-matrix shape (576 x 1536), by the rows multiplied, one thread, 100
 different random deltas (so each is read from memory, as the router reads candidates).

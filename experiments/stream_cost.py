@@ -1,3 +1,8 @@
+# Experiment: Does an edit get dearer as the stream grows (forwards and seconds per edit along saved
+#   edit logs)?
+# Decided: Not in Retrieve (forwards per edit flat from edit 1 to 1000); in Merge they climb from 16
+#   to 26, one more reason long streams use Retrieve; nothing changed
+# Ran at: ea6c67a, as benchmarks/stream_cost.py. Output: docs/notebook/results/stream-cost/
 """Does an edit get dearer as the stream grows? Steps (forwards) and seconds per edit
 against the edit's position, read from saved editors' edit logs (no model is loaded):
 

@@ -1,3 +1,8 @@
+# Experiment: Do subject-swapped negatives drawn from CounterFact's 1000 held-out subjects, instead
+#   of the 36 built-in ones, help CounterFact locality at T = 100?
+# Decided: No (locality moved by two probes, within run-to-run noise); `subject_negatives` stays 0
+# Ran at: b49d534, as docs/results/counterfact-T100-subject-negatives/cf_pool_subjects.py. Output:
+#   docs/notebook/results/counterfact-T100-subject-negatives/
 """Experiment: subject-swapped negatives drawn from CounterFact's 1000 held-out subjects
 instead of the built-in list (the list is replaced before the run; the editor draws from
 it as from the built-in one). Arguments: those of `wise-edit`, e.g. `bench ...`."""

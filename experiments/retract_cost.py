@@ -1,3 +1,7 @@
+# Experiment: What does retracting one edit cost, WISE-Merge against WISE-Retrieve?
+# Decided: Merge retrains every other edit of the stream (9 of 10), Retrieve only its memory's
+#   others (at most shard_size - 1); documented as the cost of `retract`, nothing changed
+# Ran at: 89c27d4, as benchmarks/retract_cost.py. Output: in docs/notebook/RESULTS.md only
 """What retracting one edit costs, WISE-Merge against WISE-Retrieve: T synthetic edits,
 then the first one retracted; seconds and edits retrained, next to seconds per edit.
 

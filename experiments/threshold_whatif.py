@@ -1,3 +1,10 @@
+# Experiment: Would raising each memory's threshold above the other memories' edit prompts, a key
+#   radius, or another threshold ratio route a saved Retrieve run better?
+# Decided: Raised thresholds gained too little (.06 of CounterFact locality probes); a key radius of
+#   ~0.75 became the default (`key_radius`, calibrated per model); `threshold_ratio` stays 0.88
+# Ran at: 32bfc27, as benchmarks/threshold_whatif.py. Output:
+#   docs/notebook/results/counterfact-T100-key-radius/,
+#   docs/notebook/results/counterfact-T300-key-radius/, docs/notebook/results/threshold-ratio-T1000/
 """What if each side memory's threshold were raised above its scores on the *other*
 memories' edit prompts? A what-if on a trained WISE-Retrieve save, before building it
 into the editing loop.
