@@ -15,7 +15,7 @@ from wise_edit.baselines import GraceConfig, GraceEditor
 from wise_edit.core.persistence import CONFIG_FILE, STATE_FILE, TENSOR_FILE, saved_method
 from wise_edit.methods import METHODS
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-v1"
+LEGACY = Path(__file__).parents[1] / "fixtures" / "legacy-v1"
 
 
 def test_a_save_from_the_old_layout_loads_and_computes_the_same():

@@ -14,7 +14,7 @@ from conftest import EDITS, tiny_model, tiny_tokenizer
 from serving import TOKEN, Server, library_answers
 
 ARTIFACTS = Path(
-    os.environ.get("WISE_EDIT_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
+    os.environ.get("WISE_EDIT_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 
 
