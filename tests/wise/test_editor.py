@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import EDITS, fast_config, poison_lm_loss, tiny_model
 
-from wise_edit import WiseConfig, WiseEditor
+from wise_edit import WiseEditor
 from wise_edit.wise.merging import ties
 
 
@@ -371,81 +371,6 @@ def test_edit_many_accepts_mappings_and_pairs(tokenizer):
         editor.edit_many([{"src": "x"}])
 
 
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        ({"mask_ratio": 0.0}, "mask_ratio"),
-        ({"mask_ratio": 1.5}, "mask_ratio"),
-        ({"mode": "both"}, "mode"),
-        ({"merge_method": "average"}, "merge_method"),
-        ({"beta": 0.1, "alpha": 0.2}, "beta"),
-        ({"threshold_ratio": 0}, "threshold_ratio"),
-        ({"shard_size": 0}, "shard_size"),
-        ({"norm_bound": -1.0}, "norm_bound"),
-        ({"replay": True, "mode": "merge"}, "replay"),
-    ],
-)
-def test_invalid_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=f"WiseConfig.{field}="):
-        WiseConfig(**kwargs)
-
-
-def test_bad_target_module(tokenizer):
-    with pytest.raises(ValueError, match="target_module: 'model.layers.2.mlp.nope'"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.nope"))
-    with pytest.raises(ValueError, match="target_module: .*act_fn.*linear value projection"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.act_fn"))
-    with pytest.raises(ValueError, match="WiseConfig.layer=9"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(layer=9))
-
-
-def test_presets_follow_the_paper_depth(family):
-    model = tiny_model(family)
-    config = WiseConfig.for_model(model)
-    assert config.layer == 3  # int(4 * 27 / 32)
-    assert config.shard_size >= 1
-    assert config.resolve_target(model).split(".")[-1] in (
-        "down_proj",
-        "c_proj",
-        "fc_out",
-        "dense_4h_to_h",
-    )
-    assert WiseConfig.for_model(model, layer=1).layer == 1
-
-
-def test_matrix_size_presets():
-    from wise_edit.wise import preset_for_matrix
-
-    seven_b = preset_for_matrix(11008 * 4096)
-    assert seven_b == {
-        "mask_ratio": 0.2,
-        "shards_per_merge": 2,
-        "merge_density": 0.53,
-        "shard_size": 500,
-    }
-    smol = preset_for_matrix(1536 * 576)
-    assert smol == {
-        "mask_ratio": 1.0,
-        "shards_per_merge": 1,
-        "merge_density": 1.0,
-        "shard_size": 49,
-    }
-    assert preset_for_matrix(4 * 11008 * 4096)["mask_ratio"] == 0.05
-
-
-def test_overrides_win_over_presets():
-    config = WiseConfig.for_model(tiny_model(), mask_ratio=0.3, shard_size=7, mode="retrieve")
-    assert (config.mask_ratio, config.shard_size, config.mode) == (0.3, 7, "retrieve")
-
-
-def test_unknown_family_needs_an_explicit_target():
-    class Fake(torch.nn.Module):
-        config = type("C", (), {"model_type": "mamba", "num_hidden_layers": 2})()
-
-    with pytest.raises(ValueError, match="'mamba' is not a supported family"):
-        WiseConfig.for_model(Fake())
-
-
 def test_rehearsal_keeps_a_memorys_earlier_edits(tokenizer):
     """Five edits into one memory: without rehearsal the later ones overwrite the first;
     with the memory's earlier edits rehearsed the first edit keeps its answer."""
@@ -482,3 +407,19 @@ def test_rehearsal_draws_from_the_memory_being_trained(tokenizer):
     again = editor._rehearsal(full, 5)[0][0]
     assert torch.equal(again.input_ids, rows.input_ids)
     assert editor._rehearsal(editor._plan_in(None, 2), 4) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("\x00", "has no visible characters"),
+        ("\u200b\u200b", "has no visible characters"),
+        ("\ud800abc", "not valid Unicode"),
+        (" \t ", "target is empty"),
+    ],
+)
+def test_targets_need_visible_valid_text(target, message, tokenizer):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=2))
+    with pytest.raises(ValueError, match=message):
+        editor.edit("Who designed it?", target)
+    assert editor.num_edits == 0 and not editor.memories
