@@ -1,11 +1,13 @@
-"""Editors of every method set up to move a tiny random model in a few steps (the real
-defaults are the paper's), and helpers to compare their state and outputs."""
+"""Editors of every method (WISE in both modes and the baselines) set up to move a tiny
+random model in a few steps (the real defaults are the paper's), and helpers to compare
+their state and outputs."""
 
 import copy
 
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import fast_config, tiny_model, tiny_tokenizer
 
+from wise_edit import WiseEditor
 from wise_edit.baselines import (
     DeferConfig,
     DeferEditor,
@@ -19,22 +21,40 @@ from wise_edit.baselines import (
 from wise_edit.core.rows import target_ids
 from wise_edit.metrics import target_logits
 
+
+def _baseline(config_class, **settings):
+    def build(**overrides):
+        config = config_class(**settings)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    return build
+
+
+def _wise(**settings):
+    return lambda **overrides: fast_config(**{**settings, **overrides})
+
+
 # settings that move a tiny random model in a few steps (the real defaults are the paper's)
 SETUPS = {
-    "ft-l": (FTLEditor, lambda: FTLConfig(layer=2, lr=1e-2, max_steps=20)),
-    "ft-ewc": (FTEWCEditor, lambda: FTEWCConfig(layer=2, max_steps=20, replay=2)),
-    "grace": (GraceEditor, lambda: GraceConfig(layer=2, max_steps=20)),
-    "defer": (DeferEditor, lambda: DeferConfig(layer=2, lr=1e-2, max_steps=20)),
+    "wise-merge": (WiseEditor, _wise(max_steps=30, lr=0.05)),
+    "wise-retrieve": (
+        WiseEditor,
+        _wise(mode="retrieve", shard_size=1, shards_per_merge=2, max_steps=30, lr=0.05),
+    ),
+    "ft-l": (FTLEditor, _baseline(FTLConfig, layer=2, lr=1e-2, max_steps=20)),
+    "ft-ewc": (FTEWCEditor, _baseline(FTEWCConfig, layer=2, max_steps=20, replay=2)),
+    "grace": (GraceEditor, _baseline(GraceConfig, layer=2, max_steps=20)),
+    "defer": (DeferEditor, _baseline(DeferConfig, layer=2, lr=1e-2, max_steps=20)),
 }
 UNRELATED = "The weather today is mild and calm."
 
 
 def make(name, family="llama", seed=0, **overrides):
+    """The ``name`` editor (a key of `SETUPS`) on a tiny ``family`` model."""
     cls, config = SETUPS[name]
-    cfg = config()
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cls(tiny_model(family, seed=seed), _tok(), cfg)
+    return cls(tiny_model(family, seed=seed), _tok(), config(**overrides))
 
 
 def _tok():

@@ -1,5 +1,6 @@
-"""Retraction: the retracted prompt is answered as by a model that never had the edit,
-the other edits hold, the log says so; methods that cannot retract say so."""
+"""WISE retraction: the retracted prompt is answered as by a model that never had the edit,
+the other edits hold, the log says so. (GRACE's is in tests/baselines/test_grace.py; bad
+ids and methods that cannot retract, in tests/core/test_editor_contract.py.)"""
 
 from __future__ import annotations
 
@@ -86,12 +87,3 @@ def test_retracted_wise_state_saves_loads_and_keeps_editing(tokenizer, tmp_path)
     assert again.routed([EDITS[4][0]]) == [len(again.memories) - 1]
     with pytest.raises(ValueError, match="already retracted"):
         again.retract(0)
-
-
-@pytest.mark.parametrize("bad", [-1, 9, "0", True])
-def test_bad_edit_ids_change_nothing(tokenizer, bad):
-    editor = _wise(tokenizer, "retrieve")
-    log = [dict(e) for e in editor.edit_log]
-    with pytest.raises((ValueError, TypeError)):
-        editor.retract(bad)
-    assert editor.edit_log == log
