@@ -10,8 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from wise_edit import WiseConfig, WiseEditor
 from wise_edit.baselines import GraceConfig
-from wise_edit.wise.config import MERGE_NAMES
-from wise_edit.wise.merging import MERGE_METHODS
 
 OUTSIDE_VALUE = "model.layers.2.mlp.c_proj"
 
@@ -63,56 +61,6 @@ def test_a_target_outside_any_layer_list_asks_for_layers_path():
         WiseConfig.for_model(tiny_outside(), target_module="lm_head")
 
 
-def test_merge_names_are_the_registry():
-    assert tuple(MERGE_METHODS) == MERGE_NAMES
-    with pytest.raises(ValueError, match="merge_method"):
-        WiseConfig(merge_method="average")
-
-
-def test_optimizer_picks_its_learning_rate_and_owns_momentum():
-    assert WiseConfig().optimizer == "adam" and WiseConfig().lr == 1e-2
-    assert WiseConfig(optimizer="sgd").lr == 1.0 and WiseConfig(lr=0.5).lr == 0.5
-    assert WiseConfig(optimizer="sgd", momentum=0.5).momentum == 0.5
-    with pytest.raises(ValueError, match="momentum.*optimizer='sgd'"):
-        WiseConfig(momentum=0.5)
-    with pytest.raises(ValueError, match="optimizer"):
-        WiseConfig(optimizer="rmsprop")
-
-
-def test_each_early_stop_picks_its_bound():
-    assert WiseConfig().early_stop_loss == 0.2  # 'answer': the routing margins alone
-    assert WiseConfig(early_stop_on="loss").early_stop_loss == 0.05  # the reference's
-    assert WiseConfig(early_stop_on="lm").early_stop_loss == 0.05
-    assert WiseConfig(early_stop_loss=0.01).early_stop_loss == 0.01
-    # a save keeps the bound it was trained with, whatever the default becomes
-    saved = {**WiseConfig().to_dict(), "early_stop_loss": 0.05}
-    assert WiseConfig.from_dict(saved).early_stop_loss == 0.05
-    with pytest.raises(ValueError, match="early_stop_on"):
-        WiseConfig(early_stop_on="never")
-    with pytest.raises(ValueError, match="side_steps"):
-        WiseConfig(side_steps=-1)
-
-
-def test_side_steps_are_on_by_default_and_off_for_older_saves():
-    assert WiseConfig().side_steps == 16
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "side_steps"}
-    assert WiseConfig.from_dict(old).side_steps == 0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).side_steps == 16
-
-
-def test_the_retrieval_index_is_on_except_for_saves_without_keys():
-    assert WiseConfig().route_candidates == 4
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "route_candidates"}
-    assert WiseConfig.from_dict(old).route_candidates == 0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).route_candidates == 4
-
-
-def test_a_save_from_before_the_optimizer_field_keeps_training_with_sgd():
-    old = {k: v for k, v in WiseConfig(optimizer="sgd").to_dict().items() if k != "optimizer"}
-    assert WiseConfig.from_dict(old).optimizer == "sgd"
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).optimizer == "adam"
-
-
 def test_cli_edits_a_family_outside_the_table(tmp_path, tokenizer, caplog):
     from wise_edit.cli import main
 
@@ -131,12 +79,32 @@ def test_cli_edits_a_family_outside_the_table(tmp_path, tokenizer, caplog):
     assert any("built-in" in r.getMessage() for r in caplog.records)
 
 
-def test_key_radius_is_calibrated_by_default_a_cosine_and_off_in_older_saves():
-    assert WiseConfig().key_radius is None
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "key_radius"}
-    assert WiseConfig.from_dict(old).key_radius == 0.0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).key_radius is None
-    assert WiseConfig(key_radius=0.75).key_radius == 0.75
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match="key_radius"):
-            WiseConfig(key_radius=bad)
+def test_bad_target_module(tokenizer):
+    with pytest.raises(ValueError, match="target_module: 'model.layers.2.mlp.nope'"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.nope"))
+    with pytest.raises(ValueError, match="target_module: .*act_fn.*linear value projection"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.act_fn"))
+    with pytest.raises(ValueError, match="WiseConfig.layer=9"):
+        WiseEditor(tiny_model(), tokenizer, WiseConfig(layer=9))
+
+
+def test_presets_follow_the_paper_depth(family):
+    model = tiny_model(family)
+    config = WiseConfig.for_model(model)
+    assert config.layer == 3  # int(4 * 27 / 32)
+    assert config.shard_size >= 1
+    assert config.resolve_target(model).split(".")[-1] in (
+        "down_proj",
+        "c_proj",
+        "fc_out",
+        "dense_4h_to_h",
+    )
+    assert WiseConfig.for_model(model, layer=1).layer == 1
+
+
+def test_unknown_family_needs_an_explicit_target():
+    class Fake(torch.nn.Module):
+        config = type("C", (), {"model_type": "mamba", "num_hidden_layers": 2})()
+
+    with pytest.raises(ValueError, match="'mamba' is not a supported family"):
+        WiseConfig.for_model(Fake())

@@ -1,7 +1,8 @@
 """The dashboard at / in headless Chromium (the OS package, driven by Playwright's Python
-API; nothing is downloaded): submit an edit (naming its subject), wait for it to apply,
-ask the question, see the new answer and the memory that gave it, retract it. A
-screenshot is kept in ``test-artifacts/`` (``$WISE_EDIT_ARTIFACTS``)."""
+API; nothing is downloaded), against the app on uvicorn in a thread of this process:
+submit an edit (naming its subject), wait for it to apply, ask the question, see the new
+answer and the memory that gave it, retract it. A screenshot is kept in
+``test-artifacts/`` (``$WISE_EDIT_ARTIFACTS``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import EDITS, tiny_model, tiny_tokenizer
-from serving import TOKEN, Server, library_answers
+from serving import TOKEN, Threaded, library_answers
 
 ARTIFACTS = Path(
-    os.environ.get("WISE_EDIT_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
+    os.environ.get("WISE_EDIT_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
 )
 
 
@@ -31,7 +32,7 @@ def server(tmp_path):
     folder = tmp_path / "model"
     tiny_model().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    served = Server(str(folder), tmp_path / "state")
+    served = Threaded(str(folder), tmp_path / "state")
     yield served
     served.stop()
 

@@ -1,13 +1,14 @@
-"""The editing loop: shards and merges, state that survives, detach, and bad input that
-leaves nothing half-applied."""
+"""WISE's editing loop: shards and merges, masks and thresholds that survive a save, the
+model's own parameters untouched, rehearsal. What every editor promises (the edit moves the
+answer, save/load, bad input, detach) is in tests/core/test_editor_contract.py."""
 
 import copy
 
 import pytest
 import torch
-from conftest import EDITS, fast_config, poison_lm_loss, tiny_model
+from conftest import EDITS, fast_config, tiny_model
 
-from wise_edit import WiseConfig, WiseEditor
+from wise_edit import WiseEditor
 from wise_edit.wise.merging import ties
 
 
@@ -36,24 +37,6 @@ def _same(a, b):
         assert torch.equal(d1, d2) and len(v1) == len(v2)
         assert all(torch.equal(x, y) for x, y in zip(v1, v2))
         assert (e1, i1, m1, c1) == (e2, i2, m2, c2)
-
-
-def test_every_family_edits_and_changes_the_prediction(family, tokenizer):
-    from wise_edit.metrics import target_nll
-
-    model = tiny_model(family)
-    editor = WiseEditor(model, tokenizer, fast_config(max_steps=30, lr=0.05))
-    prompt, target = EDITS[0]
-    batch = tokenizer([prompt + " " + target], return_tensors="pt")
-    with torch.no_grad():
-        before = model(**batch).logits
-    nll_before = target_nll(model, editor.format, prompt, target)
-    editor.edit(prompt, target)
-    with torch.no_grad():
-        after = model(**batch).logits
-    assert editor.routed([prompt]) == [0]
-    assert target_nll(model, editor.format, prompt, target) < nll_before - 1.0
-    assert not torch.allclose(before, after)
 
 
 def test_edit_reports_when_the_answer_became_right(tokenizer):
@@ -207,11 +190,6 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
     for prompt, target in EDITS[:3]:
         first.edit(prompt, target)
     first.save_pretrained(tmp_path / "edits")
-    assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == [
-        "editor_config.json",
-        "editor_model.safetensors",
-        "editor_state.json",
-    ]
 
     resumed = WiseEditor.from_pretrained(tiny_model(), tokenizer, tmp_path / "edits")
     saved = _snapshot(first)
@@ -227,60 +205,6 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
         assert torch.equal(a.delta, b.delta)
         assert a.epsilon == b.epsilon  # prompt activations recomputed exactly after load
     assert [r["memory"] for r in straight.edit_log] == [r["memory"] for r in resumed.edit_log]
-
-
-def test_load_refuses_another_model_or_layer(tokenizer, tmp_path):
-    editor = WiseEditor(tiny_model(seed=0), tokenizer, fast_config())
-    editor.edit(*EDITS[0])
-    editor.save_pretrained(tmp_path / "edits")
-    other = tiny_model(seed=1)
-    with pytest.raises(ValueError, match="different model or layer: sha256"):
-        WiseEditor.from_pretrained(other, tokenizer, tmp_path / "edits")
-    assert type(other.model.layers[2].mlp.down_proj).__name__ == "Linear"  # nothing attached
-    with pytest.raises(ValueError, match="model_type"):
-        WiseEditor.from_pretrained(tiny_model("mistral"), tokenizer, tmp_path / "edits")
-    with pytest.raises(FileNotFoundError, match="not a wise-edit save"):
-        WiseEditor.from_pretrained(tiny_model(), tokenizer, tmp_path / "nothing")
-
-
-def test_detach_restores_the_original_module(tokenizer):
-    model = tiny_model()
-    original = model.model.layers[2].mlp.down_proj
-    weight = original.weight.clone()
-    batch = tokenizer([EDITS[0][0]], return_tensors="pt")
-    with torch.no_grad():
-        before = model(**batch).logits
-    editor = WiseEditor(model, tokenizer, fast_config())
-    editor.edit(*EDITS[0])
-    editor.detach()
-    assert model.model.layers[2].mlp.down_proj is original
-    assert torch.equal(original.weight, weight)
-    assert not model.model.base_model._forward_pre_hooks
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, before)
-    with pytest.raises(RuntimeError, match="detached"):
-        editor.edit(*EDITS[1])
-    WiseEditor(model, tokenizer, fast_config())  # the model can be edited again
-
-
-@pytest.mark.parametrize(
-    "prompt, target, error, match",
-    [
-        ("", "x", ValueError, "prompt is empty"),
-        ("   ", "x", ValueError, "prompt is empty"),
-        ("Who?", "", ValueError, "target is empty"),
-        ("Who?", " \n", ValueError, "target is empty"),
-        ("word " * 300, "x", ValueError, "longer than the model's context"),
-        (None, "x", TypeError, "strings"),
-    ],
-)
-def test_bad_input_leaves_state_untouched(tokenizer, prompt, target, error, match):
-    editor = WiseEditor(tiny_model(), tokenizer, fast_config())
-    editor.edit(*EDITS[0])
-    before = _snapshot(editor)
-    with pytest.raises(error, match=match):
-        editor.edit(prompt, target)
-    _same(before, _snapshot(editor))
 
 
 def test_target_that_tokenizes_to_nothing(tokenizer):
@@ -300,22 +224,6 @@ def test_target_that_tokenizes_to_nothing(tokenizer):
     with pytest.raises(ValueError, match="tokenizes to no tokens"):
         editor.edit("Who?", "\u2603")
     assert editor.num_edits == 0 and not editor.memories
-
-
-def test_nan_loss_leaves_state_untouched(tokenizer, monkeypatch):
-    editor = WiseEditor(tiny_model(), tokenizer, fast_config())
-    editor.edit(*EDITS[0])
-    before = _snapshot(editor)
-    calls = poison_lm_loss(monkeypatch, at_call=3)
-    with pytest.raises(FloatingPointError, match="not applied"):
-        editor.edit(*EDITS[1])
-    _same(before, _snapshot(editor))
-    # a failed first edit of a new memory creates no memory either
-    fresh = WiseEditor(tiny_model("gpt2"), tokenizer, fast_config())
-    calls["n"] = 0
-    with pytest.raises(FloatingPointError):
-        fresh.edit(*EDITS[0])
-    assert fresh.num_edits == 0 and not fresh.memories
 
 
 def test_model_parameters_keep_their_flags_and_stay_unchanged(tokenizer):
@@ -361,89 +269,6 @@ def test_biased_value_projection_keeps_its_bias(tokenizer):
     delta = torch.randn(layer_module.weight.shape) * 0.1
     with editor.layer.trial(delta):
         torch.testing.assert_close(editor.layer(acts), layer_module(acts) + acts @ delta.t())
-
-
-def test_edit_many_accepts_mappings_and_pairs(tokenizer):
-    editor = WiseEditor(tiny_model(), tokenizer, fast_config(max_steps=3))
-    results = editor.edit_many([{"prompt": EDITS[0][0], "target": EDITS[0][1]}, EDITS[1]])
-    assert [r.index for r in results] == [0, 1] and editor.num_edits == 2
-    with pytest.raises(ValueError, match="'prompt' and 'target'"):
-        editor.edit_many([{"src": "x"}])
-
-
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        ({"mask_ratio": 0.0}, "mask_ratio"),
-        ({"mask_ratio": 1.5}, "mask_ratio"),
-        ({"mode": "both"}, "mode"),
-        ({"merge_method": "average"}, "merge_method"),
-        ({"beta": 0.1, "alpha": 0.2}, "beta"),
-        ({"threshold_ratio": 0}, "threshold_ratio"),
-        ({"shard_size": 0}, "shard_size"),
-        ({"norm_bound": -1.0}, "norm_bound"),
-        ({"replay": True, "mode": "merge"}, "replay"),
-    ],
-)
-def test_invalid_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=f"WiseConfig.{field}="):
-        WiseConfig(**kwargs)
-
-
-def test_bad_target_module(tokenizer):
-    with pytest.raises(ValueError, match="target_module: 'model.layers.2.mlp.nope'"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.nope"))
-    with pytest.raises(ValueError, match="target_module: .*act_fn.*linear value projection"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(target_module="model.layers.2.mlp.act_fn"))
-    with pytest.raises(ValueError, match="WiseConfig.layer=9"):
-        WiseEditor(tiny_model(), tokenizer, WiseConfig(layer=9))
-
-
-def test_presets_follow_the_paper_depth(family):
-    model = tiny_model(family)
-    config = WiseConfig.for_model(model)
-    assert config.layer == 3  # int(4 * 27 / 32)
-    assert config.shard_size >= 1
-    assert config.resolve_target(model).split(".")[-1] in (
-        "down_proj",
-        "c_proj",
-        "fc_out",
-        "dense_4h_to_h",
-    )
-    assert WiseConfig.for_model(model, layer=1).layer == 1
-
-
-def test_matrix_size_presets():
-    from wise_edit.wise import preset_for_matrix
-
-    seven_b = preset_for_matrix(11008 * 4096)
-    assert seven_b == {
-        "mask_ratio": 0.2,
-        "shards_per_merge": 2,
-        "merge_density": 0.53,
-        "shard_size": 500,
-    }
-    smol = preset_for_matrix(1536 * 576)
-    assert smol == {
-        "mask_ratio": 1.0,
-        "shards_per_merge": 1,
-        "merge_density": 1.0,
-        "shard_size": 49,
-    }
-    assert preset_for_matrix(4 * 11008 * 4096)["mask_ratio"] == 0.05
-
-
-def test_overrides_win_over_presets():
-    config = WiseConfig.for_model(tiny_model(), mask_ratio=0.3, shard_size=7, mode="retrieve")
-    assert (config.mask_ratio, config.shard_size, config.mode) == (0.3, 7, "retrieve")
-
-
-def test_unknown_family_needs_an_explicit_target():
-    class Fake(torch.nn.Module):
-        config = type("C", (), {"model_type": "mamba", "num_hidden_layers": 2})()
-
-    with pytest.raises(ValueError, match="'mamba' is not a supported family"):
-        WiseConfig.for_model(Fake())
 
 
 def test_rehearsal_keeps_a_memorys_earlier_edits(tokenizer):

@@ -12,7 +12,7 @@ from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # memories of 2 shards x 1 edit, half the entries each (so shards overlap and merges
 # differ), replay on: edits 0-3 fill two memories that merge and close, 4-5 a third

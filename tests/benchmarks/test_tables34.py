@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tables34.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tables34.sh"
 RUN = "temporal-T3-raw-ft-l"
 
 # records each call; `bench` writes the results a finished run leaves in its --out

@@ -1,23 +1,22 @@
-"""`wise-edit serve` as a real process on loopback: edits over HTTP answer like the
-library, retraction, OpenAI shapes (streaming, the openai client), bad input."""
+"""The HTTP API in process (the app `wise-edit serve` builds from its flags, behind
+Starlette's TestClient): edits over HTTP answer like the library, retraction, concurrent
+requests, OpenAI shapes (streaming, the openai client), bad input."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import EDITS
-from serving import Server, env, library_answers
+from serving import InProcess, library_answers
 
 UNRELATED = "Please remember to close the door when you leave the room."
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    served = Server(model_dir, tmp_path_factory.mktemp("serve") / "state")
+    served = InProcess(model_dir, tmp_path_factory.mktemp("serve") / "state")
     yield served
     served.stop()
 
@@ -86,7 +85,7 @@ def test_stop_strings_cut_the_answer(server):
 
 def test_the_openai_client_works_unchanged(server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", http_client=server.client)
     chat = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": UNRELATED}], max_tokens=6
     )
@@ -138,15 +137,3 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server):
         assert r.json()["error"]["param"] == param, (method, path, body, r.text)
     after = (server.client.get("/v1/edits").json(), server.client.get("/metrics").json()["edits"])
     assert after == before
-
-
-def test_refuses_a_public_address_without_a_token(model_dir, tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "wise_edit.cli", "serve", "--model", model_dir,
-         "--state", str(tmp_path / "s"), "--host", "0.0.0.0"],
-        env={k: v for k, v in env().items() if k != "WISE_EDIT_TOKEN"},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert run.returncode == 2
-    assert "without a token" in run.stderr
-    assert not (tmp_path / "s").exists()

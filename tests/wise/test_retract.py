@@ -1,5 +1,6 @@
-"""Retraction: the retracted prompt is answered as by a model that never had the edit,
-the other edits hold, the log says so; methods that cannot retract say so."""
+"""WISE retraction: the retracted prompt is answered as by a model that never had the edit,
+the other edits hold, the log says so. (GRACE's is in tests/baselines/test_grace.py; bad
+ids and methods that cannot retract, in tests/core/test_editor_contract.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 from conftest import EDITS, fast_config, tiny_model
 
 from wise_edit import WiseEditor, load_editor
-from wise_edit.baselines import FTLConfig, FTLEditor, GraceConfig, GraceEditor
 
 
 def _greedy(editor, tokenizer, prompt: str, tokens: int = 6) -> list[int]:
@@ -87,33 +87,3 @@ def test_retracted_wise_state_saves_loads_and_keeps_editing(tokenizer, tmp_path)
     assert again.routed([EDITS[4][0]]) == [len(again.memories) - 1]
     with pytest.raises(ValueError, match="already retracted"):
         again.retract(0)
-
-
-def test_grace_retraction_equals_a_stream_without_the_edit(tokenizer):
-    config = GraceConfig(layer=2, max_steps=15, epsilon_init=1.0)
-    editor = GraceEditor(tiny_model(), tokenizer, config)
-    editor.edit_many(EDITS[:4])
-    editor.retract(2)
-    never = GraceEditor(tiny_model(), tokenizer, config)
-    never.edit_many([EDITS[i] for i in (0, 1, 3)])
-    assert torch.equal(editor.codebook.keys, never.codebook.keys)
-    assert torch.equal(editor.codebook.values, never.codebook.values)
-    for p, _ in EDITS[:4]:
-        assert _greedy(editor, tokenizer, p) == _greedy(never, tokenizer, p)
-    assert _greedy(editor, tokenizer, EDITS[2][0]) == _unedited(tokenizer, EDITS[2][0])
-
-
-def test_methods_that_cannot_retract_say_why(tokenizer):
-    editor = FTLEditor(tiny_model(), tokenizer, FTLConfig(layer=2, max_steps=3))
-    editor.edit(*EDITS[0])
-    with pytest.raises(NotImplementedError, match="cannot retract"):
-        editor.retract(0)
-
-
-@pytest.mark.parametrize("bad", [-1, 9, "0", True])
-def test_bad_edit_ids_change_nothing(tokenizer, bad):
-    editor = _wise(tokenizer, "retrieve")
-    log = [dict(e) for e in editor.edit_log]
-    with pytest.raises((ValueError, TypeError)):
-        editor.retract(bad)
-    assert editor.edit_log == log

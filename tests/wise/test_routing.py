@@ -296,3 +296,21 @@ def test_the_routing_report_separates_some_memory_from_the_memory_holding_the_ed
     # a method that cannot name an edit's memory reports only reaching some memory
     unnamed = routing_scores(_RoutedStub([None, None, None], choices), records)["summary"]
     assert "share_routed_to_own_memory" not in unnamed
+
+
+# ---------------------------------------------------------------------- routing
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_decision_per_prompt_without_a_kv_cache(family, tokenizer):
+    editor = WiseEditor(tiny_model(family), tokenizer, fast_config(max_steps=25))
+    editor.edit_many(EDITS[:2])
+    decisions = []
+    original = editor.layer.route
+    editor.layer.route = lambda acts, mask: decisions.append(acts.shape[1]) or original(acts, mask)
+    for prompt in [EDITS[0][0], "The weather today is mild and calm."]:
+        batch = tokenizer([prompt], return_tensors="pt")
+        decisions.clear()
+        plain = editor.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert decisions == [batch["input_ids"].shape[1]]  # decided once, from the prompt
+        cached = editor.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True)
+        assert torch.equal(plain, cached)
+    del editor.layer.route

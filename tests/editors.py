@@ -1,0 +1,94 @@
+"""Editors of every method (WISE in both modes and the baselines) set up to move a tiny
+random model in a few steps (the real defaults are the paper's), and helpers to compare
+their state and outputs."""
+
+import copy
+
+import torch
+from conftest import fast_config, tiny_model, tiny_tokenizer
+
+from wise_edit import WiseEditor
+from wise_edit.baselines import (
+    DeferConfig,
+    DeferEditor,
+    FTEWCConfig,
+    FTEWCEditor,
+    FTLConfig,
+    FTLEditor,
+    GraceConfig,
+    GraceEditor,
+)
+from wise_edit.core.rows import target_ids
+from wise_edit.metrics import target_logits
+
+
+def _baseline(config_class, **settings):
+    def build(**overrides):
+        config = config_class(**settings)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    return build
+
+
+def _wise(**settings):
+    return lambda **overrides: fast_config(**{**settings, **overrides})
+
+
+# settings that move a tiny random model in a few steps (the real defaults are the paper's)
+SETUPS = {
+    "wise-merge": (WiseEditor, _wise(max_steps=30, lr=0.05)),
+    "wise-retrieve": (
+        WiseEditor,
+        _wise(mode="retrieve", shard_size=1, shards_per_merge=2, max_steps=30, lr=0.05),
+    ),
+    "ft-l": (FTLEditor, _baseline(FTLConfig, layer=2, lr=1e-2, max_steps=20)),
+    "ft-ewc": (FTEWCEditor, _baseline(FTEWCConfig, layer=2, max_steps=20, replay=2)),
+    "grace": (GraceEditor, _baseline(GraceConfig, layer=2, max_steps=20)),
+    "defer": (DeferEditor, _baseline(DeferConfig, layer=2, lr=1e-2, max_steps=20)),
+}
+UNRELATED = "The weather today is mild and calm."
+
+
+def make(name, family="llama", seed=0, **overrides):
+    """The ``name`` editor (a key of `SETUPS`) on a tiny ``family`` model."""
+    cls, config = SETUPS[name]
+    return cls(tiny_model(family, seed=seed), _tok(), config(**overrides))
+
+
+def _tok():
+    return tiny_tokenizer()
+
+
+def first_token_nll(editor, prompt, target):
+    tok = editor.tokenizer
+    ids = target_ids(tok, target)
+    logits = target_logits(editor.model, tok(prompt)["input_ids"], ids)
+    return -torch.log_softmax(logits[0].float(), -1)[ids[0]].item()
+
+
+def state(editor):
+    tensors = {k: v.clone() for k, v in editor._tensors().items()}
+    return copy.deepcopy(editor.edit_log), copy.deepcopy(editor._state()), tensors
+
+
+def same_state(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    assert a[2].keys() == b[2].keys()
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def layer_io(editor, batch):
+    """The wrapped layer's input and output in one forward of ``batch``."""
+    seen = {}
+    handle = editor.layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], out=out))
+    with torch.no_grad():
+        editor.model(**batch)
+    handle.remove()
+    return seen["x"], seen["out"]
+
+
+def logits_of(model, tokenizer, prompt):
+    with torch.no_grad():
+        return model(**tokenizer([prompt], return_tensors="pt")).logits
