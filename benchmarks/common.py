@@ -12,7 +12,12 @@ from wise_edit.cli import parse_overrides
 from wise_edit.data import default_data_dir, load_zsre_irrelevant
 
 # the setting of the headline results: Retrieve, a memory per 5 edits, replay, raw prompts
-HEADLINE = {"mode": "retrieve", "shard_size": 5, "replay": True, "prompt_format": "raw"}
+HEADLINE = {
+    "memory.mode": "retrieve",
+    "shards.size": 5,
+    "memory.replay": True,
+    "prompt_format": "raw",
+}
 
 
 def editing_parser(doc: str, edits: int) -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "before": {"optimizer": "sgd", "early_stop_on": "loss"},
     "now": {},
     "full": {"fast_path": False},
-    "rows5": {"prefix_count": 5},
+    "rows5": {"prefixes.count": 5},
     "stop005": {"early_stop_loss": 0.05},
     "patience1": {"early_stop_patience": 1},
     "noside": {"side_steps": 0},

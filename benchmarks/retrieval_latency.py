@@ -42,10 +42,9 @@ def build(editor: WiseEditor, prompts: list[str], count: int) -> None:
         direction = torch.randn(out_dim, generator=gen)
         delta = torch.outer(direction / direction.norm(), key / key.norm() ** 2) * 0.5
         memory = editor.layer.new_memory()
-        memory.add_edit(
-            i, 0, delta.to(memory.delta.device), [torch.ones_like(delta, dtype=torch.bool)]
-        )
-        memory.add_key(key)
+        ones = [torch.ones_like(delta, dtype=torch.bool)]
+        no_subject = torch.zeros(out_dim)
+        memory.add_edit(i, 0, delta.to(memory.delta.device), ones, key, no_subject)
         memory.refresh_threshold(acts[p : p + 1], mask[p : p + 1], 0.88)
 
 
@@ -71,7 +70,9 @@ def main() -> None:
     print("|---|---|---|---|")
     figures: dict[int, tuple[float, float]] = {}
     for count in args.memories:
-        editor = WiseEditor(model, tokenizer, WiseConfig.for_model(model, mode="retrieve"))
+        editor = WiseEditor(
+            model, tokenizer, WiseConfig.for_model(model, **{"memory.mode": "retrieve"})
+        )
         build(editor, [r.prompt for r in records[:count]], count)
         editor.layer.candidates = 0  # every memory scored (the config's default is the index)
         dense = latency_ratio(editor, probe, args.repeats)["ratio"]

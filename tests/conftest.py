@@ -142,7 +142,7 @@ def fast_config(**overrides) -> WiseConfig:
         margin_weight=1.0,
     )
     settings.update(overrides)
-    return WiseConfig(**settings)
+    return WiseConfig.from_settings(**settings)
 
 
 def poison_lm_loss(monkeypatch, at_call: int) -> dict:
@@ -178,3 +178,48 @@ def tokenizer():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def flat_config(config: dict) -> dict:
+    """A nested WISE config as format 2 wrote it, with the flat names of then."""
+    from wise_edit.migrate import WISE_RENAMED
+
+    flat = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    dotted = {f"{g}.{k}": v for g, d in config.items() if isinstance(d, dict) for k, v in d.items()}
+    flat.update({old: dotted[new] for old, new in WISE_RENAMED.items()})
+    return flat
+
+
+def as_format_2(folder, drop=()) -> None:
+    """Rewrite the WISE save in ``folder`` as format 2 wrote it (a flat config, one tensor
+    per mask and per shard under ``memory.{i}``), less the config fields and tensors
+    named in ``drop`` (as saves from before those existed): an older save, for the
+    migration tests."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    flat = flat_config(json.loads((folder / "editor_config.json").read_text()))
+    state = json.loads((folder / "editor_state.json").read_text())
+    tensors = load_file(str(folder / "editor_model.safetensors"))
+    for i, meta in enumerate(state["memories"]):
+        new, old = f"memories.{i}", f"memory.{i}"
+        for name in ("delta", "keys", "subject_keys"):
+            tensors[f"{old}.{name}"] = tensors.pop(f"{new}.{name}")
+        masks, values = tensors.pop(f"{new}.masks"), tensors.pop(f"{new}.shard_values")
+        for j, mask in enumerate(masks):
+            tensors[f"{old}.mask.{j}"] = mask.clone()
+        for j, piece in enumerate(values.split(meta["shard_sizes"])):
+            tensors[f"{old}.shard.{j}"] = piece.clone()
+        meta["shards"] = len(meta.pop("shard_sizes"))
+    for name in drop:
+        flat.pop(name, None)
+        for key in [k for k in tensors if k == name or k.endswith(f".{name}")]:
+            del tensors[key]
+    save_file(tensors, str(folder / "editor_model.safetensors"))
+    state.update(format_version=2)
+    state.pop("tensor_sha256")
+    (folder / "editor_state.json").write_text(json.dumps(state))
+    (folder / "editor_config.json").write_text(json.dumps(flat))

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import EDITS, tiny_model, tiny_tokenizer
+from conftest import EDITS, as_format_2, flat_config, tiny_model, tiny_tokenizer
 
 from wise_edit.evaluation import sample_indices
 
@@ -147,18 +147,17 @@ def test_a_resume_keeps_the_runs_config_and_refuses_a_setting_given_otherwise(
     argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(out)]
     started = ["--mode", "retrieve", "--set", "shard_size=2", "--checkpoint-every", "2"]
     assert main([*argv, *started]) == 0
-    for path in (
-        out / "checkpoint" / "protocol.json",
-        out / "checkpoint" / "editor" / "editor_config.json",
-    ):
-        data = json.loads(path.read_text())
-        config = data["settings"]["config"] if "settings" in data else data
-        del config["side_steps"]
-        path.write_text(json.dumps(data))
+    as_format_2(out / "checkpoint" / "editor", drop=("side_steps",))
+    protocol = out / "checkpoint" / "protocol.json"
+    data = json.loads(protocol.read_text())
+    data["settings"]["config"] = flat_config(data["settings"]["config"])
+    del data["settings"]["config"]["side_steps"]
+    protocol.write_text(json.dumps(data))
     capsys.readouterr()
     assert main([*argv, "--resume", "--set", "max_steps=5"]) == 2
     assert "max_steps (save: 6, given: 5)" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["extra"]["config"]["side_steps"] == 0
-    assert result["mode"] == "retrieve" and result["extra"]["config"]["mode"] == "retrieve"
+    assert result["mode"] == "retrieve"
+    assert result["extra"]["config"]["memory"]["mode"] == "retrieve"

@@ -34,6 +34,7 @@ from .evaluation import (
     run_protocol,
 )
 from .methods import editor_class, make_config, settings_that_differ
+from .migrate import upgrade_config
 
 # Records after the T edited ones whose prompts probe the router: unrelated prompts in
 # the edits' own sentence form (at most this many).
@@ -59,9 +60,9 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     out.mkdir(parents=True, exist_ok=True)
 
     settings = config.to_dict()
-    saved = _checkpointed_config(out) if args.resume else None
+    saved = _checkpointed_config(out, cls.method) if args.resume else None
     if saved is not None:  # the run continues as it was configured (as `edit --resume`)
-        differ = settings_that_differ(saved, args.overrides)
+        differ = settings_that_differ(cls, saved, args.overrides)
         if differ:
             raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
         config, settings = cls.config_class.from_dict(saved), saved
@@ -127,12 +128,19 @@ def _default_out(
     return f"runs/{dataset}-T{args.edits}-{kind}-{name}"
 
 
-def _checkpointed_config(out: Path) -> dict[str, Any] | None:
-    """The method config a checkpointed run in ``out`` was started with (None: none)."""
+def _checkpointed_config(out: Path, method: str) -> dict[str, Any] | None:
+    """The method config a checkpointed run in ``out`` was started with (None: none),
+    in today's layout: a run started before WISE's nested config wrote it flat, and its
+    protocol file is rewritten in today's layout, so that the resumed run matches it."""
     path = out / "checkpoint" / PROTOCOL_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("settings", {}).get("config")
+    data = json.loads(path.read_text())
+    config = data.get("settings", {}).get("config")
+    if isinstance(config, dict) and method == "WISE" and "memory" not in config:
+        config = data["settings"]["config"] = upgrade_config(method, config, version=2)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return config
 
 
 def _checkpointing(

@@ -81,9 +81,9 @@ def parse_overrides(args: argparse.Namespace, cls: type[EditorBase]) -> dict[str
         except json.JSONDecodeError:
             overrides[name] = value
     if args.mode is not None:
-        if "mode" not in cls.config_class.__dataclass_fields__:
+        if "memory.mode" not in cls.config_class.setting_names():
             raise SystemExit(f"--mode applies to WISE, not {cls.method}")
-        overrides["mode"] = args.mode
+        overrides["memory.mode"] = args.mode
     if args.layer is not None:
         overrides["layer"] = args.layer
     if args.format is not None:
@@ -222,7 +222,7 @@ def _edit_settings(
     if args.method is not None and editor_class(args.method) is not cls:
         raise ValueError(f"--method {args.method}: {out} holds {method} edits")
     overrides = parse_overrides(args, cls)
-    differ = settings_that_differ(saved, overrides)
+    differ = settings_that_differ(cls, saved, overrides)
     if differ:
         raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
     return cls, overrides

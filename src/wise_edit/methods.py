@@ -10,8 +10,10 @@ from typing import Any
 from torch import nn
 
 from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
+from .core.config import flatten
 from .core.editor import EditorBase
 from .core.persistence import saved_method
+from .migrate import canonical_settings
 from .wise import WiseEditor
 
 METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
@@ -34,25 +36,21 @@ def editor_class(name: str) -> type[EditorBase]:
 
 
 def make_config(cls: type[EditorBase], model: nn.Module, overrides: dict[str, Any]) -> Any:
-    """The method's preset for ``model`` with ``overrides``; an unknown field is a
-    ValueError naming it."""
-    fields = cls.config_class.__dataclass_fields__
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.config_class.__name__} field(s): {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(fields))})"
-        )
+    """The method's preset for ``model`` with ``overrides`` (dotted or older flat names);
+    an unknown setting is a ValueError naming it."""
     return cls.config_class.for_model(model, **overrides)
 
 
-def settings_that_differ(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
-    """The ``given`` config settings whose value is not the ``saved`` one, each as
+def settings_that_differ(
+    cls: type[EditorBase], saved: dict[str, Any], given: dict[str, Any]
+) -> list[str]:
+    """The ``given`` settings whose value is not the ``saved`` config's, each as
     'name (save: X, given: Y)': a run that continues a save keeps the save's config, so
     a setting given again must agree with it (a default changed since does not count)."""
+    saved = flatten(saved)
     return [
         f"{name} (save: {saved.get(name)!r}, given: {value!r})"
-        for name, value in given.items()
+        for name, value in canonical_settings(cls.config_class, given).items()
         if _as_json(saved.get(name)) != _as_json(value)
     ]
 

@@ -1,6 +1,6 @@
 """Built-in neutral text: the irrelevant-prompt pool when the user gives none, the text
-the routing score scale is calibrated on (everyday statements, no facts to edit), and
-the subjects an edit's prompt is rewritten about to make its subject-swapped negatives."""
+the routing score scale and key radius are calibrated on (everyday statements, no facts
+to edit), and the check that an edit's subject is named in its prompt."""
 
 from __future__ import annotations
 
@@ -49,68 +49,11 @@ NEUTRAL_PROMPTS: tuple[str, ...] = (
     "Birds gathered on the wire above the street.",
 )
 
-# Entities of many kinds (people, places, organisations, works, things), so that a
-# prompt rewritten about one of them asks the edit's question of someone or something
-# else, whatever kind the edit's own subject is.
-NEUTRAL_SUBJECTS: tuple[str, ...] = (
-    "Marie Curie",
-    "Nelson Mandela",
-    "Frida Kahlo",
-    "Johann Sebastian Bach",
-    "Ada Lovelace",
-    "Genghis Khan",
-    "Serena Williams",
-    "Haruki Murakami",
-    "Cleopatra",
-    "Pablo Neruda",
-    "Rosalind Franklin",
-    "Miles Davis",
-    "Tokyo",
-    "Buenos Aires",
-    "Lake Victoria",
-    "Iceland",
-    "the Sahara",
-    "Bavaria",
-    "Mount Kilimanjaro",
-    "Nairobi",
-    "Toyota",
-    "the Red Cross",
-    "Siemens",
-    "Real Madrid",
-    "the Beatles",
-    "UNESCO",
-    "Hamlet",
-    "the Mona Lisa",
-    "Star Wars",
-    "Don Quixote",
-    "the Eiffel Tower",
-    "Python",
-    "the Danube",
-    "Jupiter",
-    "penicillin",
-    "the Roman Empire",
-)
-
-
-def _subject_pattern(prompt: str, subject: str) -> re.Pattern[str]:
-    """``subject`` matched case-insensitively (datasets lower-case subjects); a subject
-    that is blank or that ``prompt`` does not name is refused."""
-    if not subject.strip():
-        raise ValueError("subject must be a non-empty string")
-    pattern = re.compile(re.escape(subject), re.IGNORECASE)
-    if not pattern.search(prompt):
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
-    return pattern
-
 
 def check_subject(prompt: str, subject: str) -> None:
-    """Raise ValueError unless ``prompt`` names ``subject`` as `swap_subject` finds it."""
-    _subject_pattern(prompt, subject)
-
-
-def swap_subject(prompt: str, subject: str, others: list[str]) -> list[str]:
-    """``prompt`` rewritten about each of ``others`` in place of ``subject`` (every
-    occurrence, matched case-insensitively): the same wording about something else,
-    which an edit's memory must not answer."""
-    pattern = _subject_pattern(prompt, subject)
-    return [pattern.sub(lambda _, new=other: new, prompt) for other in others]
+    """Raise ValueError unless ``prompt`` names ``subject``, matched case-insensitively
+    (datasets lower-case subjects); a blank subject is refused too."""
+    if not subject.strip():
+        raise ValueError("subject must be a non-empty string")
+    if not re.search(re.escape(subject), prompt, re.IGNORECASE):
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")

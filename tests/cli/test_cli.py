@@ -131,12 +131,13 @@ def test_bench_writes_results(model_dir, tmp_path):
     assert (out / "results.md").is_file() and (out / "routing.png").stat().st_size > 1000
 
 
-def test_set_parses_json_values():
-    args = build_parser().parse_args(["bench", "--set", "mask_ratio=0.5", "--set", "mode=retrieve"])
+def test_set_parses_json_values_under_new_and_old_names():
     from wise_edit.cli import _config
 
-    config = _config(tiny_model(), args)
-    assert config.mask_ratio == 0.5 and config.mode == "retrieve"
+    for names in (("mask_ratio", "mode"), ("shards.mask_ratio", "memory.mode")):
+        argv = ["bench", "--set", f"{names[0]}=0.5", "--set", f"{names[1]}=retrieve"]
+        config = _config(tiny_model(), build_parser().parse_args(argv))
+        assert config.shards.mask_ratio == 0.5 and config.memory.mode == "retrieve"
 
 
 BASELINE_FAST = {

@@ -143,8 +143,10 @@ def test_cli_reports_a_corrupted_save_in_one_line(model_dir, tmp_path, capsys):
         ("lr=Infinity", "WiseConfig.lr=inf: must be finite"),
         ("max_steps=1.5", "WiseConfig.max_steps=1.5: must be an integer"),
         ("max_steps=abc", "WiseConfig.max_steps='abc': must be an integer"),
-        ("replay=1", "WiseConfig.replay=1: must be true or false"),
-        ("no_such=1", "unknown WiseConfig field(s): no_such"),
+        ("replay=1", "MemoryConfig.replay=1: must be true or false"),
+        ("memory.replay=1", "MemoryConfig.replay=1: must be true or false"),
+        ("no_such=1", "unknown WiseConfig setting 'no_such' (known: "),
+        ("momentum=0.5", "momentum was removed"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(setting, message, model_dir, tmp_path, capsys):
@@ -155,7 +157,7 @@ def test_bad_settings_are_one_line_and_exit_2(setting, message, model_dir, tmp_p
     (line,) = [x for x in err.splitlines() if x.startswith("wise-edit:")]
     assert message in line
     with pytest.raises(ValueError, match="must be finite"):
-        WiseConfig(alpha=float("nan"))
+        WiseConfig.from_settings(alpha=float("nan"))
 
 
 def test_generate_refuses_an_empty_prompt(model_dir, tmp_path, capsys):

@@ -24,7 +24,7 @@ def tiny_outside():
 def test_preset_picks_the_paper_depth_and_sizes_from_the_matrix():
     config = WiseConfig.for_model(tiny_model())
     assert config.layer == 3  # int(4 * 27 / 32)
-    assert config.mask_ratio == 1.0 and config.shards_per_merge == 1
+    assert config.shards.mask_ratio == 1.0 and config.shards.per_merge == 1
     assert WiseConfig.for_model(tiny_model(), layer=1, mode="retrieve").layer == 1
 
 
@@ -92,7 +92,7 @@ def test_presets_follow_the_paper_depth(family):
     model = tiny_model(family)
     config = WiseConfig.for_model(model)
     assert config.layer == 3  # int(4 * 27 / 32)
-    assert config.shard_size >= 1
+    assert config.shards.size >= 1
     assert config.resolve_target(model).split(".")[-1] in (
         "down_proj",
         "c_proj",

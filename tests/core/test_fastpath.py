@@ -139,11 +139,10 @@ def test_greedy_hits_reads_every_scored_target_token():
 def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
     tokenizer, monkeypatch
 ):
-    """The hard negatives' activations are computed once per editor, not per edit."""
+    """The hard negatives' activations are computed once, when the editor is made."""
     import wise_edit.core.editor as core_editor
 
     editor = WiseEditor(tiny_model("llama"), tokenizer, fast_config(rehearse_rows=0))
-    editor.edit(*EDITS[0])  # the first edit computes the negative pool (and the prefixes)
     batches = []
 
     def counted(*args, **kwargs):
@@ -151,6 +150,6 @@ def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
         return capture(*args, **kwargs)
 
     monkeypatch.setattr(core_editor, "capture", counted)
-    editor.edit(*EDITS[1])
-    rows = 1 + editor.config.prefix_count  # the bare prompt and one row per prefix
-    assert batches == [rows, editor.config.irrelevant_rows]  # no batch of hard negatives
+    editor.edit(*EDITS[0])  # the first edit too: calibration is not part of it
+    rows = 1 + editor.config.prefixes.count  # the bare prompt and one row per prefix
+    assert batches == [rows, editor.config.negatives.random]  # no batch of hard negatives

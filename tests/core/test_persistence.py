@@ -27,6 +27,7 @@ from wise_edit.core.persistence import (
     read_save,
     saved_method,
 )
+from wise_edit.migrate import FORMAT_VERSION
 
 LEGACY = Path(__file__).parents[1] / "fixtures" / "legacy-v1"
 BUDGET_S = 90  # wall time for the kill trials of one test
@@ -43,9 +44,9 @@ def test_a_save_from_the_old_layout_loads_and_computes_the_same():
     assert saved_method(LEGACY / "save") == "WISE"
     editor = load_editor(model, tokenizer, LEGACY / "save")
     assert isinstance(editor, WiseEditor) and editor.num_edits == expected["num_edits"]
-    assert editor.config.mode == "retrieve" and len(editor.memories) == 2
+    assert editor.config.memory.mode == "retrieve" and len(editor.memories) == 2
     # made before these settings existed: it keeps editing as it was made
-    assert editor.config.rehearse_rows == 0 and editor.config.prompt_format == "raw"
+    assert editor.config.memory.rehearse_rows == 0 and editor.config.prompt_format == "raw"
     assert editor.routed(expected["prompts"]) == expected["route"]
     batch = tokenizer(expected["prompts"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_saves_use_fixed_names_and_name_their_method(tokenizer, tmp_path):
     config = json.loads((tmp_path / "g" / CONFIG_FILE).read_text())
     state = json.loads((tmp_path / "g" / STATE_FILE).read_text())
     assert config["method"] == "GRACE" and config["epsilon_init"] == 1.0
-    assert state["format_version"] == 2 and state["edit_log"][0]["action"] == "add"
+    assert state["format_version"] == FORMAT_VERSION and state["edit_log"][0]["action"] == "add"
     loaded = load_editor(tiny_model(), tokenizer, tmp_path / "g")
     assert isinstance(loaded, GraceEditor) and loaded.routed([EDITS[0][0]]) == [0]
 
@@ -156,3 +157,21 @@ def test_another_methods_save_is_replaced_only_when_asked(tokenizer, tmp_path):
         grace.save_pretrained(tmp_path / "s")
     grace.save_pretrained(tmp_path / "s", replace=True)
     assert isinstance(load_editor(tiny_model(), tokenizer, tmp_path / "s"), GraceEditor)
+
+
+def test_wise_edit_imports_and_locks_a_save_without_fcntl(tmp_path):
+    """No `fcntl` (Windows): importing works and a save folder still locks."""
+    code = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import wise_edit\n"
+        "from wise_edit.core.persistence import SaveFolder, SaveLockedError\n"
+        f"with SaveFolder({str(tmp_path / 's')!r}):\n"
+        "    try:\n"
+        f"        SaveFolder({str(tmp_path / 's')!r}).__enter__()\n"
+        "    except SaveLockedError:\n"
+        "        print('locked')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "locked"

@@ -47,24 +47,24 @@ CORRUPTIONS = {
         "contents do not match the sha256",
     ),
     "missing key": (
-        lambda f: _corrupt_tensors(f, lambda t: t.pop("memory.0.delta")),
-        "memory.0.delta is missing",
+        lambda f: _corrupt_tensors(f, lambda t: t.pop("memories.0.delta")),
+        "memories.0.delta is missing",
     ),
     "wrong shape": (
-        lambda f: _corrupt_tensors(f, lambda t: t.update({"memory.0.delta": torch.zeros(1, 64)})),
-        "memory.0.delta has shape (1, 64), expected (32, 64)",
+        lambda f: _corrupt_tensors(f, lambda t: t.update({"memories.0.delta": torch.zeros(1, 64)})),
+        "memories.0.delta has shape (1, 64), expected (32, 64)",
     ),
     "NaN delta": (
         lambda f: _corrupt_tensors(
-            f, lambda t: t.update({"memory.0.delta": torch.full((32, 64), float("nan"))})
+            f, lambda t: t.update({"memories.0.delta": torch.full((32, 64), float("nan"))})
         ),
-        "memory.0.delta holds NaN",
+        "memories.0.delta holds NaN",
     ),
     "int tensor": (
         lambda f: _corrupt_tensors(
-            f, lambda t: t.update({"memory.0.delta": torch.zeros(32, 64, dtype=torch.int32)})
+            f, lambda t: t.update({"memories.0.delta": torch.zeros(32, 64, dtype=torch.int32)})
         ),
-        "memory.0.delta must be floating point",
+        "memories.0.delta must be floating point",
     ),
     "extra tensor": (
         lambda f: _corrupt_tensors(f, lambda t: t.update({"evil": torch.zeros(1)})),

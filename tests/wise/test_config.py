@@ -1,72 +1,103 @@
-"""`WiseConfig`: each field checked and named when wrong, the matrix-size presets, and the
-defaults older saves keep."""
+"""`WiseConfig`: each setting checked and named when wrong, nested by idea, the
+matrix-size presets."""
 
 import pytest
 from conftest import tiny_model
 
 from wise_edit import WiseConfig
-from wise_edit.wise.config import MERGE_NAMES
+from wise_edit.wise.config import MERGE_NAMES, RoutingConfig
 from wise_edit.wise.merging import MERGE_METHODS
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "settings, name",
     [
-        ({"mask_ratio": 0.0}, "mask_ratio"),
-        ({"mask_ratio": 1.5}, "mask_ratio"),
-        ({"mode": "both"}, "mode"),
-        ({"merge_method": "average"}, "merge_method"),
-        ({"beta": 0.1, "alpha": 0.2}, "beta"),
-        ({"threshold_ratio": 0}, "threshold_ratio"),
-        ({"shard_size": 0}, "shard_size"),
-        ({"norm_bound": -1.0}, "norm_bound"),
-        ({"replay": True, "mode": "merge"}, "replay"),
+        ({"shards.mask_ratio": 0.0}, "ShardConfig.mask_ratio"),
+        ({"shards.mask_ratio": 1.5}, "ShardConfig.mask_ratio"),
+        ({"memory.mode": "both"}, "MemoryConfig.mode"),
+        ({"shards.merge_method": "average"}, "ShardConfig.merge_method"),
+        ({"routing.beta": 0.1, "routing.alpha": 0.2}, "RoutingConfig.beta"),
+        ({"routing.threshold_ratio": 0}, "RoutingConfig.threshold_ratio"),
+        ({"shards.size": 0}, "ShardConfig.size"),
+        ({"memory.norm_bound": -1.0}, "MemoryConfig.norm_bound"),
+        ({"memory.replay": True, "memory.mode": "merge"}, "MemoryConfig.replay"),
+        ({"negatives.random": 0}, "NegativesConfig.random"),
+        ({"prefixes.lengths": [0]}, "PrefixConfig.lengths"),
+        ({"max_steps": 0}, "WiseConfig.max_steps"),
     ],
 )
-def test_invalid_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=f"WiseConfig.{field}="):
-        WiseConfig(**kwargs)
+def test_invalid_config_names_the_setting(settings, name):
+    with pytest.raises(ValueError, match=f"{name}="):
+        WiseConfig.from_settings(**settings)
+
+
+def test_groups_take_objects_dicts_and_dotted_names_alike():
+    by_object = WiseConfig(routing=RoutingConfig(alpha=0.3))
+    by_dict = WiseConfig.from_dict({"routing": {"alpha": 0.3}})
+    by_name = WiseConfig.from_settings(**{"routing.alpha": 0.3})
+    assert by_object == by_dict == by_name and by_name.routing.alpha == 0.3
+    assert WiseConfig.from_dict(by_name.to_dict()) == by_name
+    with pytest.raises(ValueError, match="unknown RoutingConfig fields"):
+        WiseConfig.from_dict({"routing": {"alpah": 0.3}})
+    with pytest.raises(ValueError, match="unknown WiseConfig setting 'routing.alpah'"):
+        WiseConfig.from_settings(**{"routing.alpah": 0.3})
+
+
+def test_setting_names_list_every_leaf_once():
+    names = WiseConfig.setting_names()
+    assert len(names) == len(set(names)) == 38
+    assert "routing.alpha" in names and "shards.size" in names and "lr" in names
 
 
 def test_matrix_size_presets():
     from wise_edit.wise import preset_for_matrix
 
-    seven_b = preset_for_matrix(11008 * 4096)
-    assert seven_b == {
-        "mask_ratio": 0.2,
-        "shards_per_merge": 2,
-        "merge_density": 0.53,
-        "shard_size": 500,
+    assert preset_for_matrix(11008 * 4096) == {
+        "shards.mask_ratio": 0.2,
+        "shards.per_merge": 2,
+        "shards.merge_density": 0.53,
+        "shards.size": 500,
     }
-    smol = preset_for_matrix(1536 * 576)
-    assert smol == {
-        "mask_ratio": 1.0,
-        "shards_per_merge": 1,
-        "merge_density": 1.0,
-        "shard_size": 49,
+    assert preset_for_matrix(1536 * 576) == {
+        "shards.mask_ratio": 1.0,
+        "shards.per_merge": 1,
+        "shards.merge_density": 1.0,
+        "shards.size": 49,
     }
-    assert preset_for_matrix(4 * 11008 * 4096)["mask_ratio"] == 0.05
+    assert preset_for_matrix(4 * 11008 * 4096)["shards.mask_ratio"] == 0.05
 
 
-def test_overrides_win_over_presets():
-    config = WiseConfig.for_model(tiny_model(), mask_ratio=0.3, shard_size=7, mode="retrieve")
-    assert (config.mask_ratio, config.shard_size, config.mode) == (0.3, 7, "retrieve")
+def test_overrides_win_over_presets_in_any_naming():
+    model = tiny_model()
+    config = WiseConfig.for_model(model, mask_ratio=0.3, shard_size=7, mode="retrieve")
+    assert (config.shards.mask_ratio, config.shards.size, config.memory.mode) == (
+        0.3,
+        7,
+        "retrieve",
+    )
+    dotted = {"shards.mask_ratio": 0.3, "shards.size": 7, "memory.mode": "retrieve"}
+    assert WiseConfig.for_model(model, **dotted) == config
 
 
 def test_merge_names_are_the_registry():
     assert tuple(MERGE_METHODS) == MERGE_NAMES
     with pytest.raises(ValueError, match="merge_method"):
-        WiseConfig(merge_method="average")
+        WiseConfig.from_settings(**{"shards.merge_method": "average"})
 
 
-def test_optimizer_picks_its_learning_rate_and_owns_momentum():
+def test_optimizer_picks_its_learning_rate():
     assert WiseConfig().optimizer == "adam" and WiseConfig().lr == 1e-2
     assert WiseConfig(optimizer="sgd").lr == 1.0 and WiseConfig(lr=0.5).lr == 0.5
-    assert WiseConfig(optimizer="sgd", momentum=0.5).momentum == 0.5
-    with pytest.raises(ValueError, match="momentum.*optimizer='sgd'"):
-        WiseConfig(momentum=0.5)
     with pytest.raises(ValueError, match="optimizer"):
         WiseConfig(optimizer="rmsprop")
+
+
+def test_removed_settings_are_refused_unless_given_what_the_code_does():
+    with pytest.raises(ValueError, match="momentum was removed"):
+        WiseConfig.from_settings(momentum=0.5)
+    with pytest.raises(ValueError, match="subject_negatives was removed"):
+        WiseConfig.from_settings(subject_negatives=2)
+    assert WiseConfig.from_settings(momentum=0.0, prefix_top_k=5) == WiseConfig()
 
 
 def test_each_early_stop_picks_its_bound():
@@ -83,32 +114,9 @@ def test_each_early_stop_picks_its_bound():
         WiseConfig(side_steps=-1)
 
 
-def test_side_steps_are_on_by_default_and_off_for_older_saves():
-    assert WiseConfig().side_steps == 16
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "side_steps"}
-    assert WiseConfig.from_dict(old).side_steps == 0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).side_steps == 16
-
-
-def test_the_retrieval_index_is_on_except_for_saves_without_keys():
-    assert WiseConfig().route_candidates == 4
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "route_candidates"}
-    assert WiseConfig.from_dict(old).route_candidates == 0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).route_candidates == 4
-
-
-def test_a_save_from_before_the_optimizer_field_keeps_training_with_sgd():
-    old = {k: v for k, v in WiseConfig(optimizer="sgd").to_dict().items() if k != "optimizer"}
-    assert WiseConfig.from_dict(old).optimizer == "sgd"
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).optimizer == "adam"
-
-
-def test_key_radius_is_calibrated_by_default_a_cosine_and_off_in_older_saves():
-    assert WiseConfig().key_radius is None
-    old = {k: v for k, v in WiseConfig().to_dict().items() if k != "key_radius"}
-    assert WiseConfig.from_dict(old).key_radius == 0.0
-    assert WiseConfig.from_dict(WiseConfig().to_dict()).key_radius is None
-    assert WiseConfig(key_radius=0.75).key_radius == 0.75
+def test_key_radius_is_calibrated_by_default_and_a_cosine():
+    assert WiseConfig().routing.key_radius is None
+    assert RoutingConfig(key_radius=0.75).key_radius == 0.75
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="key_radius"):
-            WiseConfig(key_radius=bad)
+            RoutingConfig(key_radius=bad)

@@ -48,18 +48,17 @@ def test_edit_reports_when_the_answer_became_right(tokenizer):
     assert editor.edit_log[-1]["answered_at"] == result.answered_at
 
 
-def test_side_steps_spend_the_margin_steps_without_forwards(tokenizer):
+def test_side_steps_spend_the_margin_steps_without_forwards(tokenizer, monkeypatch):
     # the same edit twice: with side steps, once the answer is right the routing margins
     # get updates of their own, and the edit stops (answered, margins under the bound)
-    # after fewer forwards
+    # after fewer forwards; a tiny random model's NLL settles higher than a real one's
+    monkeypatch.setattr("wise_edit.core.editor.SIDE_STEPS_LM", 5.0)
     results = {}
     for side_steps in (0, 8):
         editor = WiseEditor(
             tiny_model(),
             tokenizer,
-            fast_config(
-                max_steps=60, lr=0.1, early_stop_loss=1.0, side_steps=side_steps, side_steps_lm=5.0
-            ),
+            fast_config(max_steps=60, lr=0.1, early_stop_loss=1.0, side_steps=side_steps),
         )
         results[side_steps] = editor.edit(*EDITS[0])
         assert editor.routed([EDITS[0][0]]) == [0]
@@ -70,12 +69,11 @@ def test_side_steps_spend_the_margin_steps_without_forwards(tokenizer):
     assert cheap.loss - cheap.lm_loss < 1.0
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_the_papers_sgd_still_edits(tokenizer, momentum):
+def test_the_papers_sgd_still_edits(tokenizer):
     from wise_edit.metrics import target_nll
 
     model = tiny_model()
-    config = fast_config(max_steps=30, optimizer="sgd", lr=2.0, momentum=momentum)
+    config = fast_config(max_steps=30, optimizer="sgd", lr=2.0)
     editor = WiseEditor(model, tokenizer, config)
     prompt, target = EDITS[0]
     nll_before = target_nll(model, editor.format, prompt, target)
@@ -97,12 +95,12 @@ def test_mask_invariants(tokenizer):
     assert all(0.2 < s < 0.4 for s in share)
     touched = masks[0] | masks[1]
     assert torch.all(memory.delta[~touched] == 0)  # nothing outside the shards' masks moved
-    stored = memory.tensors("m")
     for shard in range(memory.shard_count):
         vector = memory.shard_vector(shard)
         assert torch.all(vector[~masks[shard]] == 0)
-        assert stored[f"m.shard.{shard}"].numel() == masks[shard].sum()  # compact storage
-    assert memory.delta.abs().max() <= editor.config.norm_bound
+    stored = memory.state_dict()["shard_values"]  # compact: only the masked entries
+    assert stored.numel() == sum(int(m.sum()) for m in masks[: memory.shard_count])
+    assert memory.delta.abs().max() <= editor.config.memory.norm_bound
 
 
 def test_norm_bound_holds(tokenizer):
@@ -122,7 +120,7 @@ def test_merge_mode_across_shard_boundaries(tokenizer):
     first = memory.shard_vector(0)
     editor.edit(*EDITS[1])
     # the merge folds both shards into the memory (Eq. 8) and drops the shards
-    assert memory.merges == 1 and memory.masks == () and memory.shard_count == 0
+    assert memory.merges == 1 and len(memory.masks) == 0 and memory.shard_count == 0
     assert len(editor.memories) == 1 and not memory.closed
     second_step = editor.edit_log[1]
     assert second_step["shard"] == 1
@@ -141,15 +139,16 @@ def test_merge_is_ties_of_the_shard_vectors(tokenizer, monkeypatch):
     )
     editor.edit(*EDITS[0])
     captured = {}
-    memory = editor.memories[0]
-    real_merge = memory.merge
+    import wise_edit.wise.bank as bank
 
-    def spy(*args, **kwargs):
+    real_merge = bank.merge_group
+
+    def spy(memory, *args, **kwargs):
         captured["vectors"] = [memory.shard_vector(i) for i in range(memory.shard_count)]
         captured["earlier"] = memory.delta - torch.stack(captured["vectors"]).sum(0)
-        real_merge(*args, **kwargs)
+        real_merge(memory, *args, **kwargs)
 
-    monkeypatch.setattr(memory, "merge", spy)
+    monkeypatch.setattr(bank, "merge_group", spy)
     editor.edit(*EDITS[1])
     expected = captured["earlier"] + ties(captured["vectors"], [0.5, 0.5], density=0.6)
     torch.testing.assert_close(editor.memories[0].delta, expected.clamp(-1, 1))
@@ -198,7 +197,8 @@ def test_save_load_round_trip_and_continue(tokenizer, tmp_path):
     assert [
         torch.equal(a, b) for a, b in zip(first.memories[0].masks, resumed.memories[0].masks)
     ] == [True, True]
-    assert resumed.prefixes == first.prefixes and resumed.score_scale == first.score_scale
+    assert resumed.calibration.prefixes == first.calibration.prefixes
+    assert resumed.calibration.score_scale == first.calibration.score_scale
     for prompt, target in EDITS[3:5]:
         resumed.edit(prompt, target)
     for a, b in zip(straight.memories, resumed.memories):
@@ -237,7 +237,9 @@ def test_model_parameters_keep_their_flags_and_stay_unchanged(tokenizer):
     assert flags == {
         k.replace(".base_layer", ""): p.requires_grad for k, p in model.named_parameters()
     }
-    for key, value in model.state_dict().items():
+    weights = {k: v for k, v in model.state_dict().items() if ".memories." not in k}
+    assert len(weights) == len(state)  # beside the model's own: the side memories, peft-like
+    for key, value in weights.items():
         assert torch.equal(value, state[key.replace(".base_layer", "")])
 
 
@@ -297,13 +299,16 @@ def test_rehearsal_draws_from_the_memory_being_trained(tokenizer):
         fast_config(mode="retrieve", shard_size=3, shards_per_merge=1, rehearse_rows=2),
     )
     editor.edit_many(EDITS[:4])  # memory 0: edits 0-2 (closed), memory 1: edit 3
-    plan = editor._plan()
+    bank = editor.bank
+    plan = bank.plan()
     assert plan.held == (3,)  # a new edit goes to memory 1, next to edit 3 only
-    ((rows, _),) = editor._rehearsal(plan, 4)
+    assert bank.rehearsal_ids(plan, 4) == [3]
+    ((rows, _),) = editor._rehearsal(bank.rehearsal_ids(plan, 4))
     assert rows.input_ids.shape[0] == 1
-    full = editor._plan_in(editor.memories[0], 0)
-    ((rows, _),) = editor._rehearsal(full, 5)  # three held, two drawn, seeded by index
+    full = bank.plan_in(editor.memories[0], 0)
+    drawn = bank.rehearsal_ids(full, 5)  # three held, two drawn, seeded by index, in order
+    assert len(drawn) == 2 and drawn == sorted(drawn) and set(drawn) < {0, 1, 2}
+    assert bank.rehearsal_ids(full, 5) == drawn
+    ((rows, _),) = editor._rehearsal(drawn)
     assert rows.input_ids.shape[0] == 2
-    again = editor._rehearsal(full, 5)[0][0]
-    assert torch.equal(again.input_ids, rows.input_ids)
-    assert editor._rehearsal(editor._plan_in(None, 2), 4) == []
+    assert bank.rehearsal_ids(bank.plan_in(None, 2), 4) == []

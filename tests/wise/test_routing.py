@@ -10,7 +10,28 @@ from safetensors.torch import load_file, save_file
 
 from wise_edit import WiseEditor
 from wise_edit.neutral import NEUTRAL_PROMPTS
-from wise_edit.wise.router import mean_inputs, memory_nearness
+from wise_edit.wise.router import mean_inputs
+
+
+def edit_keys(editor):
+    """Every edit's key (E, I) and the memory holding it (E,), in memory order."""
+    keys = [m.keys for m in editor.memories]
+    owners = [torch.full((len(k),), i) for i, k in enumerate(keys)]
+    return torch.cat(keys).clone(), torch.cat(owners)
+
+
+def prompt_keys(editor, prompts):
+    """Each prompt's key, the mean value-matrix input over the tokens routing reads."""
+    return mean_inputs(*editor._prompt_batch_acts(list(prompts))).float()
+
+
+def nearness(queries, keys, owners, memories):
+    """(M, B): each memory's best cosine between a query and one of its keys."""
+    unit = torch.nn.functional.normalize
+    sims = (unit(queries, dim=-1) @ unit(keys, dim=-1).t()).t()  # (E, B)
+    out = torch.full((memories, sims.shape[1]), float("-inf"))
+    return out.scatter_reduce(0, owners[:, None].expand_as(sims), sims, reduce="amax")
+
 
 UNRELATED = [
     "Tomorrow we will paint the fence in the garden.",
@@ -132,7 +153,8 @@ def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
     dense.save_pretrained(tmp_path / "s")
     config_file = tmp_path / "s" / "editor_config.json"
     data = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**data, "route_candidates": 2}))
+    data["routing"]["candidates"] = 2
+    config_file.write_text(json.dumps(data))
     sparse = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     assert sparse.layer.candidates == 2 and len(sparse.memories) == 4
     assert [len(m.keys) for m in sparse.memories] == [1, 1, 1, 1]
@@ -141,7 +163,7 @@ def test_retrieval_index_routes_like_scoring_every_memory(tokenizer, tmp_path):
     sparse.detach()
     tensors = load_file(str(tmp_path / "s" / "editor_model.safetensors"))
     for i in range(4):  # a save from before the index: keys are recomputed, the same
-        del tensors[f"memory.{i}.keys"]
+        del tensors[f"memories.{i}.keys"]
     save_file(tensors, str(tmp_path / "s" / "editor_model.safetensors"))
     state_file = tmp_path / "s" / "editor_state.json"
     state = json.loads(state_file.read_text())
@@ -164,7 +186,7 @@ def test_route_scores_with_the_index_are_the_best_of_the_nearest_keys_memories(t
     layer.candidates = 0
     assert torch.equal(layer.route_scores(acts, mask), every.max(dim=0).values)
     layer.candidates, layer.radius = 1, 0.999  # the radius would leave rows without any
-    keys, owners = editor.edit_keys()
+    keys, owners = edit_keys(editor)
     queries = torch.nn.functional.normalize(mean_inputs(acts, mask).float(), dim=-1)
     near = owners[(queries @ torch.nn.functional.normalize(keys, dim=-1).t()).topk(1).indices]
     expected = torch.stack([every[near[b], b].max() for b in range(len(prompts))])
@@ -175,21 +197,17 @@ def test_route_scores_with_the_index_are_the_best_of_the_nearest_keys_memories(t
 
 def test_the_retrieval_index_follows_every_edit_and_is_not_handed_out(tokenizer):
     """The layer joins the memories' keys once and keeps them; a new edit (a new memory,
-    or a key added to an open one) must reach routing at once, and what `edit_keys`
-    returns is the caller's to change."""
+    or a key added to an open one) must reach routing at once."""
     config = fast_config(mode="retrieve", shard_size=2, shards_per_merge=1, max_steps=25)
     editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
     editor.layer.candidates = 1
     prompts = [p for p, _ in EDITS[:3]]
     for count, (prompt, target) in enumerate(EDITS[:3], start=1):
         editor.edit(prompt, target)
-        keys, owners = editor.edit_keys()
+        keys, owners = edit_keys(editor)
         assert len(keys) == count and owners.tolist() == [0, 0, 1][:count]
         editor.routed(prompts)  # builds (or reuses) the index
     assert editor.routed(prompts)[2] == 1  # the third edit, in the second memory
-    keys, _ = editor.edit_keys()
-    keys.zero_()
-    assert torch.equal(editor.edit_keys()[0], torch.cat([m.keys for m in editor.memories]))
     assert editor.routed(prompts)[2] == 1
 
 
@@ -203,31 +221,29 @@ def test_key_radius_keeps_memories_to_prompts_worded_like_their_edits(tokenizer,
     editor.edit_many(EDITS[:4])
     worded = [p for p, _ in EDITS[:4]] + [p + " Tell me." for p, _ in EDITS[:4]]
     assert editor.routed(worded) == [0, 1, 2, 3] * 2
-    keys, owners = editor.edit_keys()
-    near = memory_nearness(editor.prompt_keys(worded), keys, owners, 4).max(dim=0).values
+    keys, owners = edit_keys(editor)
+    near = nearness(prompt_keys(editor, worded), keys, owners, 4).max(dim=0).values
     assert (near[:4] > 0.9999).all() and (near[4:] < 0.99).all()
     editor.save_pretrained(tmp_path / "s")
     config_file = tmp_path / "s" / "editor_config.json"
     data = json.loads(config_file.read_text())
     for candidates in (0, 2):
-        config_file.write_text(
-            json.dumps({**data, "key_radius": 0.99, "route_candidates": candidates})
-        )
+        routing = {**data["routing"], "key_radius": 0.99, "candidates": candidates}
+        config_file.write_text(json.dumps({**data, "routing": routing}))
         gated = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
         assert gated.layer.radius == 0.99 and gated.layer.candidates == candidates
         assert gated.routed(worded) == [0, 1, 2, 3] + [-1] * 4
 
 
 def test_the_default_key_radius_is_calibrated_on_neutral_text_once_and_saved(tokenizer, tmp_path):
-    from wise_edit.wise.editor import RADIUS_QUANTILE
-    from wise_edit.wise.router import background_radius
+    from wise_edit.wise.calibration import RADIUS_QUANTILE, background_radius
 
     config = fast_config(mode="retrieve", shard_size=1, shards_per_merge=1, max_steps=25)
-    assert config.key_radius is None
+    assert config.routing.key_radius is None
     editor = WiseEditor(tiny_model("llama", seed=3), tokenizer, config)
-    assert editor.key_radius is None and editor.layer.radius is None  # routes as 0
+    expected = background_radius(prompt_keys(editor, NEUTRAL_PROMPTS), RADIUS_QUANTILE)
+    assert editor.key_radius == editor.layer.radius == expected  # measured when made
     editor.edit_many(EDITS[:2])
-    expected = background_radius(editor.prompt_keys(NEUTRAL_PROMPTS), RADIUS_QUANTILE)
     assert 0.0 < expected < 1.0
     assert editor.key_radius == editor.layer.radius == expected
     assert editor.summary()["key_radius"] == expected

@@ -3,15 +3,13 @@ subjects (keyed low in the model), and edits without a subject leave it ungated.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import EDITS, fast_config, tiny_model
+from conftest import EDITS, as_format_2, fast_config, tiny_model
 
 from wise_edit import WiseEditor
 from wise_edit.core.layer import AttachedLayer
-from wise_edit.wise.subject import centred_unit, subject_end, subject_gate
+from wise_edit.wise.router import centred_unit, subject_end, subject_gate
 
 PROMPT, TARGET, SUBJECT = "Who designed Lahti Town Hall?", "Eliel Saarinen", "Lahti Town Hall"
 OTHER = "Who designed Tokyo Tower?"  # the same question about another subject
@@ -88,16 +86,7 @@ def test_subject_keys_survive_a_save_and_are_rebuilt_for_older_saves(tokenizer, 
     loaded = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     assert torch.equal(loaded.memories[0].subject_keys, editor.memories[0].subject_keys)
     assert torch.equal(loaded.layer.subject_centre, editor.layer.subject_centre)
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "s" / "editor_model.safetensors"
-    tensors = load_file(str(path))
-    del tensors["memory.0.subject_keys"], tensors["subject_centre"]
-    save_file(tensors, str(path))
-    state_file = tmp_path / "s" / "editor_state.json"
-    state = json.loads(state_file.read_text())
-    state.pop("tensor_sha256")
-    state_file.write_text(json.dumps(state))
+    as_format_2(tmp_path / "s", drop=("subject_keys", "subject_centre"))
     old = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
     torch.testing.assert_close(old.memories[0].subject_keys, editor.memories[0].subject_keys)
 
@@ -105,12 +94,10 @@ def test_subject_keys_survive_a_save_and_are_rebuilt_for_older_saves(tokenizer, 
 def test_a_save_from_before_the_gate_routes_without_it(tokenizer, tmp_path):
     editor = _open_gate_editor(tokenizer)
     editor.save_pretrained(tmp_path / "s")
-    config_file = tmp_path / "s" / "editor_config.json"
-    data = json.loads(config_file.read_text())
-    del data["subject_tau"], data["subject_layer"]
-    config_file.write_text(json.dumps(data))
+    as_format_2(tmp_path / "s", drop=("subject_tau", "subject_layer", "subject_keys"))
     old = WiseEditor.from_pretrained(tiny_model("llama", seed=3), tokenizer, tmp_path / "s")
-    assert old.config.subject_tau == 0.0
+    assert old.config.routing.subject_tau == 0.0
+    assert old.routed([PROMPT, OTHER]) == [0, 0]
 
 
 def test_a_subject_layer_above_the_edited_one_is_refused_and_nothing_is_attached(tokenizer):

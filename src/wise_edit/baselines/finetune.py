@@ -23,7 +23,7 @@ from ..core.fit import adam_update
 from ..core.layer import AttachedLayer
 from ..core.rows import EditRows
 from ..core.validate import SaveChecker
-from ..wise.masks import clamp_to_bound
+from ..wise.shards import clamp_to_bound
 
 
 @dataclass

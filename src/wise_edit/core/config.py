@@ -1,11 +1,14 @@
 """The settings every editor shares: which module it wraps (`TargetConfig`) and how one
 edit is optimised (`EditConfig`). Each method's config extends `EditConfig` with its own
-fields and the paper's defaults."""
+fields and the paper's defaults; a method with several ideas of its own (WISE) groups
+their fields in nested `Group` dataclasses, the way peft nests its feature configs.
+
+Settings are named by dotted paths (``routing.alpha``) wherever they are given as text:
+``--set``, ``for_model(**{"routing.alpha": ...})`` and `settings_that_differ`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -52,8 +55,98 @@ def type_error(value: Any, hint: Any) -> str | None:
     return None
 
 
+class Checked:
+    """Type checks of every field against its annotation, and named range checks: the
+    one way a config (or a group of it) refuses a bad value, naming the field."""
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            why = type_error(getattr(self, f.name), hints[f.name])
+            if why:
+                self._validate([(f.name, False, why)])
+
+    def _validate(self, checks: list[tuple[str, bool, str]]) -> None:
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; groups as nested objects, tuples as lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Checked):
+                value = value.to_dict()
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """The config of ``data`` as `to_dict` wrote it; an unknown field is an error."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__} expects an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def groups(cls) -> dict[str, type[Group]]:
+        """The nested groups of this config by field name."""
+        hints = typing.get_type_hints(cls)
+        return {
+            f.name: hints[f.name]
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Group)
+        }
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """Every setting's dotted name (``routing.alpha``), groups expanded."""
+        groups = cls.groups()
+        names = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in groups:
+                names += [f"{f.name}.{n}" for n in groups[f.name].setting_names()]
+            else:
+                names.append(f.name)
+        return names
+
+
+class Group(Checked):
+    """A nested group of settings of one idea (WISE's routing, shards, ...)."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted names: {"routing": {"alpha": 1}} -> {"routing.alpha": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def unflatten(settings: dict[str, Any]) -> dict[str, Any]:
+    """Dotted names back into nested objects (the inverse of `flatten`)."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 @dataclass
-class TargetConfig:
+class TargetConfig(Checked):
     """Which linear module an editor wraps; the base of every method's config."""
 
     layer: int | None = field(
@@ -79,26 +172,40 @@ class TargetConfig:
     )
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            why = type_error(getattr(self, f.name), hints[f.name])
-            if why:
-                self._validate([(f.name, False, why)])
+        for name, group in self.groups().items():  # given as a JSON object: build it
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, group.from_dict(value))
+        self._check_types()
         self._validate([("layer", self.layer is None or self.layer >= 0, "must be >= 0")])
-
-    def _validate(self, checks: list[tuple[str, bool, str]]) -> None:
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> Any:
-        """The config for ``model`` with ``overrides``; methods with size-dependent
-        presets override this. Raises at once when the target cannot be found in
-        ``model`` (an unknown family without ``target_module``, a layer out of range)."""
-        config = cls(**overrides)
+        """The config for ``model`` with ``overrides`` (field names, dotted names such as
+        ``routing.alpha``, or the flat names of older versions); methods with
+        size-dependent presets extend `preset`. Raises at once when the target cannot be
+        found in ``model`` (an unknown family without ``target_module``, a layer out of
+        range)."""
+        from ..migrate import canonical_settings  # migrate reads this module's classes
+
+        given = canonical_settings(cls, overrides)
+        settings = {**cls.preset(model, given), **given}
+        config = cls.from_dict(unflatten(settings))
         config.resolve_target(model)
         return config
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> Any:
+        """The config of ``settings`` named as `for_model` takes them, without a model's
+        preset: ``WiseConfig.from_settings(**{"routing.alpha": 0.3}, layer=2)``."""
+        from ..migrate import canonical_settings
+
+        return cls.from_dict(unflatten(canonical_settings(cls, settings)))
+
+    @classmethod
+    def preset(cls, model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
+        """Dotted settings chosen for ``model`` before ``given`` ones apply (none here)."""
+        return {}
 
     def resolve_layers_path(self, model: nn.Module) -> str:
         """Dotted path of the decoder stack: given, the family's, or inferred from
@@ -126,21 +233,6 @@ class TargetConfig:
             return self.target_module
         layers_path = self.resolve_layers_path(model)
         return f"{layers_path}.{self.resolve_layer(model)}.{family_of(model).value_proj}"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 @dataclass
@@ -172,18 +264,10 @@ class EditConfig(TargetConfig):
         default=0,
         metadata={
             "help": "With early_stop_on='answer': once the answer is right, its target NLL "
-            "under side_steps_lm and only the loss's other terms (WISE: the routing "
+            "settled (`fit.SIDE_STEPS_LM`) and only the loss's other terms (WISE: the routing "
             "margins) above the bound, take up to this many updates on those terms alone, "
             "which need no forward of the model, before the next full step checks the "
             "answer again. 0: every step is full. Methods without such terms ignore it."
-        },
-    )
-    side_steps_lm: float = field(
-        default=0.05,
-        metadata={
-            "help": "See side_steps: the target NLL under which they may start (the 'lm' "
-            "stop's bound: the answer has settled; above it the full steps it still needs "
-            "train the other terms too)."
         },
     )
     fast_path: bool = field(
@@ -223,7 +307,6 @@ class EditConfig(TargetConfig):
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
                 ("side_steps", self.side_steps >= 0, "must be >= 0"),
-                ("side_steps_lm", self.side_steps_lm > 0, "must be > 0"),
                 (
                     "early_stop_on",
                     self.early_stop_on in get_args(StopOn),

@@ -36,7 +36,7 @@ from .attach import (
 from .config import EditConfig
 from .draft import Draft, EditRequest, EditResult
 from .fastpath import Captured, capture
-from .fit import Fitted, StepLoss, fit
+from .fit import SIDE_STEPS_LM, Fitted, StepLoss, fit
 from .layer import AttachedLayer
 from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
 from .prompts import PromptFormat
@@ -219,8 +219,7 @@ class EditorBase:
         """Apply one edit. On any error the editor is left exactly as before the call.
         ``meta`` (JSON-serialisable) is kept with the edit in the log, e.g. where the
         edit came from. ``subject``: what the prompt is about, as written in it; kept in
-        the log, and WISE with `subject_negatives` trains the prompt rewritten about other
-        subjects as unrelated."""
+        the log, and WISE's subject gate keys the edit on it."""
         self._check_attached()
         if meta is not None:
             meta = json.loads(json.dumps(dict(meta)))  # a copy, and proof it can be saved
@@ -275,7 +274,7 @@ class EditorBase:
             stop_on=cfg.early_stop_on,
             side_loss_fn=side_loss_fn,
             side_steps=cfg.side_steps,
-            side_lm_bound=cfg.side_steps_lm,
+            side_lm_bound=SIDE_STEPS_LM,
         )
 
     # ------------------------------------------------------------------ retraction
@@ -495,6 +494,13 @@ class EditorBase:
         check.edit_log(saved.state)
         cls._check_saved(check, saved.state, config, weight_out_in(module))
         check.no_other_tensors()
+        return cls._from_saved(model, tokenizer, config, irrelevant_prompts, saved)
+
+    @classmethod
+    def _from_saved(
+        cls, model: nn.Module, tokenizer: Any, config: Any, irrelevant_prompts: Any, saved: Saved
+    ) -> Any:
+        """The editor of a checked save: made, then given the saved log and state."""
         editor = cls(model, tokenizer, config, irrelevant_prompts)
         editor.edit_log = saved.state["edit_log"]
         editor._restore(saved.state, saved.tensors)
@@ -524,7 +530,7 @@ def _prompt_target(
 
 
 def _checked_subject(prompt: Any, subject: Any) -> str | None:
-    """``subject`` when it is text ``prompt`` names (as `swap_subject` finds it); a
+    """``subject`` when it is text ``prompt`` names (`neutral.check_subject`); a
     subject the prompt does not name is a caller's mistake."""
     if subject is None:
         return None

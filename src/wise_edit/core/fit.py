@@ -9,6 +9,10 @@ from typing import Literal
 import torch
 
 StopOn = Literal["loss", "lm", "answer"]
+# Side steps (updates on the loss's other terms alone) may start once the target NLL is
+# under this: the 'lm' stop's bound, where the answer has settled; above it the full
+# steps it still needs train the other terms too.
+SIDE_STEPS_LM = 0.05
 
 
 @dataclass

@@ -12,16 +12,16 @@ goes only into a missing or empty folder or over a save (of the same method unle
 ``replace``); it is written beside the old one and swapped in by two renames under an
 advisory lock, and whatever a crash leaves behind (the old save under a side name, a
 half-written temp folder) is put right by the next writer. Readers take no lock: they
-read again if a swap happened while they read.
+read again if a swap happened while they read. The lock is `filelock`'s, so that saving
+works wherever Python does (no ``fcntl`` on Windows).
 
 This module knows files, not editors: `EditorBase.save_pretrained` hands it a `Saved`
-and `from_pretrained` gets one back. Saves written before the fixed names (one set of
-names per method, format version 1) are still read.
+and `from_pretrained` gets one back, upgraded to today's layout by `wise_edit.migrate`
+whatever ``format_version`` wrote it (version 1: one set of file names per method).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,16 +32,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..migrate import FORMAT_VERSION, upgrade_config, upgrade_state
 
 CONFIG_FILE = "editor_config.json"
 STATE_FILE = "editor_state.json"
 TENSOR_FILE = "editor_model.safetensors"
-FORMAT_VERSION = 2
 # method -> (config, state, tensors) file names of format version 1
 LEGACY_FILES = MappingProxyType(
     {
@@ -65,13 +67,6 @@ class SaveLockedError(RuntimeError):
 
 class ForeignFolderError(ValueError):
     """The target folder holds something that is not a save we may replace."""
-
-
-# Config fields added after saves were first written, with the value the older saves'
-# edits were made with: raw prompts, targets trained without a stop token.
-MADE_WITHOUT = {"prompt_format": "raw", "train_stop": False}
-# The same for one method's own fields: WISE saves made before rehearsal trained none.
-MADE_WITHOUT_BY_METHOD = {"WISE": {"rehearse_rows": 0}}
 
 
 @dataclass
@@ -127,41 +122,44 @@ def check_target(path: str | os.PathLike[str], method: str, replace: bool = Fals
 
 
 class SaveFolder:
-    """A save folder held under an exclusive advisory lock (``.NAME.lock`` beside it,
-    holding the owner's pid and host). Open it for as long as edits are being written
-    to it: a second writer fails fast with `SaveLockedError`."""
+    """A save folder held under an exclusive lock (``.NAME.lock`` beside it; the owner's
+    pid and host in ``.NAME.lock.owner``). Open it for as long as edits are being
+    written to it: a second writer fails fast with `SaveLockedError`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._lock: IO[str] | None = None
+        self._lock: FileLock | None = None
 
     @property
     def lock_path(self) -> Path:
         return self.path.parent / f".{self.path.name}.lock"
 
+    @property
+    def owner_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.lock.owner"
+
     def __enter__(self) -> SaveFolder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "a+")  # noqa: SIM115 - held until __exit__
+        lock = FileLock(self.lock_path, thread_local=False)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                owner = self.owner_path.read_text().strip() or "another process"
+            except OSError:
+                owner = "another process"
             raise SaveLockedError(
                 f"{self.path} is being written by {owner}; wait for it to finish"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._lock = handle
+        self.owner_path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._lock = lock
         recover(self.path)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._lock is not None:
-            self._lock.close()  # releases the lock
+            self.owner_path.unlink(missing_ok=True)
+            self._lock.release()
             self._lock = None
 
     def write(self, saved: Saved) -> None:
@@ -223,7 +221,7 @@ def _write_files(folder: Path, saved: Saved) -> None:
     save_file(
         tensors,
         str(folder / TENSOR_FILE),
-        metadata={"format": "wise-edit", "method": saved.method, "version": "2"},
+        metadata={"format": "wise-edit", "method": saved.method, "version": str(FORMAT_VERSION)},
     )
     with open(folder / TENSOR_FILE, "rb") as handle:
         os.fsync(handle.fileno())
@@ -291,7 +289,8 @@ def saved_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
         method = _read_json(state_file).get("method")
     if not isinstance(method, str):
         raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
-    return method, config
+    version = _read_json(state_file).get("format_version", 1) if state_file.is_file() else 1
+    return method, upgrade_config(method, config, version if isinstance(version, int) else 1)
 
 
 def saved_method(path: str | os.PathLike[str]) -> str:
@@ -332,7 +331,8 @@ def _read_once(folder: Path) -> Saved:
         raise CorruptSaveError(f"{folder} is an incomplete save (missing {', '.join(missing)})")
     config = _read_json(config_file)
     state = _read_json(state_file)
-    if state.get("format_version") not in (1, FORMAT_VERSION):
+    version = state.get("format_version")
+    if version not in range(1, FORMAT_VERSION + 1):
         raise CorruptSaveError(
             f"{state_file}: unsupported format_version {state.get('format_version')!r}"
         )
@@ -349,6 +349,6 @@ def _read_once(folder: Path) -> Saved:
     method = config.pop("method", None) or state.get("method")
     if not isinstance(method, str):
         raise CorruptSaveError(f"{config_file}: the save does not say which method wrote it")
-    for name, value in {**MADE_WITHOUT, **MADE_WITHOUT_BY_METHOD.get(method, {})}.items():
-        config.setdefault(name, value)
+    config = upgrade_config(method, config, version)
+    state, tensors = upgrade_state(method, state, tensors, version)
     return Saved(method, config, state, tensors)

@@ -144,3 +144,16 @@ def context_limit(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def stack_ragged(
+    acts: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of (t_i, I) activations into (N, T, I), left-aligned to the end like
+    `left_pad`, with a token mask (N, T)."""
+    width = max(a.shape[0] for a in acts)
+    out = torch.zeros((len(acts), width, acts[0].shape[1]), dtype=acts[0].dtype)
+    _, mask = left_pad([[1] * a.shape[0] for a in acts], 0)
+    for row, a in enumerate(acts):
+        out[row, width - a.shape[0] :] = a
+    return out.to(device), mask.to(device)

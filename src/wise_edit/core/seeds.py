@@ -17,8 +17,7 @@ MASK_SEED_PRIME = 1_000_003  # shard masks of (memory, merge group)
 MASK_MEMORY_PRIME = 10_007
 REHEARSAL_PRIME = 1_299_709  # a memory's earlier edits rehearsed in edit n
 CANDIDATE_PRIME = 15_485_863  # the pool prompts hard negatives are chosen among
-SUBJECT_PRIME = 32_452_843  # the subjects edit n's prompt is rewritten about
-MERGE_SEED_OFFSET = 1  # DARE's random drops use the mask stream of seed + 1
+MERGE_SEED_DELTA = 1  # DARE's random drops use the mask stream of seed + 1
 
 
 def generator(seed: int) -> torch.Generator:
@@ -27,10 +26,6 @@ def generator(seed: int) -> torch.Generator:
 
 def unrelated_generator(seed: int, edit_index: int) -> torch.Generator:
     return generator(seed * UNRELATED_PRIME + edit_index)
-
-
-def subject_generator(seed: int, edit_index: int) -> torch.Generator:
-    return generator(seed * SUBJECT_PRIME + edit_index)
 
 
 def candidate_generator(seed: int) -> torch.Generator:
@@ -52,4 +47,4 @@ def mask_generator(seed: int, memory: int, group: int) -> torch.Generator:
 
 
 def merge_generator(seed: int, memory: int, group: int) -> torch.Generator:
-    return mask_generator(seed + MERGE_SEED_OFFSET, memory, group)
+    return mask_generator(seed + MERGE_SEED_DELTA, memory, group)

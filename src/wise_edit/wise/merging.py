@@ -38,7 +38,7 @@ __all__ = [
 
 # MergeKit switches from slerp to lerp above this |cos(angle)|: the angle is then too
 # small for sin(theta) in the denominator to be numerically safe.
-_COLINEAR_DOT = 0.9995
+_COLINEAR = 0.9995
 # Norms and weight sums at or below this count as zero.
 _EPS = 1e-8
 
@@ -195,7 +195,7 @@ def _slerp_pair(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     if norm0 <= _EPS or norm1 <= _EPS:
         return (1.0 - t) * v0 + t * v1
     dot = torch.dot(v0 / norm0, v1 / norm1).clamp(-1.0, 1.0)
-    if dot.abs() > _COLINEAR_DOT:
+    if dot.abs() > _COLINEAR:
         return (1.0 - t) * v0 + t * v1
     theta = torch.arccos(dot)
     sin_theta = torch.sin(theta)

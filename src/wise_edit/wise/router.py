@@ -1,22 +1,41 @@
-"""Routing between the main memory and the side memories (Eqs. 3-6) and the margin loss
-that makes it possible (Eq. 5). Pure tensor functions; the layer and the editor call them."""
+"""The router (§2.2, Eqs. 3-6, Algorithm 2): which side memory, if any, answers a sequence,
+and the margin loss that teaches a memory to be chosen only for its edits (Eq. 5).
+
+Every routing rule is decided in one function, `route`:
+1. the activation score of a sequence against a memory, ||a (W' - W)|| averaged over its
+   tokens, must clear that memory's threshold epsilon (Eq. 6; Algorithm 2 takes the
+   top-1 memory among several);
+2. with many memories, only the memories of the sequence's ``candidates`` nearest edit
+   keys (cosine of the mean value-matrix input) are scored - a retrieval index that
+   cannot change the top-1 of the memories it scores;
+3. a memory may answer only within the key radius of one of its edits' keys;
+4. a sequence that repeats an edit's own prompt (key cosine >= `VERBATIM`) goes to that
+   edit's memory if it clears there, rather than to a neighbour that scores higher;
+5. the subject gate: a memory whose edits name subjects answers only sequences with a
+   token near one of those subjects' keys (`subject_gate`).
+Pure tensor functions; the layer calls `route`, the editor's loss calls the scores.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+# The cosine between a prompt's key and an edit's at which the prompt is taken for that
+# edit's own prompt (verbatim, or a token away): paraphrases' keys lie below it.
+VERBATIM = 0.99
 
+Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (memory, rows mask) -> scores (r,)
+
+
+# ---------------------------------------------------------------------- scores and loss
 def value_change(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """What a side memory adds to the value projection's output: a (W' - W)^T for inputs
-    (..., I) and delta (O, I), in float32: (..., O).
-
-    Computed as delta @ a^T: with few rows (one prompt scored against a retrieval
-    candidate, one token decoded) CPU kernels run this order about twice as fast as
-    a @ delta^T (0.5 against 1.1 ms for 15 tokens on SmolLM2's 576 x 1536 matrix, one
-    thread), and with many rows they take the same time."""
+    (..., I) and delta (O, I), in float32: (..., O). Computed as delta @ a^T, the order
+    CPU kernels run faster with few rows (one prompt, one decoded token)."""
     flat = acts.float().reshape(-1, acts.shape[-1])
     return (delta.float() @ flat.t()).t().reshape(*acts.shape[:-1], delta.shape[0])
 
@@ -59,113 +78,57 @@ def threshold(prompt_scores: torch.Tensor, ratio: float) -> float:
     return float(prompt_scores.min()) * ratio
 
 
-def route(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Algorithm 2 with top-1 retrieval: scores (M, B), thresholds (M,) -> (B,) index of
-    the memory each row uses, -1 for the main memory. With one memory this is Eq. 6."""
-    best, index = scores.max(dim=0)  # (B,), (B,)
-    return torch.where(best > thresholds[index], index, torch.full_like(index, -1))
-
-
-def score_unit(outputs: torch.Tensor, token_mask: torch.Tensor) -> float:
-    """The unit of alpha/beta/gamma for a model: median over sequences of the mean norm
-    of the value projection's output (B, T, O) on neutral text. The paper's constants
-    assume a 7B model's activation scale; in this unit they mean the same on any model."""
-    per_token = torch.linalg.vector_norm(outputs.float(), dim=-1)  # (B, T)
-    per_seq = (per_token * token_mask).sum(-1) / token_mask.sum(-1)
-    return float(per_seq.median())
-
-
 def mean_inputs(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each sequence's mean value-matrix input over its masked tokens: (B, T, I) -> (B, I)."""
+    """Each sequence's mean value-matrix input over its masked tokens, its key:
+    (B, T, I) -> (B, I)."""
     weights = mask.to(acts.dtype).unsqueeze(-1)  # (B, T, 1)
     return (acts * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def nearest(query: torch.Tensor, keys: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` rows of ``keys`` (N, I) most similar to ``query`` (I,) by
-    cosine, most similar first: the unrelated prompts a router most easily confuses
-    with an edit (hard negatives)."""
-    sims = F.cosine_similarity(keys.float(), query.float().unsqueeze(0), dim=-1)  # (N,)
-    return sims.topk(min(k, len(sims))).indices.tolist()
+# ---------------------------------------------------------------------- the key index
+class KeyIndex(NamedTuple):
+    """Every memory's edit keys joined and normalised once: rebuilt only when a memory's
+    ``keys`` tensor is replaced (identity is a safe test: keys are never changed in
+    place), since joining hundreds of memories' keys on every forward is not free."""
+
+    sources: list[torch.Tensor]  # each memory's ``keys`` when the index was built
+    keys: torch.Tensor  # (E, I)
+    unit: torch.Tensor  # (E, I), rows of unit length
+    owners: torch.Tensor  # (E,) the memory holding each edit
+
+    @classmethod
+    def current(
+        cls, keys: Sequence[torch.Tensor], device: torch.device, kept: KeyIndex | None
+    ) -> KeyIndex:
+        """The index of the memories' ``keys``: ``kept`` if still current, else rebuilt."""
+        if (
+            kept is not None
+            and kept.keys.device == device
+            and len(kept.sources) == len(keys)
+            and all(old is now for old, now in zip(kept.sources, keys))
+        ):
+            return kept
+        owners = [torch.full((len(k),), i, dtype=torch.long) for i, k in enumerate(keys)]
+        joined = torch.cat([k.to(device) for k in keys])
+        unit = F.normalize(joined.float(), dim=-1)
+        return cls(list(keys), joined, unit, torch.cat(owners).to(device))
 
 
-def key_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Cosine of each query (B, I) with each edit key (E, I): (B, E)."""
-    return F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).t()
-
-
-def candidate_memories(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    owners: torch.Tensor,
-    k: int,
-    radius: float = 0.0,
+def candidates_of(
+    acts: torch.Tensor, token_mask: torch.Tensor, index: KeyIndex, k: int, radius: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memories of the ``k`` edit keys (E, I) most similar by cosine to each query
-    (B, I): (B, k') memory indices, k' = min(k, E), most similar first (may repeat), and
-    those keys' cosines (B, k'). ``owners`` (E,) names the memory each key's edit lives
-    in. With a ``radius`` > 0 a key less similar than that gives -1 (no candidate)
-    instead of its memory."""
-    unit = F.normalize(keys.float(), dim=-1)
-    return unit_candidates(F.normalize(queries.float(), dim=-1), unit, owners, k, radius)
-
-
-def unit_candidates(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    owners: torch.Tensor,
-    k: int,
-    radius: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`candidate_memories` for queries and keys already of unit length, so that a layer
-    can normalise its keys once rather than on every forward (~6 ms at 3000 keys)."""
-    sims, top = (queries @ keys.t()).topk(min(k, keys.shape[0]), dim=-1)  # (B, k')
-    picked = owners[top]
+    """Each row's candidate memories (B, k'), k' = min(k, E): the memories of its ``k``
+    nearest edit keys by cosine, most similar first (may repeat), and those cosines
+    (B, k'). With a ``radius`` > 0 a key less similar than that gives -1 (none)."""
+    queries = F.normalize(mean_inputs(acts, token_mask).float(), dim=-1)  # (B, I)
+    sims, top = (queries @ index.unit.t()).topk(min(k, index.unit.shape[0]), dim=-1)
+    picked = index.owners[top]
     if radius > 0:
         picked = torch.where(sims >= radius, picked, torch.full_like(picked, -1))
     return picked, sims
 
 
-def memory_nearness(
-    queries: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, memories: int
-) -> torch.Tensor:
-    """(M, B): for each memory, the highest cosine between a query (B, I) and the keys of
-    the edits it holds; -inf for a memory that holds no key."""
-    sims = key_similarity(queries, keys).t()  # (E, B)
-    out = torch.full((memories, sims.shape[1]), float("-inf"), device=sims.device)
-    index = owners.to(sims.device)[:, None].expand_as(sims)
-    return out.scatter_reduce(0, index, sims, reduce="amax")
-
-
-def background_radius(keys: torch.Tensor, quantile: float) -> float:
-    """The ``quantile`` of the cosine between the keys (N, I) of every pair of unrelated
-    sentences: how near two texts about nothing in common come on this model and layer.
-    Cosines of mean activations are far from 0 and differ from model to model, so a key
-    radius is set against this background rather than as one constant for all models."""
-    if len(keys) < 2:
-        raise ValueError("a background needs the keys of at least two unrelated prompts")
-    sims = key_similarity(keys, keys)
-    upper = torch.triu_indices(len(keys), len(keys), offset=1, device=sims.device)
-    value = float(torch.quantile(sims[upper[0], upper[1]], quantile))
-    return min(1.0, max(0.0, value))  # rounding can take a cosine past 1
-
-
-def within_radius(scores: torch.Tensor, nearness: torch.Tensor, radius: float) -> torch.Tensor:
-    """Scores (M, B) of memories none of whose edit keys lies within cosine ``radius`` of
-    the row's key set to -inf, so that `route` cannot pick them: a memory answers only
-    prompts worded near one of its edits, whatever its activation score."""
-    return scores.masked_fill(nearness < radius, float("-inf"))
-
-
-# The cosine between a prompt's key and an edit's at which the prompt is taken for that
-# edit's own prompt (verbatim, or a token away); on SmolLM2 paraphrases' keys lie at
-# 0.86-0.98 of their edit's (p10-p90, ZsRE), and 0.98, 0.99 and 0.995 routed alike.
-VERBATIM = 0.99
-
-
-def candidate_scores(
-    candidates: torch.Tensor, score_fn: Callable[[int, torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def candidate_scores(candidates: torch.Tensor, score_fn: Scorer) -> torch.Tensor:
     """The exact score (B, k) of each row against each of its ``candidates`` (B, k)
     memories, -inf where there is none (-1); each memory scores only its rows."""
     batch, width = candidates.shape
@@ -180,26 +143,60 @@ def candidate_scores(
     return scores
 
 
-def route_sparse(
-    candidates: torch.Tensor,
-    score_fn: Callable[[int, torch.Tensor], torch.Tensor],
-    thresholds: torch.Tensor,
-    similarity: torch.Tensor | None = None,
+# ---------------------------------------------------------------------- the decision
+def route(
+    acts: torch.Tensor,
+    token_mask: torch.Tensor,
+    memories: Sequence[Any],
+    index: KeyIndex,
+    *,
+    candidates: int,
+    radius: float,
+    subject_states: torch.Tensor | None = None,
+    subject_tau: float = 0.0,
 ) -> torch.Tensor:
-    """`route` (Algorithm 2) computed only where it can matter: each row's top-1 among
-    its ``candidates`` (B, k) memories (-1: none), by exact score, then that memory's
-    threshold; ties go to the lower memory index, as in `route`.
+    """The memory each sequence uses, -1 for the unedited model, by every rule in this
+    module's docstring. ``acts`` (B, T, I) are the value matrix's inputs, ``token_mask``
+    (B, T) the tokens routing reads, ``memories`` the side memories (their ``scores``,
+    ``epsilon`` and ``subject_keys``), ``index`` their keys; ``candidates`` 0 scores every
+    memory. ``subject_states`` (B, T, O), centred unit states of the subject layer, turn
+    on the subject gate at cosine ``subject_tau``."""
+    if not len(memories):
+        return torch.full((acts.shape[0],), -1, dtype=torch.long, device=acts.device)
+    k = len(index.keys) if dense(candidates, len(memories)) else candidates
+    cands, similarity = candidates_of(acts, token_mask, index, k, radius)
 
-    One exception, given the candidates' key cosines ``similarity`` (B, k): when the
-    row's key is an edit's own (>= `VERBATIM`), that edit's memory answers if its score
-    clears its own threshold, rather than the top scorer. Scores of different memories
-    are not on one scale, and with many memories an edit prompt is often cleared by its
-    own memory and by a neighbour trained on a similar prompt; the top score then gave
-    the neighbour 5-8% of ZsRE's edit prompts at T = 100-1000 (docs/RESULTS.md). Whether
-    a side memory answers at all is unchanged, so locality is too.
-    ``score_fn(memory, rows)`` gives the scores of the rows (a bool mask) against one
-    memory."""
-    scores = candidate_scores(candidates, score_fn)
+    def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
+        return memories[memory].scores(acts[rows], token_mask[rows])
+
+    thresholds = torch.tensor([m.epsilon for m in memories], device=acts.device)
+    choice = top1(cands, candidate_scores(cands, score), thresholds, similarity)
+    if subject_states is not None and subject_tau > 0:
+        keys = [m.subject_keys for m in memories]
+        choice = subject_gate(choice, subject_states, token_mask, keys, subject_tau)
+    return choice
+
+
+def dense(candidates: int, memories: int) -> bool:
+    """Whether every memory is scored (no index, or no more memories than candidates)."""
+    return not candidates or memories <= candidates
+
+
+def top1(
+    candidates: torch.Tensor,
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    similarity: torch.Tensor,
+) -> torch.Tensor:
+    """Algorithm 2 among each row's ``candidates`` (B, k) with their ``scores`` (B, k):
+    the top scorer (ties to the lower memory index) if it clears its own threshold.
+
+    One exception (rule 4), given the candidates' key cosines ``similarity`` (B, k): when
+    the row's key is an edit's own (>= `VERBATIM`), that edit's memory answers if its
+    score clears its own threshold, rather than the top scorer. Scores of different
+    memories are not on one scale, and with many memories an edit prompt is often cleared
+    by its own memory and by a neighbour trained on a similar prompt. Whether a side
+    memory answers at all is unchanged, so locality is too."""
     held = candidates >= 0
     best = scores.max(dim=1).values  # (B,)
     above_all = torch.iinfo(torch.long).max  # never the lowest index at the top score
@@ -207,11 +204,82 @@ def route_sparse(
     top = torch.where(at_top, candidates, above_all).min(dim=1).values
     top = top.clamp(max=len(thresholds) - 1)  # rows without candidates: not routed below
     routed = (best > float("-inf")) & (best > thresholds[top])
-    answer = top
-    if similarity is not None:
-        clears = held & (scores > thresholds[candidates.clamp(min=0)])
-        verbatim = clears & (similarity >= VERBATIM)  # (B, k)
-        first = verbatim.to(torch.uint8).argmax(dim=1)  # the most similar such key
-        mine = candidates.gather(1, first[:, None]).squeeze(1)
-        answer = torch.where(verbatim.any(dim=1), mine, top)
+    clears = held & (scores > thresholds[candidates.clamp(min=0)])
+    verbatim = clears & (similarity >= VERBATIM)  # (B, k)
+    first = verbatim.to(torch.uint8).argmax(dim=1)  # the most similar such key
+    mine = candidates.gather(1, first[:, None]).squeeze(1)
+    answer = torch.where(verbatim.any(dim=1), mine, top)
     return torch.where(routed, answer, torch.full_like(answer, -1))
+
+
+def best_scores(
+    acts: torch.Tensor,
+    token_mask: torch.Tensor,
+    memories: Sequence[Any],
+    index: KeyIndex,
+    candidates: int,
+) -> torch.Tensor | None:
+    """Each row's best activation score over the memories `route` would score for it,
+    whatever the key radius (the paper's Fig. 3); None without memories."""
+    if not len(memories):
+        return None
+    if dense(candidates, len(memories)):
+        return torch.stack([m.scores(acts, token_mask) for m in memories]).max(dim=0).values
+    cands, _ = candidates_of(acts, token_mask, index, candidates, radius=0.0)
+
+    def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
+        return memories[memory].scores(acts[rows], token_mask[rows])
+
+    return candidate_scores(cands, score).max(dim=1).values
+
+
+# ---------------------------------------------------------------------- the subject gate
+def subject_end(tokenizer: Any, ids: Sequence[int], subject: str) -> int | None:
+    """Position in ``ids`` of the last token of the last occurrence of ``subject`` (as
+    the tokenizer spells it after a space or at the start), None if it is not there:
+    where an edit's subject key is read."""
+    ids = list(ids)
+    for variant in (" " + subject.strip(), subject.strip(), " " + subject, subject):
+        sub = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        if not sub:
+            continue
+        for start in range(len(ids) - len(sub), -1, -1):
+            if ids[start : start + len(sub)] == sub:
+                return start + len(sub) - 1
+    return None
+
+
+def centred_unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """States (..., H) less the neutral mean ``centre`` (H,), scaled to unit length: the
+    residual stream shares a few large dimensions across tokens, which would otherwise
+    make every two tokens look alike."""
+    return F.normalize(states.float() - centre.float().to(states.device), dim=-1)
+
+
+def subject_gate(
+    choice: torch.Tensor,
+    states: torch.Tensor,
+    token_mask: torch.Tensor,
+    memory_keys: Sequence[torch.Tensor],
+    tau: float,
+) -> torch.Tensor:
+    """Rule 5. A memory's activation score is set mostly by a prompt's wording, so it
+    fires on the same question about another subject; low in the model a subject's last
+    token still carries the subject rather than its sentence. ``choice`` (B,) with every
+    row sent back to the unedited model (-1) whose chosen memory has subject keys
+    (n_m, H), all non-zero, none within cosine ``tau`` of any of the row's ``states``
+    (B, T, H), unit rows, over its ``token_mask`` (B, T) tokens. A memory holding an edit
+    without a subject (a zero key) is not gated."""
+    out = choice.clone()
+    for memory in choice.unique().tolist():
+        if memory < 0:
+            continue
+        keys = memory_keys[memory].to(states.device)
+        if len(keys) == 0 or bool((keys.abs().sum(-1) == 0).any()):
+            continue  # holds an edit without a subject: ungated
+        rows = choice == memory
+        sims = states[rows].float() @ keys.float().t()  # (r, T, n_m)
+        sims = sims.masked_fill(~token_mask[rows].bool()[..., None], float("-inf"))
+        named = sims.amax(dim=(1, 2)) >= tau  # (r,)
+        out[rows] = torch.where(named, choice[rows], torch.full_like(choice[rows], -1))
+    return out

@@ -1,67 +1,81 @@
-"""The subject gate: a side memory answers only sequences that name one of its edits'
-subjects.
+"""The subject gate's keys (the gate itself is rule 5 of `router.route`).
 
-A memory's activation score is set mostly by a prompt's wording, so on CounterFact it
-fires on the same question about another subject (locality probes). Low in the model a
-subject's last token still carries the subject rather than its sentence, so each edit is
-keyed there (the residual stream after `WiseConfig.subject_layer` decoder layers, centred
-on neutral text, at the subject's last token of the edit prompt), and a sequence may keep
-the memory routing chose only if one of its tokens lies within cosine
-`WiseConfig.subject_tau` of one of that memory's subject keys. Edits given without a
-subject (or whose subject is not found in their prompt) have a zero key and leave their
-memory ungated. Pure functions; the editor computes the keys, the layer applies the gate.
+Each edit that names its subject is keyed by the residual stream after a few low
+decoder layers (`routing.subject_layer`) at the subject's last token, centred on neutral
+text: low in the model that token still carries the subject rather than its sentence.
+A forward hook on that layer hands each forward's states to the wrapped layer, which
+reads them when it routes the same call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+
+from ..core.attach import editing_mode
+from ..core.draft import EditRequest
+from ..core.fastpath import layer_output
+from ..core.rows import encode_prompts
+from ..neutral import NEUTRAL_PROMPTS
+from .calibration import DEFAULT_SUBJECT_LAYER, subject_centre
+from .router import centred_unit, subject_end
 
 
-def subject_end(tokenizer: Any, ids: Sequence[int], subject: str) -> int | None:
-    """Position in ``ids`` of the last token of the last occurrence of ``subject`` (as
-    the tokenizer spells it after a space or at the start), None if it is not there."""
-    ids = list(ids)
-    for variant in (" " + subject.strip(), subject.strip(), " " + subject, subject):
-        sub = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        if not sub:
-            continue
-        for start in range(len(ids) - len(sub), -1, -1):
-            if ids[start : start + len(sub)] == sub:
-                return start + len(sub) - 1
-    return None
+def subject_depth(tau: float, layer: int | None, edited: int) -> int:
+    """Decoder layers below the subject key (0: no gate) for the gate's ``tau`` and
+    ``layer`` setting, with the edited layer at index ``edited``."""
+    if not tau:
+        return 0
+    if layer is None:
+        return min(DEFAULT_SUBJECT_LAYER, edited)
+    if layer > edited:
+        raise ValueError(
+            f"subject_layer: {layer} decoder layers do not lie below the edited layer "
+            f"(index {edited}); choose at most {edited}, None or subject_tau=0"
+        )
+    return layer
 
 
-def centred_unit(states: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """States (..., H) less the neutral mean ``centre`` (H,), scaled to unit length: the
-    residual stream shares a few large dimensions across tokens, which would otherwise
-    make every two tokens look alike."""
-    return F.normalize(states.float() - centre.float().to(states.device), dim=-1)
+class SubjectKeys:
+    """The hook that feeds the gate, and the keys of edits, of one editor (``editor``:
+    its model, layers, format and wrapped layer)."""
 
+    def __init__(self, editor: Any, depth: int) -> None:
+        self.editor, self.depth = editor, depth
+        below = editor.layers[depth - 1]
+        self._hook = below.register_forward_hook(self._hand_up)
 
-def subject_gate(
-    choice: torch.Tensor,
-    states: torch.Tensor,
-    token_mask: torch.Tensor,
-    memory_keys: Sequence[torch.Tensor],
-    tau: float,
-) -> torch.Tensor:
-    """``choice`` (B,) with every row sent back to the unedited model (-1) whose chosen
-    memory has subject keys (n_m, H), all non-zero, none within cosine ``tau`` of any of
-    the row's ``states`` (B, T, H), unit rows, over its ``token_mask`` (B, T) tokens."""
-    out = choice.clone()
-    for memory in choice.unique().tolist():
-        if memory < 0:
-            continue
-        keys = memory_keys[memory].to(states.device)
-        if len(keys) == 0 or bool((keys.abs().sum(-1) == 0).any()):
-            continue  # holds an edit without a subject: ungated
-        rows = choice == memory
-        sims = states[rows].float() @ keys.float().t()  # (r, T, n_m)
-        sims = sims.masked_fill(~token_mask[rows].bool()[..., None], float("-inf"))
-        named = sims.amax(dim=(1, 2)) >= tau  # (r,)
-        out[rows] = torch.where(named, choice[rows], torch.full_like(choice[rows], -1))
-    return out
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def _hand_up(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        """This forward's residual stream, for the gate of the same call (per thread,
+        like its routing decision)."""
+        self.editor.layer.routing.lower = output[0] if isinstance(output, tuple) else output
+
+    @torch.no_grad()
+    def lower_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The subject layer's states (B, T, H) of a left-padded prompt batch, its routing
+        mask and its token ids; only the layers up to the subject layer run."""
+        ed = self.editor
+        ids, mask = encode_prompts(ed.format, prompts)
+        ids, mask = ids.to(ed.device), mask.to(ed.device)
+        with editing_mode(ed.model):
+            states = layer_output(ed.model.base_model, ed.layers, self.depth, ids, mask)
+        return states, ed._routing_mask(ids, mask), ids
+
+    def centre(self) -> torch.Tensor:
+        """The subject layer's neutral mean (H,), measured once (`calibration.py`)."""
+        states, mask, _ = self.lower_states(list(NEUTRAL_PROMPTS))
+        return subject_centre(states, mask)
+
+    def key(self, request: EditRequest, centre: torch.Tensor) -> torch.Tensor | None:
+        """The edit's subject key (H,); None when the edit names no subject or its prompt
+        does not hold it."""
+        if request.subject is None:
+            return None
+        states, _, ids = self.lower_states([request.prompt])
+        at = subject_end(self.editor.tokenizer, ids[0].tolist(), request.subject)
+        return None if at is None else centred_unit(states[0, at], centre)

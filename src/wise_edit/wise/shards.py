@@ -1,11 +1,16 @@
-"""Knowledge sharding (Eq. 7): random gradient masks that give each shard its own
-subspace, and the update rules that move a side memory only inside its shard."""
+"""Knowledge sharding and merging (§2.3, Eqs. 7-8): random gradient masks that give each
+shard of a side memory its own subspace, the update rules that move the memory only
+inside its shard, and the merge of a full group of shards into the memory (the merge
+functions themselves, TIES and the others of Table 11, are in `merging.py`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .memory import SideMemory
+from .merging import MergeFn
 
 
 def random_masks(
@@ -25,13 +30,6 @@ def masked_step(
 ) -> torch.Tensor:
     """One SGD step that leaves entries outside ``mask`` exactly where they are."""
     return delta - lr * grad * mask
-
-
-def heavy_ball(velocity: torch.Tensor | None, grad: torch.Tensor, momentum: float) -> torch.Tensor:
-    """The next velocity ``momentum * velocity + grad`` (``grad`` on the first step). Fed
-    to `masked_step` in place of the gradient; masking happens there, so entries outside
-    the shard still never move."""
-    return grad if velocity is None else momentum * velocity + grad
 
 
 def clamp_to_bound(
@@ -71,3 +69,25 @@ def adam_direction(
     steps = moments.steps + 1
     direction = (first / (1 - b1**steps)) / ((second / (1 - b2**steps)).sqrt() + eps)
     return direction, AdamMoments(first, second, steps)
+
+
+def merge_group(
+    memory: SideMemory,
+    merge_fn: MergeFn,
+    *,
+    density: float,
+    generator: torch.Generator,
+    norm_bound: float | None,
+    close: bool,
+) -> None:
+    """Eq. 8 for ``memory``, whose group of shards is full: W_v' <- W_v + Merge(shard
+    task vectors), on top of earlier groups' merges, within +-``norm_bound`` of W_v.
+    ``close``: the memory takes no further edits (retrieve mode)."""
+    vectors = [memory.shard_vector(i) for i in range(memory.shard_count)]
+    earlier = memory.delta - torch.stack(vectors).sum(0)
+    weights = [1.0 / len(vectors)] * len(vectors)
+    merged = merge_fn(vectors, weights, density=density, generator=generator)
+    total = earlier + merged.to(earlier.device)
+    if norm_bound is not None:
+        total = total.clamp(-norm_bound, norm_bound)
+    memory.replace_delta(total, close)

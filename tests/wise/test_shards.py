@@ -1,14 +1,16 @@
 """Knowledge sharding: mask ratio and overlap, steps that leave masked-out entries
-bit-equal, the norm bound, and the seeded mask streams."""
+bit-equal, the norm bound, the seeded mask streams, and the merge of a full group."""
 
 import torch
 
 from wise_edit.core.seeds import mask_generator, merge_generator
-from wise_edit.wise.masks import (
+from wise_edit.wise.memory import SideMemory
+from wise_edit.wise.merging import get_merge
+from wise_edit.wise.shards import (
     adam_direction,
     clamp_to_bound,
-    heavy_ball,
     masked_step,
+    merge_group,
     random_masks,
 )
 
@@ -67,16 +69,6 @@ def test_clamp_keeps_the_memory_within_the_bound_of_the_weight():
     assert clamp_to_bound(step, base, None) is step
 
 
-def test_heavy_ball_sums_past_gradients_and_mask_still_holds():
-    grad1, grad2 = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
-    first = heavy_ball(None, grad1, 0.8)
-    assert torch.equal(first, grad1)
-    second = heavy_ball(first, grad2, 0.8)
-    assert torch.allclose(second, torch.tensor([0.8 * 1.0 + 0.5, 0.8 * 2.0 - 1.0]))
-    step = masked_step(torch.zeros(2), second, torch.tensor([1.0, 0.0]), lr=1.0)
-    assert step[1].item() == 0.0 and step[0].item() == -second[0].item()
-
-
 def test_adam_first_direction_is_the_gradient_sign_and_moments_carry():
     grad = torch.tensor([0.5, -2.0, 0.0])
     direction, moments = adam_direction(None, grad, eps=0.0)
@@ -95,3 +87,28 @@ def test_adam_first_direction_is_the_gradient_sign_and_moments_carry():
     delta = torch.tensor([0.3, 0.7, -0.1])
     out = masked_step(delta, direction2, torch.tensor([1.0, 0.0, 1.0]), lr=0.01)
     assert out[1] == delta[1] and out[0] != delta[0]
+
+
+def test_a_full_group_merges_its_shards_on_top_of_earlier_merges_and_closes():
+    memory = SideMemory((2, 3), torch.device("cpu"))
+    masks = [
+        torch.tensor([[1, 1, 0], [0, 0, 0]]).bool(),
+        torch.tensor([[0, 1, 1], [0, 0, 0]]).bool(),
+    ]
+    zero = torch.zeros(3)
+    memory.add_edit(0, 0, torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]), masks, zero, zero[:2])
+    memory.add_edit(1, 1, torch.tensor([[0.0, 4.0, 6.0], [0.0, 0.0, 0.0]]), masks, zero, zero[:2])
+    assert memory.shard_count == 2 and memory.masks.shape == (2, 2, 3)
+    assert torch.equal(memory.shard_vector(1), torch.tensor([[0.0, 4.0, 6.0], [0.0, 0.0, 0.0]]))
+    merge_group(
+        memory,
+        get_merge("linear"),
+        density=1.0,
+        generator=torch.Generator(),
+        norm_bound=2.5,
+        close=True,
+    )
+    # linear with weights 1/2: (1, 6, 6) / 2 = (0.5, 3, 3), clamped to the bound 2.5
+    assert torch.equal(memory.delta, torch.tensor([[0.5, 2.5, 2.5], [0.0, 0.0, 0.0]]))
+    assert memory.closed and memory.merges == 1 and memory.shard_count == 0
+    assert memory.masks.shape == (0, 2, 3) and memory.group_edits == 0

@@ -1,3 +1,9 @@
+# Experiment: The six merges of the paper's Table 11 on one sharded WISE-Retrieve stream at
+#   T = 1000, each memory's shards kept before they merged and merged every way.
+# Decided: TIES (= sign) holds .80 of 1000 edits, DARE-TIES .81, SLERP .65, DARE and linear
+#   ~.10, all below the unsharded preset (.99 TF Rel): the preset stays unsharded, 5 edits per
+#   Retrieve memory. Needs the `_merge_group` hook the library had then.
+# Ran at: d7483e1, as benchmarks/merge_compare.py. Output: docs/notebook/results/merge-T1000/
 """The six merge methods on one sharded WISE-Retrieve stream (the paper's Table 11 at T
 edits), and unsharded memories of the same size beside them.
 
