@@ -355,14 +355,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wise-edit",
-        description="Lifelong knowledge editing of Hugging Face causal LMs with WISE.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log editing details")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="edit a few ZsRE facts into the bundled SmolLM2 and show answers before and after",
@@ -373,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_bench(sub: Any) -> None:
     bench = sub.add_parser(
         "bench",
         help="sequential editing benchmark: Rel/Gen/Loc, "
@@ -434,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench, method=True)
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_edit(sub: Any) -> None:
     edit = sub.add_parser("edit", help="apply a JSONL stream of edits and save the editor")
     _add_model_args(edit)
     edit.add_argument("--edits", required=True, help='JSONL: {"prompt": ..., "target": ...}')
@@ -467,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(edit, method=True)
     edit.set_defaults(func=cmd_edit)
 
+
+def _add_compare(sub: Any) -> None:
     compare = sub.add_parser(
         "compare", help="one markdown table from several `wise-edit bench` output folders"
     )
@@ -474,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=None, help="also write the table to this file")
     compare.set_defaults(func=cmd_compare)
 
+
+def _add_generate(sub: Any) -> None:
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
     _add_model_args(gen)
     gen.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
@@ -486,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_inspect(sub: Any) -> None:
     ins = sub.add_parser(
         "inspect",
         help="what a saved editor answers to each edited record, and where each miss went",
@@ -534,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.set_defaults(func=cmd_inspect)
 
+
+def _add_serve(sub: Any) -> None:
     srv = sub.add_parser("serve", help="serve the edited model over HTTP while edits stream in")
     _add_model_args(srv)
     srv.add_argument("--state", required=True, help="edit log and checkpoints (made if absent)")
@@ -550,6 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_config_args(srv, method=True)
     srv.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wise-edit",
+        description="Lifelong knowledge editing of Hugging Face causal LMs with WISE.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log editing details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_bench(sub)
+    _add_edit(sub)
+    _add_compare(sub)
+    _add_generate(sub)
+    _add_inspect(sub)
+    _add_serve(sub)
     return parser
 
 
