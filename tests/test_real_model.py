@@ -183,3 +183,16 @@ def test_chat_edits_answer_in_the_template_and_stop(smollm2):
         assert reply(record.prompt).strip() == record.target
     assert {p: reply(p) for p in UNRELATED} == before
     editor.detach()
+
+
+def test_retracting_the_only_edit_leaves_the_bundled_model_as_it_was(smollm2):
+    """One edit with the defaults, retracted: generation works and says what the unedited
+    model says, token for token."""
+    model, tokenizer = smollm2
+    prompt = "Who designed Lahti Town Hall?"
+    editor = WiseEditor(model, tokenizer, WiseConfig.for_model(model, max_steps=8))
+    before = [_answer(editor, p) for p in [prompt, *UNRELATED]]
+    editor.edit(prompt, "Eliel Saarinen")
+    editor.retract(0)
+    assert [_answer(editor, p) for p in [prompt, *UNRELATED]] == before
+    assert editor.routed([prompt]) == [-1]

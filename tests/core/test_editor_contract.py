@@ -203,6 +203,60 @@ def test_retraction_or_why_not(method):
         editor.retract(0)
 
 
+def _answers(editor, prompts):
+    """The editor's logits over ``prompts``, and a short greedy generation of each."""
+    tok = editor.tokenizer
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = editor(**batch).logits
+    out = editor.generate(**batch, max_new_tokens=4, do_sample=False)
+    return logits, out
+
+
+def test_retracting_every_edit_leaves_the_unedited_model(method):
+    """The last edit of a memory and of the editor: taking it back leaves a memory with
+    nothing in it, which must answer nothing - not break every later forward."""
+    editor = make(method, max_steps=3)
+    if not editor.retractable:
+        pytest.skip(f"{method} cannot retract")
+    prompts = [EDITS[0][0], EDITS[1][0], UNRELATED]
+    with editor.disabled():
+        unedited = _answers(editor, prompts)
+    editor.edit(*EDITS[0])
+    editor.retract(0)
+    after = _answers(editor, prompts)
+    assert torch.equal(after[0], unedited[0]) and torch.equal(after[1], unedited[1])
+    assert editor.routed(prompts) == [-1, -1, -1]
+    editor.edit(*EDITS[1])  # and it keeps editing
+    editor.edit(*EDITS[2])
+    editor.retract(2)
+    editor.retract(1)
+    after = _answers(editor, prompts)
+    assert torch.equal(after[0], unedited[0]) and torch.equal(after[1], unedited[1])
+
+
+def test_retracting_the_last_edit_equals_an_editor_that_never_saw_it(method):
+    editor = make(method, max_steps=3)
+    if not editor.retractable:
+        pytest.skip(f"{method} cannot retract")
+    never = make(method, max_steps=3)
+    editor.edit_many(EDITS[:2])
+    never.edit(*EDITS[0])
+    editor.retract(1)
+    prompts = [EDITS[0][0], EDITS[1][0], UNRELATED]
+    mine, theirs = _answers(editor, prompts), _answers(never, prompts)
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+    assert editor.routed(prompts) == never.routed(prompts)
+
+
+def test_routing_an_empty_list_or_a_string(method):
+    editor = make(method, max_steps=3)
+    editor.edit(*EDITS[0])
+    assert editor.routed([]) == []
+    with pytest.raises(TypeError, match="list of strings"):
+        editor.routed("Who?")
+
+
 def test_detach_restores_the_model_and_load_refuses_other_methods(method, tmp_path):
     cls, config = SETUPS[method]
     model, tokenizer = tiny_model(), _tok()

@@ -194,8 +194,12 @@ class EditorBase:
     def routing_detail(self, prompts: Sequence[str]) -> tuple[list[int], list[float] | None]:
         """`routed` and, for methods that route by a score against a threshold, each
         prompt's score (the paper's Fig. 3), from one pass over the prompts."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         for prompt in prompts:
             check_text(prompt, "prompt")
+        if not prompts:
+            return [], []
         with self.state_lock.read():
             acts, mask = self._prompt_batch_acts(list(prompts))
             scores = self.layer.route_scores(acts, mask)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.layer import AttachedLayer
+from ..core.layer import AttachedLayer, unrouted
 from .memory import SideMemory
 from .router import KeyIndex, best_scores, centred_unit, route, value_change
 
@@ -53,8 +53,10 @@ class WiseLayer(AttachedLayer):
         return self._index
 
     def route(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        if not self.memories:
+            return unrouted(acts)
         states = None
-        if self.memories and self.subject_tau > 0 and self.subject_centre is not None:
+        if self.subject_tau > 0 and self.subject_centre is not None:
             lower = self.routing.lower
             if lower is None or lower.shape[:2] != token_mask.shape:
                 raise RuntimeError(
@@ -62,12 +64,11 @@ class WiseLayer(AttachedLayer):
                     "was the model run without its editor's hooks?"
                 )
             states = centred_unit(lower, self.subject_centre)
-        index = self.key_index(acts.device) if self.memories else None
         return route(
             acts,
             token_mask,
             self.memories,
-            index,  # type: ignore[arg-type]
+            self.key_index(acts.device),
             candidates=self.candidates,
             radius=self.radius,
             subject_states=states,

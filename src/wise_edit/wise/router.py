@@ -160,8 +160,9 @@ def route(
     (B, T) the tokens routing reads, ``memories`` the side memories (their ``scores``,
     ``epsilon`` and ``subject_keys``), ``index`` their keys; ``candidates`` 0 scores every
     memory. ``subject_states`` (B, T, O), centred unit states of the subject layer, turn
-    on the subject gate at cosine ``subject_tau``."""
-    if not len(memories):
+    on the subject gate at cosine ``subject_tau``. Memories without edits (all of them
+    retracted) hold no key and are never candidates: they answer nothing."""
+    if not len(memories) or not len(index.keys):
         return torch.full((acts.shape[0],), -1, dtype=torch.long, device=acts.device)
     k = len(index.keys) if dense(candidates, len(memories)) else candidates
     cands, similarity = candidates_of(acts, token_mask, index, k, radius)
@@ -220,8 +221,8 @@ def best_scores(
     candidates: int,
 ) -> torch.Tensor | None:
     """Each row's best activation score over the memories `route` would score for it,
-    whatever the key radius (the paper's Fig. 3); None without memories."""
-    if not len(memories):
+    whatever the key radius (the paper's Fig. 3); None without memories that hold edits."""
+    if not len(memories) or not len(index.keys):
         return None
     if dense(candidates, len(memories)):
         return torch.stack([m.scores(acts, token_mask) for m in memories]).max(dim=0).values
