@@ -74,6 +74,16 @@ CORRUPTIONS = {
         lambda f: _corrupt_state(f, lambda s: s["memories"][0].update(edit_ids=[0, 7])),
         "memories[0].edit_ids must be edit indices below 2",
     ),
+    "an edit in the log that no memory holds": (
+        lambda f: _corrupt_state(
+            f, lambda s: s["edit_log"].append({**s["edit_log"][0], "index": 2})
+        ),
+        "edit_log[2] is held by no side memory",
+    ),
+    "a retracted edit still held": (
+        lambda f: _corrupt_state(f, lambda s: s["edit_log"][1].update(retracted={"seconds": 1})),
+        "edit_log[1] is retracted but still held",
+    ),
     "string score_scale": (
         lambda f: _corrupt_state(f, lambda s: s.update(score_scale="88")),
         "score_scale must be an integer or a number, got str",
