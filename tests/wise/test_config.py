@@ -120,3 +120,14 @@ def test_key_radius_is_calibrated_by_default_and_a_cosine():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="key_radius"):
             RoutingConfig(key_radius=bad)
+
+
+def test_prefixes_longer_than_the_context_are_refused_before_anything_runs(tokenizer):
+    from wise_edit import WiseEditor
+    from wise_edit.core.layer import AttachedLayer
+
+    model = tiny_model()  # a context of 256 tokens
+    config = WiseConfig.from_settings(layer=2, **{"prefixes.lengths": [100000]})
+    with pytest.raises(ValueError, match="prefixes.lengths: 100000 tokens do not fit"):
+        WiseEditor(model, tokenizer, config)
+    assert not any(isinstance(m, AttachedLayer) for m in model.modules())

@@ -16,7 +16,7 @@ from ..core.attach import editing_mode
 from ..core.draft import EditRequest, EditResult
 from ..core.editor import EditorBase
 from ..core.fastpath import Captured
-from ..core.rows import EditRows, build_answer_rows, stack_ragged
+from ..core.rows import EditRows, build_answer_rows, context_limit, stack_ragged
 from ..core.validate import SaveChecker
 from .bank import MemoryBank, Plan
 from .calibration import Calibration, calibrate
@@ -58,11 +58,17 @@ class WiseEditor(EditorBase):
     ) -> None:
         super().__init__(model, tokenizer, config, irrelevant_prompts)
         self.bank = MemoryBank(self.layer, self.config)
-        routing = self.config.routing
+        routing, limit = self.config.routing, context_limit(model.config)
         try:
             depth = subject_depth(routing.subject_tau, routing.subject_layer, self.layer_index)
+            longest = max(self.config.prefixes.lengths, default=0)
+            if limit is not None and longest >= limit:
+                raise ValueError(
+                    f"prefixes.lengths: {longest} tokens do not fit the model's context of "
+                    f"{limit} tokens with an edit behind them"
+                )
         except ValueError:
-            super().detach()
+            super().detach()  # nothing stays attached
             raise
         self._subjects = SubjectKeys(self, depth) if depth else None
         if not depth:
