@@ -1,5 +1,6 @@
 """Starting a server: the settings of `wise-edit serve`, checked before the model loads,
-then model, editor (new or from the checkpoint), service and uvicorn."""
+then the state folder (checked, locked, a crashed swap put right, the log opened), model,
+editor (new or from the checkpoint), service and uvicorn."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import models
-from ..methods import editor_class, load_editor, make_config
+from ..core.editor import EditorBase
+from ..core.persistence import SaveFolder, save_layout, saved_config
+from ..methods import editor_class, load_editor, make_config, settings_that_differ
 from .app import create_app
+from .log import EditLog
 from .schema import Limits
-from .service import EditService
+from .service import CHECKPOINT_DIR, LOG_FILE, EditService, check_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ class ServeSettings:
 
     model: str
     state_dir: Path
-    method: str = "wise"
+    method: str | None = None  # None: the checkpoint's, else wise
     device: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -48,7 +52,7 @@ class ServeSettings:
                 f"refusing to serve on {self.host} without a token: edits could be written "
                 f"by anyone who can reach it; give --token or ${TOKEN_ENV}"
             )
-        editor_class(self.method)  # an unknown method fails here, before the model loads
+        editor_class(self.method or "wise")  # an unknown method fails before the model loads
 
 
 def is_loopback(host: str) -> bool:
@@ -67,18 +71,57 @@ def token_from(flag: str | None) -> str | None:
 
 def build_service(settings: ServeSettings) -> EditService:
     """The editor from the state directory's checkpoint when there is one (its method
-    and config win over the flags), else a new one from the flags."""
-    model, tokenizer = models.load(settings.model, device=settings.device)
-    checkpoint = EditService.checkpoint_path(settings.state_dir)
-    if checkpoint is not None:
-        editor = load_editor(model, tokenizer, checkpoint)
-        logger.info(
-            "resuming %s with %d edits from %s", editor.method, editor.num_edits, checkpoint
+    and config win; a flag that differs from them is refused, as `edit --resume` refuses
+    it), else a new one from the flags.
+
+    Before anything is read the folder is checked (`check_state_dir`), locked, and a
+    checkpoint swap a crash interrupted is put right: loading first would miss a
+    checkpoint left under ``.checkpoint.old-*`` and the first new checkpoint would
+    overwrite it. Everything a user can get wrong is refused before the model loads."""
+    state = settings.state_dir
+    check_state_dir(state)
+    folder = SaveFolder(state / CHECKPOINT_DIR).__enter__()  # lock, then `recover`
+    log: EditLog | None = None
+    try:
+        cls, overrides = _editor_settings(settings, folder.path)
+        log = EditLog(state / LOG_FILE)
+        model, tokenizer = models.load(settings.model, device=settings.device)
+        editor: EditorBase
+        if save_layout(folder.path) is not None:
+            editor = load_editor(model, tokenizer, folder.path)
+            logger.info(
+                "resuming %s with %d edits from %s", editor.method, editor.num_edits, folder.path
+            )
+        else:
+            editor = cls(model, tokenizer, make_config(cls, model, overrides))
+        return EditService(state, editor, settings.checkpoint_every, folder=folder, log=log)
+    except BaseException:
+        if log is not None:
+            log.close()
+        folder.__exit__(None, None, None)
+        raise
+
+
+def _editor_settings(
+    settings: ServeSettings, checkpoint: Path
+) -> tuple[type[EditorBase], dict[str, Any]]:
+    """The method and config overrides to serve with. Over an existing checkpoint the
+    method and config are the checkpoint's, and a flag that differs from them is an
+    error (serving with the checkpoint's silently would run edits the user did not ask
+    for, e.g. 70 steps after ``--set max_steps=5``)."""
+    if save_layout(checkpoint) is None:
+        return editor_class(settings.method or "wise"), dict(settings.overrides)
+    method, saved = saved_config(checkpoint)
+    cls = editor_class(method)
+    if settings.method is not None and editor_class(settings.method) is not cls:
+        raise ValueError(f"--method {settings.method}: {checkpoint} holds {method} edits")
+    differ = settings_that_differ(cls, saved, settings.overrides)
+    if differ:
+        raise ValueError(
+            f"settings that differ from the checkpoint in {checkpoint}: {'; '.join(differ)} "
+            "(drop them, or serve from a new --state)"
         )
-    else:
-        cls = editor_class(settings.method)
-        editor = cls(model, tokenizer, make_config(cls, model, settings.overrides))
-    return EditService(settings.state_dir, editor, settings.checkpoint_every)
+    return cls, dict(settings.overrides)
 
 
 def serve(settings: ServeSettings) -> None:

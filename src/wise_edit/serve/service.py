@@ -3,10 +3,14 @@ and retractions in arrival order, checkpoints, and generation for any number of
 concurrent requests.
 
 State directory: ``edits.sqlite`` (the log, `EditLog`) and ``checkpoint/`` (an editor
-save, written with the locked atomic `SaveFolder`). On start the checkpoint is loaded and
-every op after it is applied again; an op whose effect the checkpoint already holds (a
-crash between the save and the log's note of it) is only marked done, so every accepted
-edit is applied exactly once.
+save, written with the locked atomic `SaveFolder`), and nothing else: a folder holding
+files wise-edit did not write is refused (`check_state_dir`), since a checkpoint swap
+would delete them. On start the checkpoint is loaded and every op after it is applied
+again; an op whose effect the checkpoint already holds (a crash between the save and the
+log's note of it) is only marked done, so every accepted edit is applied exactly once. A
+checkpoint that lacks edits the log says it holds (deleted, or an older one put back) is
+rebuilt from the log; one that cannot be (it holds edits the log never accepted) is
+refused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ import torch
 from transformers import TextIteratorStreamer
 
 from ..core.editor import EditorBase
-from ..core.persistence import SaveFolder, save_layout
+from ..core.persistence import (
+    CONFIG_FILE,
+    LEGACY_FILES,
+    STATE_FILE,
+    TENSOR_FILE,
+    ForeignFolderError,
+    SaveFolder,
+    save_layout,
+)
 from .log import EditLog, Op
 
 logger = logging.getLogger(__name__)
@@ -33,6 +45,39 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "edits.sqlite"
 CHECKPOINT_DIR = "checkpoint"
 EDIT_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError)
+# the files of a save, in every layout (what `check_state_dir` finds in a checkpoint)
+_SAVE_FILES = frozenset(
+    {CONFIG_FILE, STATE_FILE, TENSOR_FILE, *(n for files in LEGACY_FILES.values() for n in files)}
+)
+
+
+def check_state_dir(path: str | Path) -> None:
+    """Refuse a state folder, or a ``checkpoint/`` in it, holding anything wise-edit did
+    not write: a checkpoint swap replaces the whole ``checkpoint/`` folder, so a user's
+    files there would be deleted without a word."""
+    state = Path(path)
+    if not state.exists():
+        return
+    if not state.is_dir():
+        raise ForeignFolderError(f"--state {state} is a file, not a folder")
+    ours = {LOG_FILE, *(LOG_FILE + s for s in ("-wal", "-shm", "-journal")), CHECKPOINT_DIR}
+    ours |= {f".{CHECKPOINT_DIR}.lock", f".{CHECKPOINT_DIR}.lock.owner"}
+    sides = (f".{CHECKPOINT_DIR}.old-", f".{CHECKPOINT_DIR}.tmp-")
+    foreign = [
+        p.name for p in state.iterdir() if p.name not in ours and not p.name.startswith(sides)
+    ]
+    checkpoint = state / CHECKPOINT_DIR
+    if checkpoint.is_dir():
+        foreign += [f"{CHECKPOINT_DIR}/{p.name}" for p in checkpoint.iterdir()
+                    if p.name not in _SAVE_FILES]  # fmt: skip
+    elif checkpoint.exists():
+        foreign.append(CHECKPOINT_DIR)
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ForeignFolderError(
+            f"--state {state} holds files wise-edit did not create ({shown}); refusing to "
+            "use it, as checkpoints would delete them (choose a new or empty folder)"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,13 +134,19 @@ def _quantile(values: list[float], q: float) -> float | None:
 class EditService:
     """Owns the editor while serving: ``editor`` is new (first start) or loaded from the
     state directory's checkpoint (`checkpoint_path`); `start` reconciles the log with it
-    and starts the worker, `stop` ends it with a last checkpoint."""
+    and starts the worker, `stop` ends it with a last checkpoint.
+
+    ``folder`` and ``log``, when given, are the checkpoint folder already held (locked,
+    and recovered before the checkpoint was loaded: `serve.run.build_service`) and the
+    log already opened; else `start` takes them."""
 
     def __init__(
         self,
         state_dir: str | Path,
         editor: EditorBase,
         checkpoint_every: int = 10,
+        folder: SaveFolder | None = None,
+        log: EditLog | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -103,9 +154,10 @@ class EditService:
         self.editor = editor
         self.checkpoint_every = checkpoint_every
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log = EditLog(self.state_dir / LOG_FILE)
+        self.log = log or EditLog(self.state_dir / LOG_FILE)
         self.latency = Latencies()
-        self._folder = SaveFolder(self.state_dir / CHECKPOINT_DIR)
+        self._held = folder is not None
+        self._folder = folder or SaveFolder(self.state_dir / CHECKPOINT_DIR)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -122,10 +174,17 @@ class EditService:
     def start(self) -> None:
         """Lock the state directory, reconcile the log with the checkpoint, start the
         worker."""
-        self._folder.__enter__()  # held while serving: a second server fails fast
-        self._reconcile()
-        if save_layout(self._folder.path) is None:
-            self._checkpoint()  # the config is in the state directory from the start
+        if not self._held:
+            self._folder.__enter__()  # held while serving: a second server fails fast
+            self._held = True
+        try:
+            self._reconcile()
+            if save_layout(self._folder.path) is None:
+                self._checkpoint()  # the config is in the state directory from the start
+        except BaseException:
+            self._folder.__exit__(None, None, None)
+            self._held = False
+            raise
         self._worker = threading.Thread(target=self._run, name="wise-edit-worker", daemon=True)
         self._worker.start()
 
@@ -136,17 +195,47 @@ class EditService:
             self._worker.join()
         if checkpoint and self._since_checkpoint:
             self._checkpoint()
-        self._folder.__exit__(None, None, None)
+        if self._held:
+            self._folder.__exit__(None, None, None)
+            self._held = False
         self.log.close()
 
     def _reconcile(self) -> None:
         """Ops after the checkpoint are redone; those the checkpoint already reflects are
-        marked done with the status the checkpoint gives them."""
+        marked done with the status the checkpoint gives them. A checkpoint missing edits
+        the log says it holds is rebuilt: every op is done again in order, those the
+        checkpoint holds only marked done (possible when it holds a prefix of them); a
+        checkpoint that is no prefix of the log is refused rather than served half."""
         for index, entry in enumerate(self.editor.edit_log):
             service_id = (entry.get("meta") or {}).get("id")
             if isinstance(service_id, int):
                 self._index[service_id] = index
-        self.log.redo_after(self.log.checkpoint_seq())
+        where = self._folder.path
+        unknown = sorted(i for i in self._index if self.log.get(i) is None)
+        if unknown:
+            raise ValueError(
+                f"{where} holds edits {unknown[:5]} that {self.log.path.name} never "
+                "accepted (was the log replaced?); refusing to serve them half"
+            )
+        missing = [i for i in self.log.checkpointed_edits() if i not in self._index]
+        redo_from = self.log.checkpoint_seq()
+        if missing:
+            if any(held > missing[0] for held in self._index):
+                raise ValueError(
+                    f"{where} lacks edits {missing[:5]} the log says it holds, and holds "
+                    "later ones: refusing to serve it half (move it away to rebuild it "
+                    "from the log)"
+                )
+            logger.warning(
+                "%s holds %d of the %d edits the log says it holds; applying the other %d "
+                "again from the log",
+                where,
+                len(self._index),
+                len(self._index) + len(missing),
+                len(missing),
+            )
+            redo_from = 0
+        self.log.redo_after(redo_from)
 
     # ------------------------------------------------------------------ requests
     def submit(self, records: list[dict[str, Any]]) -> list[int]:
