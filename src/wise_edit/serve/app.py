@@ -25,7 +25,7 @@ from starlette.routing import Route
 from . import schema
 from .prompts import chat_prompt
 from .schema import BadRequest, Limits
-from .service import Completion, EditService, Question
+from .service import Completion, EditService, Question, Unavailable
 
 PAGE_SIZE = 50
 
@@ -131,7 +131,14 @@ class Api:
 
     # ------------------------------------------------------------------ reports
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "method": self.service.editor.method})
+        """200 "ok"; 503 naming the failure while edits cannot be made durable (a
+        failing checkpoint, a full disk, the state folder gone)."""
+        method = self.service.editor.method
+        problem = self.service.problem()
+        if problem is None:
+            return JSONResponse({"status": "ok", "method": method})
+        error = _error(problem.message, "server_error", None, 503)
+        return JSONResponse({"status": "failing", "method": method, **error}, 503)
 
     async def metrics(self, request: Request) -> Response:
         return JSONResponse(self.service.metrics())
@@ -198,11 +205,21 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def _error(message: str, kind: str, param: str | None, status: int) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 async def _bad_request(request: Request, err: Exception) -> Response:
     assert isinstance(err, BadRequest)
     kind = "authentication_error" if err.status == 401 else "invalid_request_error"
-    error = {"message": err.message, "type": kind, "param": err.param, "code": err.status}
-    return JSONResponse({"error": error}, status_code=err.status)
+    return JSONResponse(_error(err.message, kind, err.param, err.status), err.status)
+
+
+async def _unavailable(request: Request, err: Exception) -> Response:
+    """507/503: the edit could not be made durable; nothing was accepted."""
+    assert isinstance(err, Unavailable)
+    return JSONResponse(_error(err.message, "server_error", None, err.status), err.status)
 
 
 async def _http_error(request: Request, err: Exception) -> Response:
@@ -229,6 +246,9 @@ def create_app(
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
     ]
-    return Starlette(
-        routes=routes, exception_handlers={BadRequest: _bad_request, HTTPException: _http_error}
-    )
+    handlers = {
+        BadRequest: _bad_request,
+        Unavailable: _unavailable,
+        HTTPException: _http_error,
+    }
+    return Starlette(routes=routes, exception_handlers=handlers)

@@ -11,12 +11,19 @@ log's note of it) is only marked done, so every accepted edit is applied exactly
 checkpoint that lacks edits the log says it holds (deleted, or an older one put back) is
 rebuilt from the log; one that cannot be (it holds edits the log never accepted) is
 refused.
+
+Faults do not stop the worker: a failed checkpoint or log write (a full disk, the state
+folder removed) is retried with backoff while `problem` reports it, and writes are
+refused (`Unavailable`) until edits can be made durable again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -45,10 +52,31 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "edits.sqlite"
 CHECKPOINT_DIR = "checkpoint"
 EDIT_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError)
+# what a full disk, a removed folder or a broken file raise from the log or a save
+STORAGE_ERRORS = (OSError, sqlite3.Error)
+# the longest wait between two tries of a failing checkpoint or log write
+MAX_BACKOFF_S = 30.0
 # the files of a save, in every layout (what `check_state_dir` finds in a checkpoint)
 _SAVE_FILES = frozenset(
     {CONFIG_FILE, STATE_FILE, TENSOR_FILE, *(n for files in LEGACY_FILES.values() for n in files)}
 )
+
+
+class Unavailable(RuntimeError):
+    """Writes are refused because edits cannot be made durable now: ``status`` 507 when
+    the disk is full, else 503 (the HTTP layer answers with it)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def storage_status(err: BaseException) -> int:
+    """507 for a full disk (SQLite's SQLITE_FULL, ENOSPC, EDQUOT), else 503."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507
+    code = getattr(err, "sqlite_errorcode", None)
+    return 507 if code == getattr(sqlite3, "SQLITE_FULL", 13) else 503
 
 
 def check_state_dir(path: str | Path) -> None:
@@ -155,9 +183,12 @@ class EditService:
         self.checkpoint_every = checkpoint_every
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = log or EditLog(self.state_dir / LOG_FILE)
+        self._log_identity = _identity(self.log.path)
         self.latency = Latencies()
         self._held = folder is not None
         self._folder = folder or SaveFolder(self.state_dir / CHECKPOINT_DIR)
+        self._fault: Unavailable | None = None  # the last failure, until a step succeeds
+        self._backoff = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -189,12 +220,17 @@ class EditService:
         self._worker.start()
 
     def stop(self, checkpoint: bool = True) -> None:
+        """End the worker, write a last checkpoint (a failure is logged: the log keeps
+        every edit, and the next start applies them again), release the folder."""
         self._stop.set()
         self._wake.set()
         if self._worker is not None:
             self._worker.join()
         if checkpoint and self._since_checkpoint:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except STORAGE_ERRORS as err:
+                logger.error("last checkpoint failed (%s); the log keeps the edits", err)
         if self._held:
             self._folder.__exit__(None, None, None)
             self._held = False
@@ -239,14 +275,47 @@ class EditService:
 
     # ------------------------------------------------------------------ requests
     def submit(self, records: list[dict[str, Any]]) -> list[int]:
-        """Log edits durably; the worker applies them in order."""
-        ids = self.log.add_edits(records)
+        """Log edits durably; the worker applies them in order. `Unavailable` while they
+        cannot be made durable (a failing checkpoint, a full disk, the state folder
+        gone)."""
+        self._check_writable()
+        try:
+            ids = self.log.add_edits(records)
+        except STORAGE_ERRORS as err:
+            raise Unavailable(
+                f"the edit log could not be written: {err}", storage_status(err)
+            ) from err
         self._wake.set()
         return ids
 
     def retract(self, edit_id: int) -> None:
-        self.log.request_retraction(edit_id)
+        self._check_writable()
+        try:
+            self.log.request_retraction(edit_id)
+        except STORAGE_ERRORS as err:
+            raise Unavailable(
+                f"the edit log could not be written: {err}", storage_status(err)
+            ) from err
         self._wake.set()
+
+    def problem(self) -> Unavailable | None:
+        """Why edits cannot be made durable now (for /health and writes), or None."""
+        return self._gone() or self._fault
+
+    def _gone(self) -> Unavailable | None:
+        """The log file removed or replaced under us: what is written now goes into an
+        unlinked file, lost at the next start."""
+        if _identity(self.log.path) == self._log_identity:
+            return None
+        return Unavailable(
+            f"the state folder {self.state_dir} was removed or replaced while serving; "
+            "restart the server"
+        )
+
+    def _check_writable(self) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise Unavailable(f"edits are not accepted now: {problem.message}", problem.status)
 
     def wait_idle(self, timeout: float) -> bool:
         """Whether every logged op was done within ``timeout`` seconds (tests, shutdown)."""
@@ -259,15 +328,47 @@ class EditService:
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
+        """Steps until stopped. A step that fails (a checkpoint or log write on a full
+        disk, a folder gone) leaves its op in the log and is tried again after a backoff
+        doubling up to `MAX_BACKOFF_S`; `problem` reports the failure meanwhile."""
         while not self._stop.is_set():
-            op = self.log.next_op()
-            if op is None:
+            try:
+                worked = self._step()
+            except Exception as err:  # noqa: BLE001 - the worker outlives every fault
+                self._failed(err)
+                self._stop.wait(self._backoff)
+                continue
+            if self._fault is not None:
+                logger.warning("recovered: %s", self._fault.message)
+            self._fault, self._backoff = None, 0.0
+            if not worked:
                 self._wake.wait(0.5)
                 self._wake.clear()
-                continue
-            self._do(op)
-            if self._since_checkpoint >= self.checkpoint_every:
-                self._checkpoint()
+
+    def _step(self) -> bool:
+        """A due checkpoint, else the next op; whether there was an op."""
+        gone = self._gone()
+        if gone is not None:
+            raise gone
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+        op = self.log.next_op()
+        if op is None:
+            return False
+        self._do(op)
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        self._backoff = min(MAX_BACKOFF_S, max(0.5, 2 * self._backoff))
+        if isinstance(err, Unavailable):
+            fault = err
+        else:
+            what = "checkpoint" if isinstance(err, STORAGE_ERRORS) else "edit worker"
+            fault = Unavailable(f"{what} failed: {err}", storage_status(err))
+        logger.error("%s; trying again in %.1f s", fault.message, self._backoff)
+        self._fault = fault
 
     def _do(self, op: Op) -> None:
         edit = self.log.get(op.edit_id) or {}
@@ -277,7 +378,7 @@ class EditService:
             self._retract(op, edit)
 
     def _apply(self, op: Op, edit: dict[str, Any]) -> None:
-        if op.edit_id in self._index:  # the checkpoint already holds it
+        if op.edit_id in self._index:  # the checkpoint (or a try whose note failed) holds it
             entry = self.editor.edit_log[self._index[op.edit_id]]
             self.log.finish(op, "retracted" if entry.get("retracted") else "applied")
             return
@@ -286,7 +387,9 @@ class EditService:
             result = self.editor.edit(
                 edit["prompt"], edit["target"], meta=meta, subject=edit.get("subject")
             )
-        except EDIT_ERRORS as err:
+        except Exception as err:  # noqa: BLE001 - a poison edit must not block the log
+            if not isinstance(err, EDIT_ERRORS):
+                logger.exception("edit %d failed unexpectedly", op.edit_id)
             self.log.finish(op, "failed", error=str(err))
             return
         self._index[op.edit_id] = result.index
@@ -303,7 +406,9 @@ class EditService:
         if not self.editor.edit_log[index].get("retracted"):
             try:
                 self.editor.retract(index)
-            except (*EDIT_ERRORS, NotImplementedError) as err:
+            except Exception as err:  # noqa: BLE001 - as for an edit
+                if not isinstance(err, (*EDIT_ERRORS, NotImplementedError)):
+                    logger.exception("retraction of %d failed unexpectedly", op.edit_id)
                 self.log.finish(op, "applied", error=f"retraction failed: {err}")
                 return
             self._since_checkpoint += 1
@@ -428,6 +533,16 @@ class EditService:
             "latency": self.latency.summary(),
             "checkpoint_seq": self.log.checkpoint_seq(),
         }
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's device and inode (None once it is gone): a log file removed or
+    replaced under a running service has another."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> int | None:
