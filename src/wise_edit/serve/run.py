@@ -7,8 +7,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .. import models
@@ -124,8 +128,33 @@ def _editor_settings(
     return cls, dict(settings.overrides)
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived: stop serving with a last checkpoint."""
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+@contextmanager
+def _stopping_signals() -> Iterator[None]:
+    """SIGTERM (docker stop, systemd, Kubernetes) ends the server as SIGINT does, with
+    the service's last checkpoint: uvicorn, after its graceful shutdown, restores the
+    handlers it found and raises the signal again, which with Python's default SIGTERM
+    handler would kill the process before `EditService.stop` runs."""
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stopped as stopped:
+        logger.info("stopping on %s", stopped)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(settings: ServeSettings) -> None:
-    """Run until interrupted; the service (worker, lock, checkpoint) stops with it."""
+    """Run until interrupted (SIGINT or SIGTERM); the service (worker, lock, checkpoint)
+    stops with it."""
     import uvicorn
 
     service = build_service(settings)
@@ -133,6 +162,7 @@ def serve(settings: ServeSettings) -> None:
     try:
         app = create_app(service, settings.model, settings.token, settings.limits)
         print(f"wise-edit serve: http://{settings.host}:{settings.port}/ ", flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        with _stopping_signals():
+            uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         service.stop()
