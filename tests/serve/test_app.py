@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import EDITS
 from serving import InProcess, library_answers
+from starlette.testclient import TestClient
+
+from wise_edit.serve.app import create_app
 
 UNRELATED = "Please remember to close the door when you leave the room."
 
@@ -137,3 +140,42 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server):
         assert r.json()["error"]["param"] == param, (method, path, body, r.text)
     after = (server.client.get("/v1/edits").json(), server.client.get("/metrics").json()["edits"])
     assert after == before
+
+
+@pytest.fixture(scope="module")
+def open_app(server):
+    """The same service served without a token, as on 127.0.0.1:8000."""
+    client = TestClient(create_app(server.service, "tiny"), base_url="http://127.0.0.1:8000")
+    with client:
+        yield client
+
+
+EDIT = {"prompt": "Who is the mayor of Zorb?", "target": "Mallory"}
+OWN = "http://127.0.0.1:8000"
+HOSTILE = [
+    ({"Content-Type": "text/plain"}, 415, "Content-Type"),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+    ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "Origin"),
+    ({"Content-Type": "application/json", "Origin": "null"}, 403, "Origin"),
+    ({"Content-Type": "application/json", "Origin": "http://127.0.0.1:9999"}, 403, "Origin"),
+    ({"Content-Type": "application/json", "Host": "evil.example:8000"}, 400, None),
+    ({"Content-Type": "application/json", "Host": "evil.example"}, 400, None),
+]
+
+
+def test_without_a_token_cross_origin_writes_are_refused(open_app):
+    before = open_app.get("/v1/edits").json()
+    for headers, status, param in HOSTILE:
+        response = open_app.post("/v1/edits", content=json.dumps(EDIT), headers=headers)
+        assert response.status_code == status, (headers, response.text)
+        if param is not None:
+            assert response.json()["error"]["param"] == param
+    response = open_app.delete("/v1/edits/1", headers={"Origin": "http://evil.example"})
+    assert response.status_code == 403
+    assert open_app.get("/v1/edits", headers={"Host": "evil.example"}).status_code == 400
+    assert open_app.get("/v1/edits").json() == before  # nothing was written
+    for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+        assert open_app.get("/health", headers={"Host": host}).status_code == 200, host
+    same = {"Content-Type": "application/json; charset=utf-8", "Origin": OWN}
+    body = {"prompt": UNRELATED, "max_tokens": 2}
+    assert open_app.post("/v1/completions", json=body, headers=same).status_code == 200

@@ -3,6 +3,12 @@
 Everything the app needs lives on the objects `create_app` is given; nothing is global.
 Generation runs in worker threads (it is blocking torch code), so requests are served
 concurrently, each with its own routing decision.
+
+Without a token (served on loopback only) a web page the user visits must not reach the
+service: the ``Host`` header must name the loopback or the bound host (DNS rebinding),
+a POST must say ``Content-Type: application/json`` (a page cannot send that cross-origin
+without a CORS preflight, which is never granted) and a write with an ``Origin`` must
+come from the server's own.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -28,6 +37,7 @@ from .schema import BadRequest, Limits
 from .service import Completion, EditService, Question, Unavailable
 
 PAGE_SIZE = 50
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 class Api:
@@ -40,8 +50,17 @@ class Api:
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
-        """Write endpoints: ``Authorization: Bearer <token>`` when a token was set."""
+        """Write endpoints: ``Authorization: Bearer <token>`` when a token was set; else
+        no foreign ``Origin`` (a page elsewhere writing through the user's browser)."""
         if self.token is None:
+            origin = request.headers.get("origin")
+            if origin is not None and not _same_origin(origin, request):
+                raise BadRequest(
+                    f"cross-origin write from {origin} refused (give the server a --token "
+                    "to accept writes from elsewhere)",
+                    "Origin",
+                    403,
+                )
             return
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
@@ -49,6 +68,8 @@ class Api:
             raise BadRequest("missing or wrong bearer token", "Authorization", 401)
 
     async def _body(self, request: Request) -> Any:
+        if self.token is None and not _is_json(request):
+            raise BadRequest("Content-Type must be application/json", "Content-Type", 415)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise BadRequest(f"body is over {self.limits.max_body_bytes} bytes", "body", 413)
@@ -162,6 +183,19 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int | 
     return int(raw)
 
 
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media == "application/json"
+
+
+def _same_origin(origin: str, request: Request) -> bool:
+    """Whether ``Origin`` is this server as the request reached it (scheme and
+    ``Host``, which `TrustedHostMiddleware` has already checked)."""
+    parts = urlsplit(origin)
+    host = request.headers.get("host", "")
+    return parts.scheme == request.url.scheme and parts.netloc.lower() == host.lower()
+
+
 def _choices(done: Completion, kind: str, text: str | None = None) -> dict[str, Any]:
     """One choice in the OpenAI shape, plus which edit memory answered."""
     content = done.text if text is None else text
@@ -230,9 +264,14 @@ async def _http_error(request: Request, err: Exception) -> Response:
 
 
 def create_app(
-    service: EditService, model_name: str, token: str | None = None, limits: Limits | None = None
+    service: EditService,
+    model_name: str,
+    token: str | None = None,
+    limits: Limits | None = None,
+    host: str = "127.0.0.1",
 ) -> Starlette:
-    """The ASGI app of ``service``. The service is started and stopped with the app."""
+    """The ASGI app of ``service``, served on ``host``. Without a token only requests
+    whose ``Host`` is the loopback or ``host`` are served (any port)."""
     api = Api(service, model_name, token, limits or Limits())
     routes = [
         Route("/", api.dashboard),
@@ -246,9 +285,16 @@ def create_app(
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
     ]
+    middleware = []
+    if token is None:
+        bound = f"[{host}]" if ":" in host else host
+        hosts = sorted({*LOOPBACK_HOSTS, bound.lower()})
+        middleware.append(
+            Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+        )
     handlers = {
         BadRequest: _bad_request,
         Unavailable: _unavailable,
         HTTPException: _http_error,
     }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)

@@ -160,7 +160,9 @@ def serve(settings: ServeSettings) -> None:
     service = build_service(settings)
     service.start()
     try:
-        app = create_app(service, settings.model, settings.token, settings.limits)
+        app = create_app(
+            service, settings.model, settings.token, settings.limits, host=settings.host
+        )
         print(f"wise-edit serve: http://{settings.host}:{settings.port}/ ", flush=True)
         with _stopping_signals():
             uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
