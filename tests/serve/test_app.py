@@ -8,7 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import EDITS
+from conftest import EDITS, tiny_model, tiny_tokenizer
 from serving import InProcess, library_answers
 from starlette.testclient import TestClient
 
@@ -126,6 +126,29 @@ BAD = [
      "messages[0].role"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, None, 400,
      "messages[0].content"),
+    # what the interpreter, the tokenizer, SQLite or torch would turn into a 500
+    ("POST", "/v1/completions", b'{"prompt": "a\\ud800"}', None, 400, "prompt"),
+    ("POST", "/v1/edits", b'{"prompt": "a", "target": "\\udc00b"}', None, 400, "target"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', None, 400,
+     "messages[0].content"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "model": "\\ud800"}', None, 400, "model"),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None, 400, "body"),
+    ("POST", "/v1/edits", b'{"prompt": "a", "target": "b", "x": ' + b"[" * 100 + b"]" * 100
+     + b"}", None, 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", None,
+     400, "body"),
+    ("POST", "/v1/completions", {"prompt": "a", "temperature": 1e-300}, None, 400,
+     "temperature"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "temperature": ' + b"9" * 400 + b"}", None,
+     400, "temperature"),
+    ("GET", "/v1/edits/\u00b2", None, None, 404, "id"),
+    ("DELETE", "/v1/edits/\u00b2", None, None, 404, "id"),
+    ("GET", "/v1/edits/" + "9" * 30, None, None, 404, "id"),
+    ("DELETE", "/v1/edits/" + "9" * 30, None, None, 404, "id"),
+    ("GET", "/v1/edits?after=" + "9" * 30, None, None, 400, "after"),
+    ("GET", "/v1/edits?after=\u00b2", None, None, 400, "after"),
+    ("GET", "/v1/edits?limit=" + "9" * 5000, None, None, 400, "limit"),
 ]  # fmt: skip
 
 
@@ -140,6 +163,32 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server):
         assert r.json()["error"]["param"] == param, (method, path, body, r.text)
     after = (server.client.get("/v1/edits").json(), server.client.get("/metrics").json()["edits"])
     assert after == before
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2: a hard context (its position table has 256 rows)."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    tiny_model("gpt2").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_question_beyond_the_context_is_a_400_naming_the_field(gpt2_dir, tmp_path):
+    served = InProcess(gpt2_dir, tmp_path / "state")
+    try:
+        asks = [
+            ({"prompt": UNRELATED, "max_tokens": 256}, "max_tokens"),
+            ({"prompt": UNRELATED * 50, "max_tokens": 1}, "prompt"),
+        ]
+        for body, param in asks:
+            for stream in (False, True):
+                response = served.client.post("/v1/completions", json={**body, "stream": stream})
+                assert response.status_code == 400, (body, stream, response.text)
+                assert response.json()["error"]["param"] == param
+        assert served.complete(UNRELATED, max_tokens=16)["finish_reason"] == "length"
+    finally:
+        served.stop()
 
 
 @pytest.fixture(scope="module")

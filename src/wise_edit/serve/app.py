@@ -34,9 +34,11 @@ from starlette.routing import Route
 from . import schema
 from .prompts import chat_prompt
 from .schema import BadRequest, Limits
-from .service import Completion, EditService, Question, Unavailable
+from .service import Completion, EditService, Question, Unanswerable, Unavailable
 
 PAGE_SIZE = 50
+# the largest id SQLite stores (a larger one is no edit: 404, not an OverflowError)
+MAX_ID = 2**63 - 1
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
@@ -71,7 +73,7 @@ class Api:
         if self.token is None and not _is_json(request):
             raise BadRequest("Content-Type must be application/json", "Content-Type", 415)
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+        if _digits(declared) and (len(declared) > 12 or int(declared) > self.limits.max_body_bytes):
             raise BadRequest(f"body is over {self.limits.max_body_bytes} bytes", "body", 413)
         body = b""
         async for chunk in request.stream():
@@ -81,9 +83,13 @@ class Api:
         return schema.parse_json(body, self.limits)
 
     def _edit_id(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """The edit the path names: ASCII digits only (``"²".isdigit()`` is true, but
+        no int), within SQLite's integer range."""
         raw = request.path_params["edit_id"]
-        if not raw.isdigit():
+        if not _digits(raw):
             raise BadRequest("edit id must be a positive integer", "id", 404)
+        if len(raw) > 19 or int(raw) > MAX_ID:
+            raise BadRequest(f"no edit with id {raw}", "id", 404)
         edit = self.service.log.get(int(raw))
         if edit is None:
             raise BadRequest(f"no edit with id {raw}", "id", 404)
@@ -100,7 +106,7 @@ class Api:
         return JSONResponse(self._edit_id(request)[1])
 
     async def list_edits(self, request: Request) -> Response:
-        after = _query_int(request, "after", 0, 0)
+        after = _query_int(request, "after", 0, 0, MAX_ID)
         limit = _query_int(request, "limit", PAGE_SIZE, 1, 1000)
         items = self.service.log.page(after, limit)
         more = len(items) == limit
@@ -144,8 +150,8 @@ class Api:
             "created": int(time.time()),
             "model": ask.model,
         }
-        if ask.stream:
-            pieces = self.service.stream(question)
+        if ask.stream:  # `stream` checks the question before the response starts
+            pieces = await run_in_threadpool(self.service.stream, question)
             return StreamingResponse(_sse(pieces, head, kind), media_type="text/event-stream")
         done: Completion = await run_in_threadpool(self.service.complete, question)
         return JSONResponse({**head, "object": kind, **_choices(done, kind), "usage": _usage(done)})
@@ -174,13 +180,18 @@ class Api:
         return HTMLResponse(page)
 
 
-def _query_int(request: Request, name: str, default: int, low: int, high: int | None = None) -> int:
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
-        raise BadRequest(f"{name} must be an integer from {low} to {high or 'any'}", name)
+    if not _digits(raw) or len(raw) > len(str(high)) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}", name)
     return int(raw)
+
+
+def _digits(raw: str | None) -> bool:
+    """Whether ``raw`` is a decimal number in ASCII (`str.isdigit` takes ``²``)."""
+    return raw is not None and raw.isascii() and raw.isdigit()
 
 
 def _is_json(request: Request) -> bool:
@@ -256,6 +267,11 @@ async def _unavailable(request: Request, err: Exception) -> Response:
     return JSONResponse(_error(err.message, "server_error", None, err.status), err.status)
 
 
+async def _unanswerable(request: Request, err: Exception) -> Response:
+    assert isinstance(err, Unanswerable)
+    return JSONResponse(_error(err.message, "invalid_request_error", err.param, 400), 400)
+
+
 async def _http_error(request: Request, err: Exception) -> Response:
     """Unknown paths and methods answer JSON too."""
     assert isinstance(err, HTTPException)
@@ -295,6 +311,7 @@ def create_app(
     handlers = {
         BadRequest: _bad_request,
         Unavailable: _unavailable,
+        Unanswerable: _unanswerable,
         HTTPException: _http_error,
     }
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)

@@ -45,6 +45,7 @@ from ..core.persistence import (
     SaveFolder,
     save_layout,
 )
+from ..core.rows import context_limit
 from .log import EditLog, Op
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,15 @@ class Unavailable(RuntimeError):
     def __init__(self, message: str, status: int = 503) -> None:
         super().__init__(message)
         self.message, self.status = message, status
+
+
+class Unanswerable(ValueError):
+    """A question the model cannot answer as asked (``param`` names the request field),
+    found before any generation starts."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 def storage_status(err: BaseException) -> int:
@@ -439,10 +449,28 @@ class EditService:
     def stream(self, question: Question) -> Iterator[str | Completion]:
         """Text pieces as they are generated, then a `Completion` (empty text) with the
         finish reason, token counts and the memory that answered. Text is cut before the
-        first stop string."""
+        first stop string. A prompt plus ``max_tokens`` beyond the model's context is
+        `Unanswerable` here, before the first piece (a model with a hard context, such as
+        GPT-2's position table, would fail mid-generation)."""
         q = question
-        editor, tokenizer = self.editor, self.editor.tokenizer
+        tokenizer = self.editor.tokenizer
         batch = tokenizer([q.prompt], return_tensors="pt", add_special_tokens=q.special_tokens)
+        limit = context_limit(self.editor.model.config)
+        length = int(batch["input_ids"].shape[1])
+        if limit is not None and length >= limit:
+            raise Unanswerable(
+                f"the prompt is {length} tokens; the model's context is {limit}", "prompt"
+            )
+        if limit is not None and length + q.max_tokens > limit:
+            raise Unanswerable(
+                f"the prompt ({length} tokens) plus max_tokens ({q.max_tokens}) is over the "
+                f"model's context of {limit} tokens; ask for at most {limit - length}",
+                "max_tokens",
+            )
+        return self._stream(q, batch)
+
+    def _stream(self, q: Question, batch: dict[str, torch.Tensor]) -> Iterator[str | Completion]:
+        editor, tokenizer = self.editor, self.editor.tokenizer
         batch = {k: v.to(editor.device) for k, v in batch.items()}
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out: dict[str, Any] = {}
