@@ -375,7 +375,11 @@ class EditService:
         if isinstance(err, Unavailable):
             fault = err
         else:
-            what = "checkpoint" if isinstance(err, STORAGE_ERRORS) else "edit worker"
+            what = (
+                "writing the edit log" if isinstance(err, sqlite3.Error)
+                else "checkpoint" if isinstance(err, OSError)
+                else "edit worker"
+            )  # fmt: skip
             fault = Unavailable(f"{what} failed: {err}", storage_status(err))
         logger.error("%s; trying again in %.1f s", fault.message, self._backoff)
         self._fault = fault
