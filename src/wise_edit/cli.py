@@ -319,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         state_dir=Path(args.state),
-        method=args.method or "wise",
+        method=args.method,
         overrides=parse_overrides(args, cls),
         host=args.host,
         port=args.port,

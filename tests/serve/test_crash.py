@@ -1,15 +1,19 @@
 """SIGKILL the server while edits are pending, and while a checkpoint is being written;
 after a restart every accepted edit is applied exactly once and the answers equal those
-of an uninterrupted run."""
+of an uninterrupted run. SIGTERM stops it with a last checkpoint, as Ctrl-C does."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
 import pytest
-from conftest import EDITS
+from conftest import EDITS, tiny_model, tiny_tokenizer
 from serving import Server, library_answers
+
+from wise_edit import load_editor
+from wise_edit.serve.service import EditService
 
 # Runs the CLI with the checkpoint writer stopping, after writing the new save beside the
 # old one and before swapping it in, once the save holds $SLOW_AFTER edits: the test kills
@@ -76,3 +80,26 @@ def test_sigkill_then_restart_applies_every_edit_once(model_dir, tmp_path, unint
     finally:
         second.stop()
     assert not list(state.glob(".checkpoint.tmp-*"))  # the next checkpoint cleaned up
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_a_restart_applies_each_edit_once(model_dir, tmp_path):
+    """What `docker stop`, systemd and Kubernetes send: the last checkpoint is written."""
+    state = tmp_path / "state"
+    first = Server(model_dir, state, checkpoint_every=100)
+    prompt, target = EDITS[0]
+    try:
+        (edit_id,) = first.edit({"prompt": prompt, "target": target})
+        first.wait_for(edit_id, "applied")
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0, first.log.read_text()
+        first.client.close()
+    saved = load_editor(tiny_model(), tiny_tokenizer(), EditService.checkpoint_path(state))
+    assert [e["prompt"] for e in saved.edit_log] == [prompt]  # in the last checkpoint
+
+    second = Server(model_dir, state)
+    try:
+        assert second.wait_for(edit_id, "applied")
+        assert second.client.get("/metrics").json()["editor"]["edits_in_log"] == 1
+    finally:
+        second.stop()

@@ -67,14 +67,23 @@ class EditLog:
     request threads share it; SQLite serialises writes anyway)."""
 
     def __init__(self, path: str | Path) -> None:
+        """Open (or create) the log; a file that is no SQLite database of ours is a
+        ValueError naming it, one line at start-up rather than a traceback."""
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as err:
+            raise ValueError(f"{self.path}: cannot open the edit log ({err})") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise ValueError(f"{self.path}: not a wise-edit edit log ({err})") from None
 
     def _add_missing_columns(self) -> None:
         """Logs written before a column existed gain it (empty): a service started on
@@ -95,7 +104,8 @@ class EditLog:
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLITE_FULL has rolled it back already
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
@@ -160,9 +170,7 @@ class EditLog:
 
     def checkpoint_seq(self) -> int:
         with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'checkpoint_seq'")
-            found = row.fetchone()
-        return 0 if found is None else int(found[0])
+            return self._checkpoint_seq_locked()
 
     def set_checkpoint_seq(self, seq: int) -> None:
         with self._transaction() as db:
@@ -171,6 +179,21 @@ class EditLog:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (seq,),
             )
+
+    def checkpointed_edits(self) -> list[int]:
+        """Ids of the edits the checkpoint should hold, in the order they were applied:
+        those applied by an op it reflects (a failed one is in no editor)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.id FROM ops o JOIN edits e ON e.id = o.edit_id WHERE o.kind = 'edit' "
+                "AND o.done = 1 AND o.seq <= ? AND e.status != 'failed' ORDER BY o.seq",
+                (self._checkpoint_seq_locked(),),
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _checkpoint_seq_locked(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'checkpoint_seq'").fetchone()
+        return 0 if row is None else int(row[0])
 
     def last_done_seq(self) -> int:
         with self._lock:

@@ -1,20 +1,28 @@
 """Starting a server: the settings of `wise-edit serve`, checked before the model loads,
-then model, editor (new or from the checkpoint), service and uvicorn."""
+then the state folder (checked, locked, a crashed swap put right, the log opened), model,
+editor (new or from the checkpoint), service and uvicorn."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .. import models
-from ..methods import editor_class, load_editor, make_config
+from ..core.editor import EditorBase
+from ..core.persistence import SaveFolder, save_layout, saved_config
+from ..methods import editor_class, load_editor, make_config, settings_that_differ
 from .app import create_app
+from .log import EditLog
 from .schema import Limits
-from .service import EditService
+from .service import CHECKPOINT_DIR, LOG_FILE, EditService, check_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +35,7 @@ class ServeSettings:
 
     model: str
     state_dir: Path
-    method: str = "wise"
+    method: str | None = None  # None: the checkpoint's, else wise
     device: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -48,7 +56,7 @@ class ServeSettings:
                 f"refusing to serve on {self.host} without a token: edits could be written "
                 f"by anyone who can reach it; give --token or ${TOKEN_ENV}"
             )
-        editor_class(self.method)  # an unknown method fails here, before the model loads
+        editor_class(self.method or "wise")  # an unknown method fails before the model loads
 
 
 def is_loopback(host: str) -> bool:
@@ -67,29 +75,96 @@ def token_from(flag: str | None) -> str | None:
 
 def build_service(settings: ServeSettings) -> EditService:
     """The editor from the state directory's checkpoint when there is one (its method
-    and config win over the flags), else a new one from the flags."""
-    model, tokenizer = models.load(settings.model, device=settings.device)
-    checkpoint = EditService.checkpoint_path(settings.state_dir)
-    if checkpoint is not None:
-        editor = load_editor(model, tokenizer, checkpoint)
-        logger.info(
-            "resuming %s with %d edits from %s", editor.method, editor.num_edits, checkpoint
+    and config win; a flag that differs from them is refused, as `edit --resume` refuses
+    it), else a new one from the flags.
+
+    Before anything is read the folder is checked (`check_state_dir`), locked, and a
+    checkpoint swap a crash interrupted is put right: loading first would miss a
+    checkpoint left under ``.checkpoint.old-*`` and the first new checkpoint would
+    overwrite it. Everything a user can get wrong is refused before the model loads."""
+    state = settings.state_dir
+    check_state_dir(state)
+    folder = SaveFolder(state / CHECKPOINT_DIR).__enter__()  # lock, then `recover`
+    log: EditLog | None = None
+    try:
+        cls, overrides = _editor_settings(settings, folder.path)
+        log = EditLog(state / LOG_FILE)
+        model, tokenizer = models.load(settings.model, device=settings.device)
+        editor: EditorBase
+        if save_layout(folder.path) is not None:
+            editor = load_editor(model, tokenizer, folder.path)
+            logger.info(
+                "resuming %s with %d edits from %s", editor.method, editor.num_edits, folder.path
+            )
+        else:
+            editor = cls(model, tokenizer, make_config(cls, model, overrides))
+        return EditService(state, editor, settings.checkpoint_every, folder=folder, log=log)
+    except BaseException:
+        if log is not None:
+            log.close()
+        folder.__exit__(None, None, None)
+        raise
+
+
+def _editor_settings(
+    settings: ServeSettings, checkpoint: Path
+) -> tuple[type[EditorBase], dict[str, Any]]:
+    """The method and config overrides to serve with. Over an existing checkpoint the
+    method and config are the checkpoint's, and a flag that differs from them is an
+    error (serving with the checkpoint's silently would run edits the user did not ask
+    for, e.g. 70 steps after ``--set max_steps=5``)."""
+    if save_layout(checkpoint) is None:
+        return editor_class(settings.method or "wise"), dict(settings.overrides)
+    method, saved = saved_config(checkpoint)
+    cls = editor_class(method)
+    if settings.method is not None and editor_class(settings.method) is not cls:
+        raise ValueError(f"--method {settings.method}: {checkpoint} holds {method} edits")
+    differ = settings_that_differ(cls, saved, settings.overrides)
+    if differ:
+        raise ValueError(
+            f"settings that differ from the checkpoint in {checkpoint}: {'; '.join(differ)} "
+            "(drop them, or serve from a new --state)"
         )
-    else:
-        cls = editor_class(settings.method)
-        editor = cls(model, tokenizer, make_config(cls, model, settings.overrides))
-    return EditService(settings.state_dir, editor, settings.checkpoint_every)
+    return cls, dict(settings.overrides)
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived: stop serving with a last checkpoint."""
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+@contextmanager
+def _stopping_signals() -> Iterator[None]:
+    """SIGTERM (docker stop, systemd, Kubernetes) ends the server as SIGINT does, with
+    the service's last checkpoint: uvicorn, after its graceful shutdown, restores the
+    handlers it found and raises the signal again, which with Python's default SIGTERM
+    handler would kill the process before `EditService.stop` runs."""
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stopped as stopped:
+        logger.info("stopping on %s", stopped)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(settings: ServeSettings) -> None:
-    """Run until interrupted; the service (worker, lock, checkpoint) stops with it."""
+    """Run until interrupted (SIGINT or SIGTERM); the service (worker, lock, checkpoint)
+    stops with it."""
     import uvicorn
 
     service = build_service(settings)
     service.start()
     try:
-        app = create_app(service, settings.model, settings.token, settings.limits)
+        app = create_app(
+            service, settings.model, settings.token, settings.limits, host=settings.host
+        )
         print(f"wise-edit serve: http://{settings.host}:{settings.port}/ ", flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        with _stopping_signals():
+            uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         service.stop()

@@ -35,13 +35,57 @@ class Limits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# the deepest JSON a request may nest (a real request nests 3 levels)
+MAX_DEPTH = 32
+# the smallest temperature that samples: below it logits / temperature overflow
+MIN_TEMPERATURE = 0.01
+
+
 def parse_json(body: bytes, limits: Limits) -> Any:
+    """The body's JSON. What `json` cannot take in its stride is a 400 on ``body`` too:
+    nesting past the interpreter's recursion limit (RecursionError), an integer past
+    Python's 4300-digit limit (ValueError); and a string holding a lone surrogate
+    (valid JSON, but no UTF-8 text: neither the tokenizer nor SQLite takes it) is one
+    naming its field."""
     if len(body) > limits.max_body_bytes:
         raise BadRequest(f"body is over {limits.max_body_bytes} bytes", "body", 413)
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"body is not valid JSON: {err}", "body") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply", "body") from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string"
+        raise BadRequest(f"body is not acceptable JSON: {err}", "body") from None
+    _check_tree(value)
+    return value
+
+
+def _check_tree(value: Any) -> None:
+    """At most `MAX_DEPTH` levels of nesting, and every string (keys too) UTF-8 text;
+    walked without recursion, so that no body can exhaust the stack."""
+    todo: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while todo:
+        item, path, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"body is nested over {MAX_DEPTH} levels deep", "body")
+        if isinstance(item, str):
+            _utf8(item, path or "body")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                _utf8(key, path or "body")
+                todo.append((child, where, depth + 1))
+        elif isinstance(item, list):
+            todo.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _utf8(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = param.encode("utf-8", "backslashreplace").decode("ascii", "replace")
+        raise BadRequest(f"{shown} holds a lone surrogate (not UTF-8 text)", shown) from None
 
 
 def json_object(value: Any, where: str) -> dict[str, Any]:
@@ -109,28 +153,41 @@ class Sampling:
 
 def sampling(body: dict[str, Any], limits: Limits, default_model: str) -> Sampling:
     model = body.get("model", default_model)
-    if not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
+    if not isinstance(model, str) or len(model) > 256:
+        raise BadRequest("model must be a string of at most 256 characters", "model")
     max_tokens = body.get("max_tokens", 16)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         raise BadRequest("max_tokens must be an integer", "max_tokens")
     if not 1 <= max_tokens <= limits.max_tokens:
         raise BadRequest(f"max_tokens must be between 1 and {limits.max_tokens}", "max_tokens")
-    temperature = body.get("temperature", 0.0)
-    if temperature is None:
-        temperature = 0.0
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise BadRequest("temperature must be a number", "temperature")
-    if not math.isfinite(temperature) or not 0 <= temperature <= 2:
-        raise BadRequest("temperature must be between 0 and 2", "temperature")
     return Sampling(
         model,
         max_tokens,
-        float(temperature),
+        _temperature(body.get("temperature")),
         _stops(body.get("stop"), limits),
         _flag(body, "stream"),
         _flag(body, "unedited"),
     )
+
+
+def _temperature(value: Any) -> float:
+    """0 (greedy, also for null) or `MIN_TEMPERATURE`..2: a tinier one divides the
+    logits into infinities and sampling fails; an integer too large for a float is out
+    of range, not an OverflowError."""
+    if value is None:
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadRequest("temperature must be a number", "temperature")
+    if isinstance(value, int) and not 0 <= value <= 2:
+        raise BadRequest("temperature must be between 0 and 2", "temperature")
+    temperature = float(value)
+    if not math.isfinite(temperature) or not 0 <= temperature <= 2:
+        raise BadRequest("temperature must be between 0 and 2", "temperature")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature"
+        )
+    return temperature
 
 
 def _stops(value: Any, limits: Limits) -> list[str]:
@@ -141,6 +198,8 @@ def _stops(value: Any, limits: Limits) -> list[str]:
         raise BadRequest("stop must be a non-empty string or a list of them", "stop")
     if len(stops) > limits.max_stops:
         raise BadRequest(f"at most {limits.max_stops} stop strings", "stop")
+    if any(len(s) > limits.max_prompt_chars for s in stops):
+        raise BadRequest(f"a stop string is over {limits.max_prompt_chars} characters", "stop")
     return stops
 
 

@@ -3,16 +3,27 @@ and retractions in arrival order, checkpoints, and generation for any number of
 concurrent requests.
 
 State directory: ``edits.sqlite`` (the log, `EditLog`) and ``checkpoint/`` (an editor
-save, written with the locked atomic `SaveFolder`). On start the checkpoint is loaded and
-every op after it is applied again; an op whose effect the checkpoint already holds (a
-crash between the save and the log's note of it) is only marked done, so every accepted
-edit is applied exactly once.
+save, written with the locked atomic `SaveFolder`), and nothing else: a folder holding
+files wise-edit did not write is refused (`check_state_dir`), since a checkpoint swap
+would delete them. On start the checkpoint is loaded and every op after it is applied
+again; an op whose effect the checkpoint already holds (a crash between the save and the
+log's note of it) is only marked done, so every accepted edit is applied exactly once. A
+checkpoint that lacks edits the log says it holds (deleted, or an older one put back) is
+rebuilt from the log; one that cannot be (it holds edits the log never accepted) is
+refused.
+
+Faults do not stop the worker: a failed checkpoint or log write (a full disk, the state
+folder removed) is retried with backoff while `problem` reports it, and writes are
+refused (`Unavailable`) until edits can be made durable again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -25,7 +36,16 @@ import torch
 from transformers import TextIteratorStreamer
 
 from ..core.editor import EditorBase
-from ..core.persistence import SaveFolder, save_layout
+from ..core.persistence import (
+    CONFIG_FILE,
+    LEGACY_FILES,
+    STATE_FILE,
+    TENSOR_FILE,
+    ForeignFolderError,
+    SaveFolder,
+    save_layout,
+)
+from ..core.rows import context_limit
 from .log import EditLog, Op
 
 logger = logging.getLogger(__name__)
@@ -33,6 +53,69 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "edits.sqlite"
 CHECKPOINT_DIR = "checkpoint"
 EDIT_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError)
+# what a full disk, a removed folder or a broken file raise from the log or a save
+STORAGE_ERRORS = (OSError, sqlite3.Error)
+# the longest wait between two tries of a failing checkpoint or log write
+MAX_BACKOFF_S = 30.0
+# the files of a save, in every layout (what `check_state_dir` finds in a checkpoint)
+_SAVE_FILES = frozenset(
+    {CONFIG_FILE, STATE_FILE, TENSOR_FILE, *(n for files in LEGACY_FILES.values() for n in files)}
+)
+
+
+class Unavailable(RuntimeError):
+    """Writes are refused because edits cannot be made durable now: ``status`` 507 when
+    the disk is full, else 503 (the HTTP layer answers with it)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class Unanswerable(ValueError):
+    """A question the model cannot answer as asked (``param`` names the request field),
+    found before any generation starts."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def storage_status(err: BaseException) -> int:
+    """507 for a full disk (SQLite's SQLITE_FULL, ENOSPC, EDQUOT), else 503."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507
+    code = getattr(err, "sqlite_errorcode", None)
+    return 507 if code == getattr(sqlite3, "SQLITE_FULL", 13) else 503
+
+
+def check_state_dir(path: str | Path) -> None:
+    """Refuse a state folder, or a ``checkpoint/`` in it, holding anything wise-edit did
+    not write: a checkpoint swap replaces the whole ``checkpoint/`` folder, so a user's
+    files there would be deleted without a word."""
+    state = Path(path)
+    if not state.exists():
+        return
+    if not state.is_dir():
+        raise ForeignFolderError(f"--state {state} is a file, not a folder")
+    ours = {LOG_FILE, *(LOG_FILE + s for s in ("-wal", "-shm", "-journal")), CHECKPOINT_DIR}
+    ours |= {f".{CHECKPOINT_DIR}.lock", f".{CHECKPOINT_DIR}.lock.owner"}
+    sides = (f".{CHECKPOINT_DIR}.old-", f".{CHECKPOINT_DIR}.tmp-")
+    foreign = [
+        p.name for p in state.iterdir() if p.name not in ours and not p.name.startswith(sides)
+    ]
+    checkpoint = state / CHECKPOINT_DIR
+    if checkpoint.is_dir():
+        foreign += [f"{CHECKPOINT_DIR}/{p.name}" for p in checkpoint.iterdir()
+                    if p.name not in _SAVE_FILES]  # fmt: skip
+    elif checkpoint.exists():
+        foreign.append(CHECKPOINT_DIR)
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ForeignFolderError(
+            f"--state {state} holds files wise-edit did not create ({shown}); refusing to "
+            "use it, as checkpoints would delete them (choose a new or empty folder)"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,13 +172,19 @@ def _quantile(values: list[float], q: float) -> float | None:
 class EditService:
     """Owns the editor while serving: ``editor`` is new (first start) or loaded from the
     state directory's checkpoint (`checkpoint_path`); `start` reconciles the log with it
-    and starts the worker, `stop` ends it with a last checkpoint."""
+    and starts the worker, `stop` ends it with a last checkpoint.
+
+    ``folder`` and ``log``, when given, are the checkpoint folder already held (locked,
+    and recovered before the checkpoint was loaded: `serve.run.build_service`) and the
+    log already opened; else `start` takes them."""
 
     def __init__(
         self,
         state_dir: str | Path,
         editor: EditorBase,
         checkpoint_every: int = 10,
+        folder: SaveFolder | None = None,
+        log: EditLog | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -103,9 +192,13 @@ class EditService:
         self.editor = editor
         self.checkpoint_every = checkpoint_every
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log = EditLog(self.state_dir / LOG_FILE)
+        self.log = log or EditLog(self.state_dir / LOG_FILE)
+        self._log_identity = _identity(self.log.path)
         self.latency = Latencies()
-        self._folder = SaveFolder(self.state_dir / CHECKPOINT_DIR)
+        self._held = folder is not None
+        self._folder = folder or SaveFolder(self.state_dir / CHECKPOINT_DIR)
+        self._fault: Unavailable | None = None  # the last failure, until a step succeeds
+        self._backoff = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -122,42 +215,117 @@ class EditService:
     def start(self) -> None:
         """Lock the state directory, reconcile the log with the checkpoint, start the
         worker."""
-        self._folder.__enter__()  # held while serving: a second server fails fast
-        self._reconcile()
-        if save_layout(self._folder.path) is None:
-            self._checkpoint()  # the config is in the state directory from the start
+        if not self._held:
+            self._folder.__enter__()  # held while serving: a second server fails fast
+            self._held = True
+        try:
+            self._reconcile()
+            if save_layout(self._folder.path) is None:
+                self._checkpoint()  # the config is in the state directory from the start
+        except BaseException:
+            self._folder.__exit__(None, None, None)
+            self._held = False
+            raise
         self._worker = threading.Thread(target=self._run, name="wise-edit-worker", daemon=True)
         self._worker.start()
 
     def stop(self, checkpoint: bool = True) -> None:
+        """End the worker, write a last checkpoint (a failure is logged: the log keeps
+        every edit, and the next start applies them again), release the folder."""
         self._stop.set()
         self._wake.set()
         if self._worker is not None:
             self._worker.join()
         if checkpoint and self._since_checkpoint:
-            self._checkpoint()
-        self._folder.__exit__(None, None, None)
+            try:
+                self._checkpoint()
+            except STORAGE_ERRORS as err:
+                logger.error("last checkpoint failed (%s); the log keeps the edits", err)
+        if self._held:
+            self._folder.__exit__(None, None, None)
+            self._held = False
         self.log.close()
 
     def _reconcile(self) -> None:
         """Ops after the checkpoint are redone; those the checkpoint already reflects are
-        marked done with the status the checkpoint gives them."""
+        marked done with the status the checkpoint gives them. A checkpoint missing edits
+        the log says it holds is rebuilt: every op is done again in order, those the
+        checkpoint holds only marked done (possible when it holds a prefix of them); a
+        checkpoint that is no prefix of the log is refused rather than served half."""
         for index, entry in enumerate(self.editor.edit_log):
             service_id = (entry.get("meta") or {}).get("id")
             if isinstance(service_id, int):
                 self._index[service_id] = index
-        self.log.redo_after(self.log.checkpoint_seq())
+        where = self._folder.path
+        unknown = sorted(i for i in self._index if self.log.get(i) is None)
+        if unknown:
+            raise ValueError(
+                f"{where} holds edits {unknown[:5]} that {self.log.path.name} never "
+                "accepted (was the log replaced?); refusing to serve them half"
+            )
+        missing = [i for i in self.log.checkpointed_edits() if i not in self._index]
+        redo_from = self.log.checkpoint_seq()
+        if missing:
+            if any(held > missing[0] for held in self._index):
+                raise ValueError(
+                    f"{where} lacks edits {missing[:5]} the log says it holds, and holds "
+                    "later ones: refusing to serve it half (move it away to rebuild it "
+                    "from the log)"
+                )
+            logger.warning(
+                "%s holds %d of the %d edits the log says it holds; applying the other %d "
+                "again from the log",
+                where,
+                len(self._index),
+                len(self._index) + len(missing),
+                len(missing),
+            )
+            redo_from = 0
+        self.log.redo_after(redo_from)
 
     # ------------------------------------------------------------------ requests
     def submit(self, records: list[dict[str, Any]]) -> list[int]:
-        """Log edits durably; the worker applies them in order."""
-        ids = self.log.add_edits(records)
+        """Log edits durably; the worker applies them in order. `Unavailable` while they
+        cannot be made durable (a failing checkpoint, a full disk, the state folder
+        gone)."""
+        self._check_writable()
+        try:
+            ids = self.log.add_edits(records)
+        except STORAGE_ERRORS as err:
+            raise Unavailable(
+                f"the edit log could not be written: {err}", storage_status(err)
+            ) from err
         self._wake.set()
         return ids
 
     def retract(self, edit_id: int) -> None:
-        self.log.request_retraction(edit_id)
+        self._check_writable()
+        try:
+            self.log.request_retraction(edit_id)
+        except STORAGE_ERRORS as err:
+            raise Unavailable(
+                f"the edit log could not be written: {err}", storage_status(err)
+            ) from err
         self._wake.set()
+
+    def problem(self) -> Unavailable | None:
+        """Why edits cannot be made durable now (for /health and writes), or None."""
+        return self._gone() or self._fault
+
+    def _gone(self) -> Unavailable | None:
+        """The log file removed or replaced under us: what is written now goes into an
+        unlinked file, lost at the next start."""
+        if _identity(self.log.path) == self._log_identity:
+            return None
+        return Unavailable(
+            f"the state folder {self.state_dir} was removed or replaced while serving; "
+            "restart the server"
+        )
+
+    def _check_writable(self) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise Unavailable(f"edits are not accepted now: {problem.message}", problem.status)
 
     def wait_idle(self, timeout: float) -> bool:
         """Whether every logged op was done within ``timeout`` seconds (tests, shutdown)."""
@@ -170,15 +338,51 @@ class EditService:
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
+        """Steps until stopped. A step that fails (a checkpoint or log write on a full
+        disk, a folder gone) leaves its op in the log and is tried again after a backoff
+        doubling up to `MAX_BACKOFF_S`; `problem` reports the failure meanwhile."""
         while not self._stop.is_set():
-            op = self.log.next_op()
-            if op is None:
+            try:
+                worked = self._step()
+            except Exception as err:  # noqa: BLE001 - the worker outlives every fault
+                self._failed(err)
+                self._stop.wait(self._backoff)
+                continue
+            if self._fault is not None:
+                logger.warning("recovered: %s", self._fault.message)
+            self._fault, self._backoff = None, 0.0
+            if not worked:
                 self._wake.wait(0.5)
                 self._wake.clear()
-                continue
-            self._do(op)
-            if self._since_checkpoint >= self.checkpoint_every:
-                self._checkpoint()
+
+    def _step(self) -> bool:
+        """A due checkpoint, else the next op; whether there was an op."""
+        gone = self._gone()
+        if gone is not None:
+            raise gone
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+        op = self.log.next_op()
+        if op is None:
+            return False
+        self._do(op)
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        self._backoff = min(MAX_BACKOFF_S, max(0.5, 2 * self._backoff))
+        if isinstance(err, Unavailable):
+            fault = err
+        else:
+            what = (
+                "writing the edit log" if isinstance(err, sqlite3.Error)
+                else "checkpoint" if isinstance(err, OSError)
+                else "edit worker"
+            )  # fmt: skip
+            fault = Unavailable(f"{what} failed: {err}", storage_status(err))
+        logger.error("%s; trying again in %.1f s", fault.message, self._backoff)
+        self._fault = fault
 
     def _do(self, op: Op) -> None:
         edit = self.log.get(op.edit_id) or {}
@@ -188,7 +392,7 @@ class EditService:
             self._retract(op, edit)
 
     def _apply(self, op: Op, edit: dict[str, Any]) -> None:
-        if op.edit_id in self._index:  # the checkpoint already holds it
+        if op.edit_id in self._index:  # the checkpoint (or a try whose note failed) holds it
             entry = self.editor.edit_log[self._index[op.edit_id]]
             self.log.finish(op, "retracted" if entry.get("retracted") else "applied")
             return
@@ -197,7 +401,9 @@ class EditService:
             result = self.editor.edit(
                 edit["prompt"], edit["target"], meta=meta, subject=edit.get("subject")
             )
-        except EDIT_ERRORS as err:
+        except Exception as err:  # noqa: BLE001 - a poison edit must not block the log
+            if not isinstance(err, EDIT_ERRORS):
+                logger.exception("edit %d failed unexpectedly", op.edit_id)
             self.log.finish(op, "failed", error=str(err))
             return
         self._index[op.edit_id] = result.index
@@ -214,7 +420,9 @@ class EditService:
         if not self.editor.edit_log[index].get("retracted"):
             try:
                 self.editor.retract(index)
-            except (*EDIT_ERRORS, NotImplementedError) as err:
+            except Exception as err:  # noqa: BLE001 - as for an edit
+                if not isinstance(err, (*EDIT_ERRORS, NotImplementedError)):
+                    logger.exception("retraction of %d failed unexpectedly", op.edit_id)
                 self.log.finish(op, "applied", error=f"retraction failed: {err}")
                 return
             self._since_checkpoint += 1
@@ -245,10 +453,28 @@ class EditService:
     def stream(self, question: Question) -> Iterator[str | Completion]:
         """Text pieces as they are generated, then a `Completion` (empty text) with the
         finish reason, token counts and the memory that answered. Text is cut before the
-        first stop string."""
+        first stop string. A prompt plus ``max_tokens`` beyond the model's context is
+        `Unanswerable` here, before the first piece (a model with a hard context, such as
+        GPT-2's position table, would fail mid-generation)."""
         q = question
-        editor, tokenizer = self.editor, self.editor.tokenizer
+        tokenizer = self.editor.tokenizer
         batch = tokenizer([q.prompt], return_tensors="pt", add_special_tokens=q.special_tokens)
+        limit = context_limit(self.editor.model.config)
+        length = int(batch["input_ids"].shape[1])
+        if limit is not None and length >= limit:
+            raise Unanswerable(
+                f"the prompt is {length} tokens; the model's context is {limit}", "prompt"
+            )
+        if limit is not None and length + q.max_tokens > limit:
+            raise Unanswerable(
+                f"the prompt ({length} tokens) plus max_tokens ({q.max_tokens}) is over the "
+                f"model's context of {limit} tokens; ask for at most {limit - length}",
+                "max_tokens",
+            )
+        return self._stream(q, batch)
+
+    def _stream(self, q: Question, batch: dict[str, torch.Tensor]) -> Iterator[str | Completion]:
+        editor, tokenizer = self.editor, self.editor.tokenizer
         batch = {k: v.to(editor.device) for k, v in batch.items()}
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out: dict[str, Any] = {}
@@ -339,6 +565,16 @@ class EditService:
             "latency": self.latency.summary(),
             "checkpoint_seq": self.log.checkpoint_seq(),
         }
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file's device and inode (None once it is gone): a log file removed or
+    replaced under a running service has another."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> int | None:
