@@ -165,7 +165,6 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server):
     assert after == before
 
 
-@pytest.mark.xfail(strict=False, raises=IndexError, reason="router fix lands on main")
 def test_a_retraction_of_a_memory_s_only_edit_leaves_completions_working(model_dir, tmp_path):
     served = InProcess(model_dir, tmp_path / "state")
     try:
