@@ -81,3 +81,29 @@ def test_a_stream_killed_anywhere_resumes_exactly(setup):
         trial += 1
     print("stream kill trials:", outcomes)
     assert any(o.startswith("killed") for o in outcomes)
+
+
+def _lines(*records: str) -> list:
+    from wise_edit.data import EditRecord, JsonlLine
+
+    return [JsonlLine(i, f"h-{r}", EditRecord(r, "t")) for i, r in enumerate(records, start=1)]
+
+
+def _log(file: str, *records: str) -> list[dict]:
+    return [
+        {"meta": {"file": file, "line": i, "sha256": f"h-{r}"}}
+        for i, r in enumerate(records, start=1)
+    ]
+
+
+def test_a_plan_matches_records_by_content():
+    from wise_edit.stream import StreamError, plan_stream
+
+    plan = plan_stream(_log("a.jsonl", "A", "B"), Path("b.jsonl"), _lines("A", "B", "C"))
+    assert [line.number for line in plan.todo] == [3] and plan.skipped_lines == [1, 2]
+    assert "line(s) 1-2, applied from a.jsonl" in plan.describe(Path("b.jsonl"), Path("out"))
+    # a record given twice is applied twice; a line put in front shifts nothing
+    plan = plan_stream(_log("a.jsonl", "A"), Path("a.jsonl"), _lines("X", "A", "A"))
+    assert [line.number for line in plan.todo] == [1, 3]
+    with pytest.raises(StreamError, match=r"line\(s\) 2 changed"):
+        plan_stream(_log("a.jsonl", "A", "B"), Path("a.jsonl"), _lines("A", "B2"))

@@ -33,7 +33,7 @@ from .evaluation import (
     latency_ratio,
     run_protocol,
 )
-from .methods import editor_class, make_config, settings_that_differ
+from .methods import check_fits, editor_class, make_config, settings_that_differ
 from .migrate import upgrade_config
 
 # Records after the T edited ones whose prompts probe the router: unrelated prompts in
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 def run_bench(args: argparse.Namespace) -> BenchResult:
     """``args``: the `wise-edit bench` options, with the config overrides already parsed
     into ``args.overrides``."""
+    _check_counts(args)
     cls = editor_class(args.method)
     data_dir = Path(args.data_dir)
     loaded = load_dataset(args.data, data_dir, limit=args.edits + SAME_FORM_PROBES)
@@ -65,6 +66,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         differ = settings_that_differ(cls, saved, args.overrides)
         if differ:
             raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
+        check_fits(saved, model)
         config, settings = cls.config_class.from_dict(saved), saved
     fmt = PromptFormat.create(tokenizer, config.prompt_format)
     mode = cls.variant_of(config)
@@ -116,6 +118,20 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     print(markdown_table(result, args))
     print(f"wrote {', '.join(str(out / f) for f in written)}")
     return result
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse a count that is not positive before anything loads: a negative --edits
+    would slice records off the end (T = -2 ran 4 edits) and 0 scores nothing."""
+    for flag, value in (
+        ("--edits", args.edits),
+        ("--chunk", args.chunk),
+        ("--eval-sample", args.eval_sample),
+        ("--latency-repeats", args.latency_repeats),
+        ("--decode-batch", args.decode_batch),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
 def _default_out(
@@ -379,7 +395,9 @@ def _scores_of(data: dict[str, Any]) -> dict[str, Any]:
     "teacher_forced" and "generated" (today's prefix EM, its Loc a shorter continuation)."""
     if "scores" in data:
         return data["scores"]
-    gen = data.get("generated", {})
+    gen = data.get("generated") or {}
+    if not isinstance(gen, dict):
+        return {"prefix_em": gen}
     return {
         "teacher_forced": data.get("teacher_forced", {}),
         "prefix_em": gen,
@@ -389,6 +407,55 @@ def _scores_of(data: dict[str, Any]) -> dict[str, Any]:
 
 SET_METRICS = {"perplexity": "PPL of the edits ↓", "ood_gen": "OOD Gen"}
 """The paper's set-specific metrics (`dataset_metrics`) and their column names."""
+
+
+RESULT_FIELDS = {"method": str, "dataset": str, "edits": int, "seconds_per_edit": (int, float)}
+"""What `comparison_table` reads of every results.json, and the type each must have."""
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A bench run's results.json, checked for what the comparison reads: a file that is
+    not one (another program's JSON, a hand-edited one) is a ValueError naming the path
+    and the field, not a KeyError deep in the table."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: not a `wise-edit bench` results.json ({why})")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise bad(f"unreadable JSON: {type(err).__name__}") from None
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    for key, kind in RESULT_FIELDS.items():
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise bad(f"{key!r} is missing or not {'text' if kind is str else 'a number'}")
+    if not isinstance(data.get("mode") or "", str):
+        raise bad("'mode' is not text")
+    scores = _scores_of(data)
+    if not isinstance(scores, dict):
+        raise bad("'scores' is not an object")
+    for kind, values in scores.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict) or not all(_number_or_none(v) for v in values.values()):
+            raise bad(f"scores {kind!r} is not an object of numbers")
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        raise bad("'extra' is not an object")
+    for metric in SET_METRICS:
+        value = extra.get(metric)
+        if value is not None and not (
+            isinstance(value, dict)
+            and all(isinstance(value.get(k), (int, float)) for k in ("edited", "pre_edit"))
+        ):
+            raise bad(f"extra {metric!r} has no numbers 'edited' and 'pre_edit'")
+    return data
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def comparison_table(runs: list[str]) -> str:
@@ -402,7 +469,7 @@ def comparison_table(runs: list[str]) -> str:
         path = path / "results.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{run}: no results.json (is it a `wise-edit bench` folder?)")
-        data = json.loads(path.read_text())
+        data = read_results(path)
         rows.append((data["dataset"], data["edits"], order, data))
     own = [m for m in SET_METRICS if any(m in r[3].get("extra", {}) for r in rows)]
     header = ["method", "data", "format", "T", *_header()]

@@ -21,6 +21,7 @@ from .core.persistence import (
     check_target,
     save_layout,
     saved_config,
+    saved_method,
 )
 from .core.prompts import FORMAT_NAMES, PromptFormat
 from .core.rows import check_text
@@ -180,7 +181,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         cls, overrides = _edit_settings(args, out, resume)
         if resume and not args.resume and not args.force:
             raise ValueError(
-                f"{out} already holds a {cls.method} save; --resume continues it, "
+                f"{out} already holds a {saved_method(out)} save; --resume continues it, "
                 "--force replaces it"
             )
         check_target(out, cls.method, replace=args.force)
@@ -190,13 +191,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
         model, tokenizer = models.load(args.model, device=args.device)
         pool = _pool(args.data_dir)
         if resume:
-            editor = cls.from_pretrained(model, tokenizer, out, irrelevant_prompts=pool)
+            editor = load_editor(model, tokenizer, out, irrelevant_prompts=pool)
         else:
             config = make_config(cls, model, overrides)
             editor = cls(model, tokenizer, config, irrelevant_prompts=pool)
         plan = plan_stream(editor.edit_log, file, lines, args.reapply_changed)
         if plan.skipped:
-            print(f"{plan.skipped} record(s) of {file.name} are already in {out}; skipping them")
+            print(plan.describe(file, out))
         applied = apply_stream(editor, folder, file, plan.todo, args.checkpoint_every)
         if not applied and not resume:  # an empty stream still leaves a save to resume
             folder.write(editor.snapshot())

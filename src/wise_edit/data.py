@@ -32,6 +32,9 @@ SPLITS = ("edit", "train")
 
 JSONL_REQUIRED = ("prompt", "target")
 JSONL_OPTIONAL = ("rephrase", "loc", "loc_ans")
+JSONL_EXTRA = ("subject",)
+"""Known keys kept in `EditRecord.extra`: ``subject`` is what the prompt is about, which
+WISE routes on (`EditRecord.subject`)."""
 
 _DATA_DIR_HINT = "--data-dir (or $WISE_EDIT_DATA) should point at the `shared/data` folder"
 
@@ -282,16 +285,21 @@ def _jsonl_record(line: str, where: str) -> tuple[EditRecord, list[str]]:
         raw = json.loads(line)
     except ValueError as error:
         raise ValueError(f"{where}: invalid JSON ({error.args[0]})") from error
+    except RecursionError:  # nested deeper than the parser's stack
+        raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(JSONL_REQUIRED) - set(JSONL_OPTIONAL))
+    unknown = sorted(set(raw) - set(JSONL_REQUIRED) - set(JSONL_OPTIONAL) - set(JSONL_EXTRA))
+    subject = _optional_text(raw, "subject", where)
+    if subject is not None and not subject.strip():
+        raise ValueError(f"{where}: field 'subject' is blank (leave it out, or name the subject)")
     record = EditRecord(
         prompt=_required_text(raw, "prompt", where),
         target=_required_text(raw, "target", where),
         rephrase=_optional_text(raw, "rephrase", where),
         loc=_optional_text(raw, "loc", where),
         loc_ans=_optional_text(raw, "loc_ans", where),
-        extra={key: raw[key] for key in unknown},
+        extra={key: raw[key] for key in (*unknown, *JSONL_EXTRA) if key in raw},
     )
     return record, unknown
 
@@ -331,14 +339,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[JsonlLine]:
             "%s: unknown key(s) %s kept in `extra` (known: %s)",
             file,
             ", ".join(sorted(unknown)),
-            ", ".join(JSONL_REQUIRED + JSONL_OPTIONAL),
+            ", ".join(JSONL_REQUIRED + JSONL_OPTIONAL + JSONL_EXTRA),
         )
     return out
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[EditRecord]:
     """User edits, one JSON object per line: "prompt" and "target" (non-empty strings)
-    required, "rephrase", "loc", "loc_ans" optional (string or null). Blank lines are
+    required, "rephrase", "loc", "loc_ans", "subject" optional (string or null). Blank lines are
     allowed. Any malformed line raises `ValueError` naming the file and its 1-based line
     number; nothing is skipped. Other keys are kept in `extra`, with a warning, since
     they are more often a typo ("rephase") than intended."""

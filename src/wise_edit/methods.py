@@ -12,7 +12,8 @@ from torch import nn
 from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
 from .core.config import flatten
 from .core.editor import EditorBase
-from .core.persistence import saved_method
+from .core.persistence import saved_config
+from .core.rows import context_limit
 from .migrate import canonical_settings
 from .wise import WiseEditor
 
@@ -35,10 +36,34 @@ def editor_class(name: str) -> type[EditorBase]:
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
+TOKEN_LENGTHS = ("prefixes.lengths",)
+"""Settings counted in tokens of the model's context (WISE's random prefixes)."""
+
+
 def make_config(cls: type[EditorBase], model: nn.Module, overrides: dict[str, Any]) -> Any:
     """The method's preset for ``model`` with ``overrides`` (dotted or older flat names);
-    an unknown setting is a ValueError naming it."""
-    return cls.config_class.for_model(model, **overrides)
+    an unknown setting, or one the model cannot hold, is a ValueError naming it."""
+    config = cls.config_class.for_model(model, **overrides)
+    check_fits(config.to_dict(), model)
+    return config
+
+
+def check_fits(settings: dict[str, Any], model: nn.Module) -> None:
+    """Refuse token lengths beyond ``model``'s context (``settings`` as a config's
+    `to_dict`): a prefix of 100000 tokens is generated token by token for minutes before
+    anything can fail, and could never be trained behind a prompt."""
+    limit = context_limit(getattr(model, "config", None))
+    flat = flatten(settings)
+    for name in TOKEN_LENGTHS:
+        lengths = flat.get(name)
+        if limit is None or not isinstance(lengths, list):
+            continue
+        too_long = [n for n in lengths if isinstance(n, int) and n >= limit]
+        if too_long:
+            raise ValueError(
+                f"{name}={lengths}: {too_long[0]} tokens do not fit the model's context "
+                f"of {limit} tokens (with the prompt and its target after them)"
+            )
 
 
 def settings_that_differ(
@@ -63,5 +88,7 @@ def load_editor(
     model: nn.Module, tokenizer: Any, path: str | Path, irrelevant_prompts: Any = None
 ) -> EditorBase:
     """Re-attach a save of any method to ``model``; the method is read from the save."""
-    cls = editor_class(saved_method(path))
+    method, settings = saved_config(path)
+    check_fits(settings, model)
+    cls = editor_class(method)
     return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts)

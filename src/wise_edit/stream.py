@@ -4,15 +4,19 @@ lost and nothing is applied twice.
 Each applied record is logged with the edit as ``meta`` (file name, line number, sha256
 of the record), and the editor is checkpointed into the locked save folder every few
 edits, after the last, and before a failing record is reported. A resumed run compares
-the file with what the save says was applied: unchanged records are skipped, new ones
-applied in order, and a record that changed since it was applied is refused unless the
-caller asks to apply the new version too.
+the file with what the save says was applied, by content (the record's sha256), not by
+the file's name: a record the save holds is skipped whatever file or line it comes from
+now (so the same records renamed, or a longer file that starts with them, are not
+applied twice), new ones are applied in order, and a record that changed since it was
+applied from this file is refused unless the caller asks to apply the new version too.
+Each logged edit accounts for one record: a record given twice is applied twice.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,17 @@ class StreamError(ValueError):
 class StreamPlan:
     todo: list[JsonlLine]  # records still to apply, in file order
     skipped: int  # records the save already holds
+    skipped_lines: list[int] = field(default_factory=list)  # their line numbers
+    sources: list[str] = field(default_factory=list)  # the files they were applied from
+
+    def describe(self, file: Path, out: Path) -> str:
+        """One line saying what was skipped and why, for the user to check."""
+        lines = _ranges(self.skipped_lines)
+        where = ", ".join(self.sources)
+        return (
+            f"{self.skipped} record(s) of {file.name} are already in {out} (same content; "
+            f"line(s) {lines}, applied from {where}); skipping them"
+        )
 
 
 def record_meta(file: Path, line: JsonlLine) -> dict[str, Any]:
@@ -44,23 +59,45 @@ def plan_stream(
     lines: Sequence[JsonlLine],
     reapply_changed: bool = False,
 ) -> StreamPlan:
-    """Which records of ``file`` still need applying, given the editor's log."""
-    applied: dict[int, str] = {}
-    for entry in edit_log:
-        meta = entry.get("meta")
-        if isinstance(meta, dict) and meta.get("file") == file.name:
-            applied[meta.get("line", -1)] = meta.get("sha256", "")
-    changed = [
-        line.number for line in lines if applied.get(line.number, line.sha256) != line.sha256
-    ]
+    """Which records of ``file`` still need applying, given the editor's log: a record
+    whose content hash a logged edit carries is skipped (each logged edit matches one
+    record, in order); a record at a line of this file where the log holds another
+    record that no line of the file still has counts as changed."""
+    metas = [e["meta"] for e in edit_log if isinstance(e.get("meta"), dict)]
+    unmatched = Counter(m.get("sha256") for m in metas if isinstance(m.get("sha256"), str))
+    source = {m.get("sha256"): str(m.get("file")) for m in metas}
+    todo, skipped = [], []
+    for line in lines:
+        if unmatched[line.sha256] > 0:
+            unmatched[line.sha256] -= 1
+            skipped.append(line)
+        else:
+            todo.append(line)
+    replaced = {  # lines of this file whose logged record is gone from it
+        m.get("line"): m.get("sha256")
+        for m in metas
+        if m.get("file") == file.name and unmatched[m.get("sha256")] > 0
+    }
+    changed = [line.number for line in todo if line.number in replaced]
     if changed and not reapply_changed:
         shown = ", ".join(map(str, changed[:5])) + (" ..." if len(changed) > 5 else "")
         raise StreamError(
             f"{file}: line(s) {shown} changed since they were applied to this save; "
             "fix the file, or pass --reapply-changed to apply the new versions as new edits"
         )
-    todo = [line for line in lines if applied.get(line.number) != line.sha256]
-    return StreamPlan(todo, len(lines) - len(todo))
+    sources = sorted({source[line.sha256] for line in skipped})
+    return StreamPlan(todo, len(skipped), [line.number for line in skipped], sources)
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """1, 2, 3, 7 -> "1-3, 7"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def apply_stream(

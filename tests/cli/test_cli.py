@@ -280,3 +280,37 @@ def test_serve_request_limits_are_flags(monkeypatch, tmp_path):
     limits = seen["s"].limits
     assert (limits.max_prompt_chars, limits.max_tokens) == (12, 7)
     assert limits.max_body_bytes == 256 * 1024  # untouched flags keep their defaults
+
+
+@pytest.mark.parametrize("edits", ["-2", "0"])
+def test_bench_refuses_a_count_below_one(edits, model_dir, tmp_path, capsys):
+    argv = ["bench", "--model", model_dir, "--data-dir", str(tmp_path), "--edits", edits]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("wise-edit:")]
+    assert f"--edits must be >= 1, got {edits}" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{}", "'method' is missing"),
+        ("[1, 2]", "a JSON list, not an object"),
+        ('{"scores": "x"}', "'method' is missing"),
+        (
+            '{"method": "WISE", "dataset": "zsre", "edits": 2, "seconds_per_edit": 1, '
+            '"scores": "x"}',
+            "'scores' is not an object",
+        ),
+        ("[" * 100_000, "unreadable JSON"),
+    ],
+)
+def test_compare_names_a_file_that_is_not_a_bench_result(content, message, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(content)
+    assert main(["compare", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("wise-edit:")]
+    assert "results.json: not a `wise-edit bench` results.json" in line and message in line

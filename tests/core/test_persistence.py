@@ -23,7 +23,9 @@ from wise_edit.core.persistence import (
     CONFIG_FILE,
     STATE_FILE,
     TENSOR_FILE,
+    CorruptSaveError,
     ForeignFolderError,
+    SaveFolder,
     read_save,
     saved_method,
 )
@@ -175,3 +177,58 @@ def test_wise_edit_imports_and_locks_a_save_without_fcntl(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "locked"
+
+
+# ---------------------------------------------------------------------- the user's files
+def _users_files(folder: Path) -> dict[str, bytes]:
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "README.txt").write_text("what this save is")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    return {k: v for k, v in _tree(folder).items() if not k.startswith("editor_")}
+
+
+def test_a_second_save_keeps_the_users_files(tokenizer, tmp_path):
+    folder = tmp_path / "s"
+    editor = _saved_editor(tokenizer, folder, EDITS[:1])
+    mine = _users_files(folder)
+    editor.edit_many(EDITS[1:2])
+    editor.save_pretrained(folder)
+    assert {k: v for k, v in _tree(folder).items() if k in mine} == mine
+    assert len(json.loads((folder / STATE_FILE).read_text())["edit_log"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]  # no leftovers
+
+
+def test_a_crash_after_the_swap_keeps_the_users_files(tokenizer, tmp_path):
+    """Killed between the swap and moving the user's files over: the next writer moves
+    them before the old folder goes."""
+    folder = tmp_path / "s"
+    _saved_editor(tokenizer, folder, EDITS[:1])
+    mine = _users_files(folder)
+    old = tmp_path / ".s.old-12345"
+    folder.rename(old)
+    folder.mkdir()
+    for name in (CONFIG_FILE, STATE_FILE, TENSOR_FILE):
+        (folder / name).write_bytes((old / name).read_bytes())
+    with SaveFolder(folder):
+        pass
+    assert {k: v for k, v in _tree(folder).items() if k in mine} == mine
+    assert not old.exists()
+
+
+@pytest.mark.parametrize("name", [".s.lock", ".s.lock.owner"])
+def test_a_lock_file_that_is_a_link_is_refused_not_written_through(name, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my thesis")
+    (tmp_path / name).symlink_to(precious)
+    with pytest.raises(ForeignFolderError, match="is a symbolic link"), SaveFolder(tmp_path / "s"):
+        pass
+    assert precious.read_text() == "my thesis"
+
+
+def test_a_state_nested_too_deeply_is_a_corrupt_save(tokenizer, tmp_path):
+    folder = tmp_path / "s"
+    _saved_editor(tokenizer, folder, EDITS[:1])
+    (folder / STATE_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorruptSaveError, match="nested too deeply"):
+        read_save(folder)

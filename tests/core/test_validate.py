@@ -117,3 +117,19 @@ def test_a_corrupted_save_is_refused_naming_file_and_key(name, tokenizer, tmp_pa
         WiseEditor.from_pretrained(model, tokenizer, folder)
     assert message in str(err.value)
     assert type(model.model.layers[2].mlp.down_proj).__name__ == "Linear"  # nothing attached
+
+
+# ---------------------------------------------------------------------- edits held
+def test_an_edit_that_no_memory_holds_is_refused():
+    """The generic half of a method's check (WISE: `check_saved_memories` passes the edit
+    ids its memories hold): a log of 4 with 3 held is corrupt, not 4 edits."""
+    from wise_edit.core.validate import SaveChecker
+
+    check = SaveChecker("s", {})
+    log = [{"index": i} for i in range(4)]
+    with pytest.raises(CorruptSaveError, match=r"edit_log\[3\] is an edit that none of"):
+        check.edits_held(log, {0, 1, 2}, "memories")
+    log[3]["retracted"] = {"steps": 0}
+    check.edits_held(log, {0, 1, 2}, "memories")  # retracted: rightly held by none
+    with pytest.raises(CorruptSaveError, match="hold edit 3, which the edit_log marks retracted"):
+        check.edits_held(log, {0, 1, 2, 3}, "memories")

@@ -17,11 +17,22 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-from ..families import decoder_layers, default_layer_index, family_of, infer_layers_path
+from ..families import (
+    check_value_module,
+    decoder_layers,
+    default_layer_index,
+    family_of,
+    get_submodule,
+    infer_layers_path,
+)
 from .fit import StopOn
 from .prompts import FORMAT_NAMES, FormatName
 
 TARGET_FIELDS = ("layer", "target_module", "layers_path")
+MAX_SEED = 2**32 - 1
+"""The largest seed: `seeds` multiplies it by primes below 2**24 and torch takes seeds
+below 2**64, so a larger one fails only at the first edit (as an overflow that names no
+setting)."""
 
 
 def type_error(value: Any, hint: Any) -> str | None:
@@ -230,6 +241,9 @@ class TargetConfig(Checked):
         """Dotted path of the value projection this config edits in ``model``."""
         if self.target_module is not None:
             self.resolve_layers_path(model)  # the fast path needs the layer it lies in
+            # a module without a value matrix (an attention block, a norm) is refused here,
+            # before a preset or a save's check reads its `weight`
+            check_value_module(get_submodule(model, self.target_module), self.target_module)
             return self.target_module
         layers_path = self.resolve_layers_path(model)
         return f"{layers_path}.{self.resolve_layer(model)}.{family_of(model).value_proj}"
@@ -307,6 +321,7 @@ class EditConfig(TargetConfig):
                 ("early_stop_loss", self.early_stop_loss >= 0, "must be >= 0"),
                 ("early_stop_patience", self.early_stop_patience >= 1, "must be >= 1"),
                 ("side_steps", self.side_steps >= 0, "must be >= 0"),
+                ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
                 (
                     "early_stop_on",
                     self.early_stop_on in get_args(StopOn),

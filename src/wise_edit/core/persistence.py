@@ -11,9 +11,13 @@ Writing never destroys what is not ours and never leaves a half-written save: a 
 goes only into a missing or empty folder or over a save (of the same method unless
 ``replace``); it is written beside the old one and swapped in by two renames under an
 advisory lock, and whatever a crash leaves behind (the old save under a side name, a
-half-written temp folder) is put right by the next writer. Readers take no lock: they
-read again if a swap happened while they read. The lock is `filelock`'s, so that saving
-works wherever Python does (no ``fcntl`` on Windows).
+half-written temp folder) is put right by the next writer. Files a user put into a save
+folder (notes, a README, a subfolder) move into the new save after the swap, and the
+next writer moves them too if a crash came first. Readers take no lock: they read again
+if a swap happened while they read. The lock is `filelock`'s, so that saving works
+wherever Python does (no ``fcntl`` on Windows); neither it nor the owner file beside it
+is ever opened through a symbolic link, so a link planted there cannot make a save
+overwrite the file it points to.
 
 This module knows files, not editors: `EditorBase.save_pretrained` hands it a `Saved`
 and `from_pretrained` gets one back, upgraded to today's layout by `wise_edit.migrate`
@@ -22,6 +26,7 @@ whatever ``format_version`` wrote it (version 1: one set of file names per metho
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +60,9 @@ LEGACY_FILES = MappingProxyType(
     }
 )
 _LAYOUTS = ((CONFIG_FILE, STATE_FILE, TENSOR_FILE), *LEGACY_FILES.values())
+# every name a save's own file may have: what a new save replaces; the rest is the user's
+_SAVE_FILES = frozenset(name for layout in _LAYOUTS for name in layout)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, which checks with lstat
 
 
 class CorruptSaveError(ValueError):
@@ -94,16 +102,55 @@ def save_layout(folder: Path) -> tuple[Path, Path, Path] | None:
     return None
 
 
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute without resolving links: "." and "" get a name, so that the
+    lock and the swap's side names lie beside the folder, not in it."""
+    return Path(os.path.abspath(path))
+
+
+def _refuse_working_folder(target: Path, given: str | os.PathLike[str]) -> None:
+    """A save replaces its folder by renaming, so the working folder (or one holding it)
+    cannot be one: the shell that ran the command would be left in a removed folder."""
+    here = Path.cwd().resolve()
+    if target.resolve() == here or target.resolve() in here.parents:
+        raise ForeignFolderError(
+            f"{given} is the current folder (or holds it): a save replaces its folder, which "
+            "would leave this shell in a removed folder; choose a subfolder such as ./edits"
+        )
+
+
+def _open_plain(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link as the last part of ``path``: the lock
+    and owner files are wise-edit's own, and a link there (to a user's file, say) must
+    not be written or truncated through."""
+    if not _NOFOLLOW and path.is_symlink():  # Windows: no O_NOFOLLOW
+        raise _link_error(path)
+    try:
+        return os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP or path.is_symlink():
+            raise _link_error(path) from None
+        raise
+
+
+def _link_error(path: Path) -> ForeignFolderError:
+    return ForeignFolderError(
+        f"{path} is a symbolic link, not wise-edit's lock file; refusing to write through "
+        "it (remove the link)"
+    )
+
+
 def check_target(path: str | os.PathLike[str], method: str, replace: bool = False) -> None:
     """Raise unless a save of ``method`` may be written to ``path``: a missing or empty
     folder, or a save of the same method (of any method with ``replace``). Called
     before any editing starts, so that nothing is computed for a save that would be
     refused."""
-    target = Path(path)
+    target = _absolute(path)
     if not target.exists():
         if not target.parent.exists() or target.parent.is_dir():
             return
         raise ForeignFolderError(f"{target.parent} is not a folder")
+    _refuse_working_folder(target, path)
     if not target.is_dir():
         raise ForeignFolderError(f"{target} is a file, not a folder for a save")
     if not any(target.iterdir()):
@@ -127,7 +174,7 @@ class SaveFolder:
     written to it: a second writer fails fast with `SaveLockedError`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = _absolute(path)
         self._lock: FileLock | None = None
 
     @property
@@ -139,22 +186,41 @@ class SaveFolder:
         return self.path.parent / f".{self.path.name}.lock.owner"
 
     def __enter__(self) -> SaveFolder:
+        _refuse_working_folder(self.path, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for own in (self.lock_path, self.owner_path):  # a clear refusal before filelock's
+            if own.is_symlink():
+                raise _link_error(own)
         lock = FileLock(self.lock_path, thread_local=False)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            try:
-                owner = self.owner_path.read_text().strip() or "another process"
-            except OSError:
-                owner = "another process"
             raise SaveLockedError(
-                f"{self.path} is being written by {owner}; wait for it to finish"
+                f"{self.path} is being written by {self._owner()}; wait for it to finish"
             ) from None
-        self.owner_path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        except OSError as err:  # filelock opens with O_NOFOLLOW: a link planted meanwhile
+            if err.errno == errno.ELOOP or self.lock_path.is_symlink():
+                raise _link_error(self.lock_path) from None
+            raise
+        try:
+            _replace_text(self.owner_path, f"pid {os.getpid()} on {socket.gethostname()}\n")
+            recover(self.path)
+        except BaseException:
+            lock.release()
+            raise
         self._lock = lock
-        recover(self.path)
         return self
+
+    def _owner(self) -> str:
+        """Who holds the lock, as its owner file says (read without following a link,
+        and at most a line of it)."""
+        try:
+            fd = _open_plain(self.owner_path, os.O_RDONLY)
+        except (OSError, ForeignFolderError):
+            return "another process"
+        with os.fdopen(fd, "rb") as handle:
+            text = handle.read(200).decode("utf-8", "replace").strip()
+        return text.splitlines()[0] if text else "another process"
 
     def __exit__(self, *exc: object) -> None:
         if self._lock is not None:
@@ -165,7 +231,8 @@ class SaveFolder:
     def write(self, saved: Saved) -> None:
         """Write ``saved`` beside the current save, then swap it in: at every instant a
         complete save exists, at ``path`` or (between the two renames) under
-        ``.NAME.old-*``, where the next `recover` finds it."""
+        ``.NAME.old-*``, where the next `recover` finds it. What else the old folder
+        holds (the user's files) is moved into the new one after the swap."""
         if self._lock is None:
             raise RuntimeError("SaveFolder.write outside `with SaveFolder(...)`")
         target = self.path
@@ -178,6 +245,7 @@ class SaveFolder:
                 old = target.parent / f".{target.name}.old-{os.getpid()}"
                 target.rename(old)
                 tmp.rename(target)
+                _move_users_entries(old, target)
                 shutil.rmtree(old)
             else:
                 tmp.rename(target)
@@ -187,16 +255,37 @@ class SaveFolder:
             raise
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` by writing a new file and renaming it over: never written
+    through a link or into a file another name shares (a hard link)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = _open_plain(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _move_users_entries(old: Path, target: Path) -> None:
+    """Move what is not a save file (what a user put beside the save) from the replaced
+    save folder ``old`` into the save at ``target``."""
+    for entry in sorted(old.iterdir()):
+        if entry.name not in _SAVE_FILES and not os.path.lexists(target / entry.name):
+            entry.rename(target / entry.name)
+
+
 def recover(path: str | os.PathLike[str]) -> None:
     """Put right what a crash during a swap left: if the save itself is missing, the
-    previous one (kept under ``.NAME.old-*``) is renamed back."""
-    target = Path(path)
+    previous one (kept under ``.NAME.old-*``) is renamed back; if it is there, the
+    user's files still in an old one are moved into it before the old one goes."""
+    target = _absolute(path)
     olds = _siblings(target, "old")
     if not target.exists() and olds and save_layout(olds[-1]) is not None:
         olds[-1].rename(target)
         olds = olds[:-1]
     if target.exists():
         for old in olds:
+            _move_users_entries(old, target)
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -274,6 +363,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptSaveError(f"{path}: unreadable JSON ({err})") from None
+    except RecursionError:  # nested deeper than the parser's stack: not a save we wrote
+        raise CorruptSaveError(f"{path}: unreadable JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CorruptSaveError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -95,6 +95,19 @@ class SaveChecker:
                 self.fail(STATE_FILE, f"{where}.index", f"must be {i}, got {entry.get('index')!r}")
         return log
 
+    def edits_held(self, log: Sequence[Mapping[str, Any]], held: set[int], by: str) -> None:
+        """Every edit of the log that is not retracted is held by one of ``by`` (a
+        method's memories), and no retracted one is: a log entry that nothing holds
+        would be counted, resumed past and reported as made while the model lacks it."""
+        live = {i for i, entry in enumerate(log) if not entry.get("retracted")}
+        lacking = sorted(live - held)
+        if lacking:
+            why = f"is an edit that none of the {by} holds"
+            self.fail(STATE_FILE, f"edit_log[{lacking[0]}]", why)
+        stale = sorted(held - live)
+        if stale:
+            self.fail(STATE_FILE, by, f"hold edit {stale[0]}, which the edit_log marks retracted")
+
     # ------------------------------------------------------------------ tensors
     def tensor(
         self,
