@@ -33,7 +33,7 @@ from .evaluation import (
     latency_ratio,
     run_protocol,
 )
-from .methods import check_fits, editor_class, make_config, settings_that_differ
+from .methods import editor_class, make_config, settings_that_differ
 from .migrate import upgrade_config
 
 # Records after the T edited ones whose prompts probe the router: unrelated prompts in
@@ -66,7 +66,6 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         differ = settings_that_differ(cls, saved, args.overrides)
         if differ:
             raise ValueError(f"--resume with settings that differ from {out}: {'; '.join(differ)}")
-        check_fits(saved, model)
         config, settings = cls.config_class.from_dict(saved), saved
     fmt = PromptFormat.create(tokenizer, config.prompt_format)
     mode = cls.variant_of(config)

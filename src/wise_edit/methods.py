@@ -12,8 +12,7 @@ from torch import nn
 from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
 from .core.config import flatten
 from .core.editor import EditorBase
-from .core.persistence import saved_config
-from .core.rows import context_limit
+from .core.persistence import saved_method
 from .migrate import canonical_settings
 from .wise import WiseEditor
 
@@ -36,34 +35,11 @@ def editor_class(name: str) -> type[EditorBase]:
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
-TOKEN_LENGTHS = ("prefixes.lengths",)
-"""Settings counted in tokens of the model's context (WISE's random prefixes)."""
-
-
 def make_config(cls: type[EditorBase], model: nn.Module, overrides: dict[str, Any]) -> Any:
     """The method's preset for ``model`` with ``overrides`` (dotted or older flat names);
-    an unknown setting, or one the model cannot hold, is a ValueError naming it."""
-    config = cls.config_class.for_model(model, **overrides)
-    check_fits(config.to_dict(), model)
-    return config
-
-
-def check_fits(settings: dict[str, Any], model: nn.Module) -> None:
-    """Refuse token lengths beyond ``model``'s context (``settings`` as a config's
-    `to_dict`): a prefix of 100000 tokens is generated token by token for minutes before
-    anything can fail, and could never be trained behind a prompt."""
-    limit = context_limit(getattr(model, "config", None))
-    flat = flatten(settings)
-    for name in TOKEN_LENGTHS:
-        lengths = flat.get(name)
-        if limit is None or not isinstance(lengths, list):
-            continue
-        too_long = [n for n in lengths if isinstance(n, int) and n >= limit]
-        if too_long:
-            raise ValueError(
-                f"{name}={lengths}: {too_long[0]} tokens do not fit the model's context "
-                f"of {limit} tokens (with the prompt and its target after them)"
-            )
+    an unknown setting is a ValueError naming it (one the model cannot hold, such as
+    prefixes beyond its context, is refused when the editor is made)."""
+    return cls.config_class.for_model(model, **overrides)
 
 
 def settings_that_differ(
@@ -88,7 +64,5 @@ def load_editor(
     model: nn.Module, tokenizer: Any, path: str | Path, irrelevant_prompts: Any = None
 ) -> EditorBase:
     """Re-attach a save of any method to ``model``; the method is read from the save."""
-    method, settings = saved_config(path)
-    check_fits(settings, model)
-    cls = editor_class(method)
+    cls = editor_class(saved_method(path))
     return cls.from_pretrained(model, tokenizer, path, irrelevant_prompts)

@@ -150,7 +150,7 @@ def test_cli_reports_a_corrupted_save_in_one_line(model_dir, tmp_path, capsys):
         ("seed=99999999999999999999999", "WiseConfig.seed=99999999999999999999999: must be"),
         ("seed=-1", "WiseConfig.seed=-1: must be between 0 and 4294967295"),
         ('target_module="model.layers.0.self_attn"', "'model.layers.0.self_attn' is a Llama"),
-        ("prefix_lengths=[100000]", "prefixes.lengths=[100000]: 100000 tokens do not fit"),
+        ("prefix_lengths=[100000]", "prefixes.lengths: 100000 tokens do not fit"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(setting, message, model_dir, tmp_path, capsys):
@@ -271,7 +271,7 @@ def _change_saved_config(folder: Path, change) -> None:
         ),
         (
             lambda c: c["prefixes"].update(lengths=[1_000_000_000]),
-            "prefixes.lengths=[1000000000]: 1000000000 tokens do not fit",
+            "prefixes.lengths: 1000000000 tokens do not fit",
         ),
     ],
 )

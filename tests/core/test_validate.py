@@ -78,11 +78,11 @@ CORRUPTIONS = {
         lambda f: _corrupt_state(
             f, lambda s: s["edit_log"].append({**s["edit_log"][0], "index": 2})
         ),
-        "edit_log[2] is held by no side memory",
+        "edit_log[2] is an edit that none of the memories holds",
     ),
     "a retracted edit still held": (
         lambda f: _corrupt_state(f, lambda s: s["edit_log"][1].update(retracted={"seconds": 1})),
-        "edit_log[1] is retracted but still held",
+        "memories hold edit 1, which the edit_log marks retracted",
     ),
     "string score_scale": (
         lambda f: _corrupt_state(f, lambda s: s.update(score_scale="88")),

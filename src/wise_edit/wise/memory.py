@@ -209,11 +209,7 @@ def check_saved_memories(
         if [int(m.sum()) for m in mask[: len(sizes)]] != sizes:
             check.fail(STATE_FILE, f"{where}.shard_sizes", "do not match the masks")
         check.tensor(f"{prefix}.shard_values", (sum(sizes),))
-    live = {i for i, entry in enumerate(state["edit_log"]) if not entry.get("retracted")}
-    if held != live:  # every live edit in exactly one memory, no retracted one in any
-        first = min(held ^ live)
-        why = "is held by no side memory" if first in live else "is retracted but still held"
-        check.fail(STATE_FILE, f"edit_log[{first}]", why)
+    check.edits_held(state["edit_log"], held, "memories")
 
 
 def load_memories(
