@@ -95,8 +95,8 @@ def test_resume_with_other_settings_names_them(model_dir, tmp_path, capsys):
     assert "lr (save: 0.01, given: 0.5)" in capsys.readouterr().err
     assert _edit(model_dir, edits, out, "--resume", "--method", "grace") == 2
     assert "holds WISE edits" in capsys.readouterr().err
-    assert _edit(model_dir, edits, out, "--resume", "--mode", "retrieve") == 2
-    assert "mode (save: 'merge', given: 'retrieve')" in capsys.readouterr().err
+    assert _edit(model_dir, edits, out, "--resume", "--mode", "merge") == 2
+    assert "memory.mode (save: 'retrieve', given: 'merge')" in capsys.readouterr().err
     assert _edit(model_dir, edits, out, "--resume", "--set", "max_steps=3") == 0  # same value
 
 

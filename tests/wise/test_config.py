@@ -49,22 +49,23 @@ def test_setting_names_list_every_leaf_once():
     assert "routing.alpha" in names and "shards.size" in names and "lr" in names
 
 
-def test_matrix_size_presets():
+def test_the_preset_is_retrieve_with_small_memories_and_the_papers_density():
     from wise_edit.wise import preset_for_matrix
 
-    assert preset_for_matrix(11008 * 4096) == {
+    seven_b = preset_for_matrix(11008 * 4096)
+    assert seven_b == {
+        "memory.mode": "retrieve",
+        "memory.replay": True,
         "shards.mask_ratio": 0.2,
-        "shards.per_merge": 2,
-        "shards.merge_density": 0.53,
-        "shards.size": 500,
-    }
-    assert preset_for_matrix(1536 * 576) == {
-        "shards.mask_ratio": 1.0,
         "shards.per_merge": 1,
         "shards.merge_density": 1.0,
-        "shards.size": 49,
+        "shards.size": 5,
     }
+    assert preset_for_matrix(1536 * 576)["shards.mask_ratio"] == 1.0
     assert preset_for_matrix(4 * 11008 * 4096)["shards.mask_ratio"] == 0.05
+    config = WiseConfig.for_model(tiny_model())
+    assert config.memory.mode == "retrieve" and config.edits_per_memory() == 5
+    assert WiseConfig().memory.mode == "merge"  # without a model: the paper's
 
 
 def test_overrides_win_over_presets_in_any_naming():

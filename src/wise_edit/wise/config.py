@@ -20,10 +20,11 @@ from ..core.fit import StopOn
 from ..families import get_submodule, weight_out_in
 from .merging import MERGE_METHODS
 
-# The paper: 20% of LLaMA-2-7B's 11008x4096 value matrix holds about 500 edits.
-# Shard sizes follow from that density instead of copying the 7B edit count.
-PAPER_EDIT_PARAMS = 0.2 * 11008 * 4096 / 500
+# The paper's shard: 20% of LLaMA-2-7B's 11008x4096 value matrix.
 PAPER_MATRIX = 11008 * 4096
+# Edits a side memory takes before it closes, in the preset: small memories keep their
+# edits on long streams, where one large memory overwrites its earlier edits
+EDITS_PER_MEMORY = 5
 Mode = Literal["merge", "retrieve"]
 Optimizer = Literal["adam", "sgd"]
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
@@ -263,9 +264,11 @@ class PrefixConfig(Group):
 
 @dataclass
 class WiseConfig(EditConfig):
-    """Settings of WISE editing. Defaults follow the paper (Table 10) except where the
-    reference code's 7B-tuned constants would not transfer; those are expressed relative
-    to a per-model score scale instead."""
+    """Settings of WISE editing. The field defaults follow the paper (Table 10) except
+    where the reference code's 7B-tuned constants would not transfer; those are expressed
+    relative to a per-model score scale instead. `for_model` (what `edit`, `bench`,
+    `serve` and an editor made without a config use) starts from `preset_for_matrix`:
+    WISE-Retrieve with small memories, which keeps a long stream's edits."""
 
     optimizer: Optimizer = field(
         default="adam",
@@ -335,16 +338,19 @@ class WiseConfig(EditConfig):
 
 
 def preset_for_matrix(numel: int) -> dict[str, Any]:
-    """Dotted shard settings for a value matrix of ``numel`` entries. The paper gives a
-    shard rho = 20% of an 11008x4096 matrix for about 500 edits; a smaller matrix gets a
-    larger rho (up to the whole matrix) so each edit keeps a workable number of
-    parameters, and when rho is above 1/2 two shards would overlap almost entirely, so
-    one shard per merge group is used and merging is the identity."""
+    """The defaults for a value matrix of ``numel`` entries: WISE-Retrieve with a new side
+    memory every `EDITS_PER_MEMORY` edits, one shard each, and replay. One memory that
+    takes every edit (WISE-Merge with a 7B-sized shard) forgets its earlier edits on a
+    long stream; small closed memories keep them, and replay keeps each out of the
+    others' prompts. The mask ratio keeps the paper's density: rho = 20% of an
+    11008x4096 matrix, more (up to the whole matrix) for a smaller one, so that each edit
+    keeps a workable number of parameters."""
     ratio = min(1.0, 0.2 * PAPER_MATRIX / numel)
-    shards = 2 if ratio <= 0.5 else 1
     return {
+        "memory.mode": "retrieve",
+        "memory.replay": True,
         "shards.mask_ratio": round(ratio, 4),
-        "shards.per_merge": shards,
-        "shards.merge_density": 0.53 if shards > 1 else 1.0,
-        "shards.size": max(1, round(ratio * numel / PAPER_EDIT_PARAMS)),
+        "shards.per_merge": 1,
+        "shards.merge_density": 1.0,
+        "shards.size": EDITS_PER_MEMORY,
     }
