@@ -92,3 +92,18 @@ def layer_io(editor, batch):
 def logits_of(model, tokenizer, prompt):
     with torch.no_grad():
         return model(**tokenizer([prompt], return_tensors="pt")).logits
+
+
+def greedy(editor, tokenizer, prompt: str, tokens: int = 6) -> list[int]:
+    """The editor's greedy continuation of ``prompt`` (token ids)."""
+    batch = tokenizer([prompt], return_tensors="pt")
+    out = editor.generate(**batch, max_new_tokens=tokens, do_sample=False)
+    return out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
+    """The same continuation from a fresh, never edited tiny model."""
+    model = tiny_model()
+    batch = tokenizer([prompt], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return out[0, batch["input_ids"].shape[1] :].tolist()

@@ -3,22 +3,9 @@ generation from the codebook, retraction."""
 
 import torch
 from conftest import EDITS, tiny_model
-from editors import UNRELATED, layer_io, make
+from editors import UNRELATED, greedy, layer_io, make, unedited
 
 from wise_edit.baselines import Codebook, GraceConfig, GraceEditor
-
-
-def _greedy(editor, tokenizer, prompt: str, tokens: int = 6) -> list[int]:
-    batch = tokenizer([prompt], return_tensors="pt")
-    out = editor.generate(**batch, max_new_tokens=tokens, do_sample=False)
-    return out[0, batch["input_ids"].shape[1] :].tolist()
-
-
-def _unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
-    model = tiny_model()
-    batch = tokenizer([prompt], return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 def _book():
@@ -92,5 +79,5 @@ def test_grace_retraction_equals_a_stream_without_the_edit(tokenizer):
     assert torch.equal(editor.codebook.keys, never.codebook.keys)
     assert torch.equal(editor.codebook.values, never.codebook.values)
     for p, _ in EDITS[:4]:
-        assert _greedy(editor, tokenizer, p) == _greedy(never, tokenizer, p)
-    assert _greedy(editor, tokenizer, EDITS[2][0]) == _unedited(tokenizer, EDITS[2][0])
+        assert greedy(editor, tokenizer, p) == greedy(never, tokenizer, p)
+    assert greedy(editor, tokenizer, EDITS[2][0]) == unedited(tokenizer, EDITS[2][0])

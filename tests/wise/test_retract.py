@@ -7,21 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
+from editors import greedy, unedited
 
 from wise_edit import WiseEditor, load_editor
-
-
-def _greedy(editor, tokenizer, prompt: str, tokens: int = 6) -> list[int]:
-    batch = tokenizer([prompt], return_tensors="pt")
-    out = editor.generate(**batch, max_new_tokens=tokens, do_sample=False)
-    return out[0, batch["input_ids"].shape[1] :].tolist()
-
-
-def _unedited(tokenizer, prompt: str, tokens: int = 6) -> list[int]:
-    model = tiny_model()
-    batch = tokenizer([prompt], return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 def _wise_config(mode: str, rehearse: int = 0):
@@ -43,19 +31,19 @@ def _wise(tokenizer, mode: str, rehearse: int = 0) -> WiseEditor:
 
 def test_wise_retrieve_retraction_rebuilds_one_memory(tokenizer):
     editor = _wise(tokenizer, "retrieve")  # memories: [0, 1], [2, 3]
-    before = {p: _greedy(editor, tokenizer, p) for p, _ in EDITS[:4]}
+    before = {p: greedy(editor, tokenizer, p) for p, _ in EDITS[:4]}
     untouched = editor.memories[1].delta.clone()
     assert [editor.memory_holding(i) for i in range(4)] == [0, 0, 1, 1]
     prompt = EDITS[1][0]
-    assert before[prompt] != _unedited(tokenizer, prompt)  # the edit held
+    assert before[prompt] != unedited(tokenizer, prompt)  # the edit held
 
     cost = editor.retract(1)
 
-    assert _greedy(editor, tokenizer, prompt) == _unedited(tokenizer, prompt)
+    assert greedy(editor, tokenizer, prompt) == unedited(tokenizer, prompt)
     assert editor.routed([p for p, _ in EDITS[:4]]) == [0, -1, 1, 1]
     assert torch.equal(editor.memories[1].delta, untouched)
     for p, _ in EDITS[2:4]:
-        assert _greedy(editor, tokenizer, p) == before[p]
+        assert greedy(editor, tokenizer, p) == before[p]
     assert editor.memories[0].edit_ids == (0,) and editor.memories[0].closed
     assert [editor.memory_holding(i) for i in range(4)] == [0, None, 1, 1]
     assert editor.edit_log[1]["retracted"] == cost and cost["retrained_edits"] == 1
@@ -71,7 +59,7 @@ def test_wise_merge_retraction_equals_a_stream_without_the_edit(tokenizer, rehea
     assert torch.equal(editor.memories[0].delta, never.memories[0].delta)
     assert editor.thresholds == never.thresholds
     for p, _ in EDITS[:4]:
-        assert _greedy(editor, tokenizer, p) == _greedy(never, tokenizer, p), p
+        assert greedy(editor, tokenizer, p) == greedy(never, tokenizer, p), p
     assert cost["retrained_edits"] == 3  # merge mode: every other edit
 
 
@@ -81,7 +69,7 @@ def test_retracted_wise_state_saves_loads_and_keeps_editing(tokenizer, tmp_path)
     editor.save_pretrained(tmp_path / "s")
     again = load_editor(tiny_model(), tokenizer, tmp_path / "s")
     for p, _ in EDITS[:4]:
-        assert _greedy(again, tokenizer, p) == _greedy(editor, tokenizer, p)
+        assert greedy(again, tokenizer, p) == greedy(editor, tokenizer, p)
     assert again.edit_log[0]["retracted"]
     again.edit(*EDITS[4])
     assert again.routed([EDITS[4][0]]) == [len(again.memories) - 1]
