@@ -20,9 +20,8 @@ from .config import WiseConfig
 from .layer import WiseLayer
 from .memory import SideMemory
 from .merging import get_merge
+from .router import Acts
 from .shards import merge_group, random_masks
-
-Acts = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass

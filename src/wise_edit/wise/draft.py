@@ -10,10 +10,8 @@ from ..core.fastpath import Captured
 from ..core.rows import EditRows
 from .bank import Plan
 from .config import WiseConfig
-from .router import margin_loss, replay_loss, sequence_scores
+from .router import Acts, margin_loss, replay_loss, sequence_scores
 from .shards import AdamMoments, adam_direction, clamp_to_bound, masked_step
-
-Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
 
 
 class WiseDraft(Draft):

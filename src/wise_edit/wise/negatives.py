@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..core.rows import stack_ragged
 from ..core.seeds import candidate_generator
+from .router import Acts
 
 # Pool prompts (drawn once with the seed) that hard negatives are chosen among: their
 # activations are computed once per editor, so an edit's hard negatives cost no forward.
@@ -19,7 +20,6 @@ HARD_NEGATIVE_CANDIDATES = 256
 # Prompts per forward while the pool is computed: fixed, so values are the same on reload.
 POOL_BATCH = 32
 
-Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
 PromptActs = Callable[[list[str]], Acts]  # a prompt batch -> its inputs and routing mask
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 VERBATIM = 0.99
 
 Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (memory, rows mask) -> scores (r,)
+Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
 
 
 # ---------------------------------------------------------------------- scores and loss
