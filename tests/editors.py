@@ -43,6 +43,19 @@ SETUPS = {
         WiseEditor,
         _wise(mode="retrieve", shard_size=1, shards_per_merge=2, max_steps=30, lr=0.05),
     ),
+    "wise-compact": (
+        WiseEditor,
+        _wise(
+            mode="retrieve",
+            shard_size=2,
+            shards_per_merge=1,
+            max_steps=30,
+            lr=0.05,
+            # a tiny random model needs entries beyond the bound, which a product keeps
+            # by shortening the whole edit
+            **{"memory.rank": 8, "memory.norm_bound": None},
+        ),
+    ),
     "ft-l": (FTLEditor, _baseline(FTLConfig, layer=2, lr=1e-2, max_steps=20)),
     "ft-ewc": (FTEWCEditor, _baseline(FTEWCConfig, layer=2, max_steps=20, replay=2)),
     "grace": (GraceEditor, _baseline(GraceConfig, layer=2, max_steps=20)),

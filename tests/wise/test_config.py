@@ -45,7 +45,7 @@ def test_groups_take_objects_dicts_and_dotted_names_alike():
 
 def test_setting_names_list_every_leaf_once():
     names = WiseConfig.setting_names()
-    assert len(names) == len(set(names)) == 38
+    assert len(names) == len(set(names)) == 39
     assert "routing.alpha" in names and "shards.size" in names and "lr" in names
 
 

@@ -11,7 +11,7 @@ of its own memory again, so that later edits do not overwrite them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from .config import WiseConfig
 from .layer import WiseLayer
 from .memory import SideMemory
 from .merging import get_merge
-from .router import Acts
+from .router import Acts, Change
 from .shards import merge_group, random_masks
 
 
@@ -32,7 +32,7 @@ class Plan:
     new_memory: bool
     shard: int
     masks: list[torch.Tensor]  # the merge group's masks (new ones if the group starts now)
-    base_delta: torch.Tensor
+    base: Change  # what the memory adds before this edit
     held: tuple[int, ...] = ()  # edits the memory already holds
 
 
@@ -61,11 +61,13 @@ class MemoryBank:
     def plan_in(self, memory: SideMemory | None, number: int) -> Plan:
         """The next edit of memory ``number`` (``memory`` None: one that starts now)."""
         if memory is None:
-            zeros = torch.zeros_like(self.layer.weight, dtype=torch.float32)
-            return Plan(number, True, 0, self._group_masks(number, 0), zeros)
-        masks = list(memory.masks) or self._group_masks(number, memory.merges)
+            memory = SideMemory(self.layer.weight.shape, self.layer.weight.device, self.layer.rank)
+            return replace(self.plan_in(memory, number), new_memory=True)
         shard = memory.group_edits // self.config.shards.size
-        return Plan(number, False, shard, masks, memory.delta, tuple(memory.edit_ids))
+        masks = [] if memory.rank else list(memory.masks)
+        if not memory.rank and not masks:
+            masks = self._group_masks(number, memory.merges)
+        return Plan(number, False, shard, masks, memory.change, tuple(memory.edit_ids))
 
     def _group_masks(self, memory: int, group: int) -> list[torch.Tensor]:
         shards = self.config.shards
@@ -106,7 +108,7 @@ class MemoryBank:
         memory: SideMemory,
         plan: Plan,
         edit_id: int,
-        step: torch.Tensor,
+        step: Change,
         keys: tuple[torch.Tensor, torch.Tensor],
         acts_of: Callable[[Sequence[int]], Acts],
     ) -> None:
@@ -116,13 +118,16 @@ class MemoryBank:
         prompt activations."""
         cfg = self.config
         memory.add_edit(edit_id, plan.shard, step, plan.masks, *keys)
-        if memory.group_edits == cfg.edits_per_memory():
+        close = cfg.memory.mode == "retrieve"
+        if memory.group_edits == cfg.edits_per_memory() and memory.rank:
+            memory.end_group(close)
+        elif memory.group_edits == cfg.edits_per_memory():
             merge_group(
                 memory,
                 get_merge(cfg.shards.merge_method),
                 density=cfg.shards.merge_density,
                 generator=merge_generator(cfg.seed, plan.memory, memory.merges),
                 norm_bound=cfg.memory.norm_bound,
-                close=cfg.memory.mode == "retrieve",
+                close=close,
             )
         memory.refresh_threshold(*acts_of(memory.edit_ids), cfg.routing.threshold_ratio)

@@ -63,6 +63,16 @@ class MemoryConfig(Group):
     replay_rows: int = field(
         default=4, metadata={"help": "Edits of earlier memories replayed in each new edit."}
     )
+    rank: int = field(
+        default=0,
+        metadata={
+            "help": "0: each side memory is a dense delta (the paper). r > 0: a compact "
+            "memory; each edit is trained as a rank-r product W' - W = up @ down and kept "
+            "as such, (O + I) r floats per edit instead of O I per memory. Needs "
+            "shards.mask_ratio=1 and shards.per_merge=1 (a product has no entry masks, and "
+            "one shard's merge is the identity)."
+        },
+    )
     rehearse_rows: int = field(
         default=4,
         metadata={
@@ -86,6 +96,7 @@ class MemoryConfig(Group):
                     "applies to mode='retrieve'",
                 ),
                 ("rehearse_rows", self.rehearse_rows >= 0, "must be >= 0"),
+                ("rank", self.rank >= 0, "must be >= 0"),
             ]
         )
 
@@ -320,6 +331,13 @@ class WiseConfig(EditConfig):
             self._validate([("early_stop_on", self.early_stop_on in stops, f"one of {stops}")])
             self.early_stop_loss = DEFAULT_STOP_BOUND[self.early_stop_on]
         super().__post_init__()
+        shards = self.shards
+        if self.memory.rank and (shards.mask_ratio != 1.0 or shards.per_merge != 1):
+            raise ValueError(
+                f"WiseConfig.memory.rank={self.memory.rank}: a compact memory needs "
+                f"shards.mask_ratio=1 and shards.per_merge=1 (got {shards.mask_ratio} and "
+                f"{shards.per_merge})"
+            )
 
     @classmethod
     def preset(cls, model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:

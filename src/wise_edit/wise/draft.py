@@ -1,5 +1,6 @@
-"""What one WISE edit trains: a step of the planned side memory, inside its shard's mask,
-on the target NLL plus the router's margin loss (Eq. 5) and, with replay, L_memo."""
+"""What one WISE edit trains: a step of the planned side memory, inside its shard's mask
+(or, in a compact memory, the edit's own rank-r product, `compact.py`), on the target
+NLL plus the router's margin loss (Eq. 5) and, with replay, L_memo."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from ..core.draft import Draft
 from ..core.fastpath import Captured
 from ..core.rows import EditRows
 from .bank import Plan
+from .compact import bounded_scale
 from .config import WiseConfig
-from .router import Acts, margin_loss, replay_loss, sequence_scores
+from .router import Acts, Change, Factors, margin_loss, replay_loss, sequence_scores
 from .shards import AdamMoments, adam_direction, clamp_to_bound, masked_step
 
 
 class WiseDraft(Draft):
-    """Adam or SGD on a step of the active side memory, under the shard's mask."""
+    """Adam or SGD on a step of the active side memory, under the shard's mask, or on the
+    two factors of the edit's product (``start``: where they begin)."""
 
     def __init__(
         self,
@@ -27,18 +30,48 @@ class WiseDraft(Draft):
         scale: float,
         rehearsal: list[tuple[EditRows, Captured]],
         subject_key: torch.Tensor,
+        start: Factors | None = None,
     ) -> None:
         self.config, self.plan, self.scale = config, plan, scale
         self.subject_key = subject_key  # (O,), zeros: not gated
         self._rehearsal = rehearsal
         self.memory, self.shard = plan.memory, plan.shard
         self.edit_acts, self.unrelated, self.replay = edit, unrelated, replay
-        self.mask = plan.masks[plan.shard].to(plan.base_delta.device, torch.float32)
-        self.step = torch.zeros_like(plan.base_delta, requires_grad=True)
-        self.moments: AdamMoments | None = None  # adam
+        self.factors = start  # compact memory: the edit's own product, trained
+        if isinstance(plan.base, Factors):
+            assert start is not None, "a compact memory's edit starts from its factors"
+            self.params = [p.clone().requires_grad_(True) for p in start]
+        else:
+            self.mask = plan.masks[plan.shard].to(plan.base.device, torch.float32)
+            self.params = [torch.zeros_like(plan.base, requires_grad=True)]
+        self.moments: list[AdamMoments | None] = [None] * len(self.params)  # adam
 
-    def layer_state(self) -> torch.Tensor:
-        return self.plan.base_delta + self.step
+    @property
+    def step(self) -> Change:
+        """What this edit adds to its memory: a dense step, or its `Factors`."""
+        if isinstance(self.plan.base, Factors):
+            return Factors(*self.params)
+        return self.params[0]
+
+    @torch.no_grad()
+    def trained(self) -> Change:
+        """The step to fold into the memory once training is done. A product is held to
+        the norm bound here, once, by shortening it (`compact.bounded_scale`): shortening
+        it during training, whenever one entry touched the bound, stalled the whole edit."""
+        step = self.step
+        if not isinstance(step, Factors):
+            return step.detach()
+        up, down = step.up.detach(), step.down.detach()
+        bound = self.config.memory.norm_bound
+        if bound is not None:
+            up = up * bounded_scale(self.plan.base.dense(), up @ down, bound)  # type: ignore[union-attr]
+        return Factors(up, down)
+
+    def layer_state(self) -> Change:
+        base, step = self.plan.base, self.step
+        if isinstance(base, Factors):
+            return Factors(torch.cat([base.up, step.up], 1), torch.cat([base.down, step.down]))
+        return base + step
 
     def side_loss(self, delta: torch.Tensor) -> torch.Tensor:
         """The margin loss (Eq. 5) and, with replay, the replay loss: functions of the side
@@ -66,9 +99,16 @@ class WiseDraft(Draft):
 
     def update(self, loss: torch.Tensor) -> None:
         cfg = self.config
-        (grad,) = torch.autograd.grad(loss, self.step)
+        grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
+            directions = list(grads)
             if cfg.optimizer == "adam":
-                grad, self.moments = adam_direction(self.moments, grad)
-            new = masked_step(self.step, grad, self.mask, cfg.lr)
-            self.step.copy_(clamp_to_bound(new, self.plan.base_delta, cfg.memory.norm_bound))
+                for i, grad in enumerate(grads):
+                    directions[i], self.moments[i] = adam_direction(self.moments[i], grad)
+            if isinstance(self.plan.base, Factors):
+                for param, direction in zip(self.params, directions):
+                    param.sub_(cfg.lr * direction)
+                return
+            (step,) = self.params
+            new = masked_step(step, directions[0], self.mask, cfg.lr)
+            step.copy_(clamp_to_bound(new, self.plan.base, cfg.memory.norm_bound))

@@ -20,12 +20,13 @@ from ..core.rows import EditRows, build_answer_rows, context_limit, stack_ragged
 from ..core.validate import SaveChecker
 from .bank import MemoryBank, Plan
 from .calibration import Calibration, calibrate
+from .compact import initial_factors
 from .config import WiseConfig
 from .draft import WiseDraft
 from .layer import WiseLayer
 from .memory import SideMemory, check_saved_memories, load_memories
 from .negatives import NegativePool, negatives
-from .router import mean_inputs
+from .router import Factors, mean_inputs
 from .subject import SubjectKeys, subject_depth
 
 __all__ = ["EditResult", "WiseEditor"]
@@ -138,6 +139,11 @@ class WiseEditor(EditorBase):
         )
         replay = self.bank.replay_ids(plan, index)
         held = self.bank.rehearsal_ids(plan, index)
+        start = None
+        if isinstance(plan.base, Factors):
+            tokens = lower.acts[rows.attention_mask.bool()]
+            centre = unrelated[0][unrelated[1].bool()].float().mean(0)
+            start = initial_factors(tokens, self.layer.weight.shape[0], cfg.memory.rank, centre)
         return WiseDraft(
             cfg,
             plan,
@@ -147,6 +153,7 @@ class WiseEditor(EditorBase):
             self.calibration.score_scale,  # type: ignore[arg-type]
             self._rehearsal(held),
             self._subject_key(request),
+            start,
         )
 
     def _rehearsal(self, held: list[int]) -> list[tuple[EditRows, Captured]]:
@@ -164,7 +171,7 @@ class WiseEditor(EditorBase):
         acts, mask = draft.edit_acts
         self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
         key = self._prompt_acts[index].float().mean(0)
-        step = draft.step.detach()
+        step = draft.trained()
         keys = (key, draft.subject_key)
         self.bank.fold(memory, draft.plan, index, step, keys, self._stacked_prompt_acts)
 
@@ -180,7 +187,7 @@ class WiseEditor(EditorBase):
         old = self.memories[number]
         kept = [i for i in old.edit_ids if i != edit_id]
         draws = kept if self.config.memory.mode == "retrieve" else list(range(len(kept)))
-        fresh = SideMemory(self.layer.weight.shape, self.layer.weight.device)
+        fresh = SideMemory(self.layer.weight.shape, self.layer.weight.device, old.rank)
         for index, draw in zip(kept, draws):
             entry = self.edit_log[index]
             rows = self._edit_rows(entry["prompt"], entry["target"])
@@ -288,6 +295,7 @@ class WiseEditor(EditorBase):
         )
 
     def _make_layer(self, module: nn.Module) -> WiseLayer:
+        routing = self.config.routing
         return WiseLayer(
-            module, self.config.routing.candidates, 0.0, self.config.routing.subject_tau
+            module, routing.candidates, 0.0, routing.subject_tau, self.config.memory.rank
         )

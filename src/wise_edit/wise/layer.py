@@ -28,9 +28,11 @@ class WiseLayer(AttachedLayer):
         candidates: int = 0,
         radius: float = 0.0,
         subject_tau: float = 0.0,
+        rank: int = 0,
     ) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
+        self.rank = rank  # of each edit in a new memory; 0: dense memories
         self.candidates = candidates  # 0: score every memory; k: those of the k nearest keys
         self.radius = radius  # > 0: a memory takes only rows this near one of its keys
         # > 0: the subject gate, reading `routing.lower` (set by the editor's hook) against
@@ -40,7 +42,7 @@ class WiseLayer(AttachedLayer):
         self._index: KeyIndex | None = None
 
     def new_memory(self) -> SideMemory:
-        memory = SideMemory(self.weight.shape, self.weight.device)
+        memory = SideMemory(self.weight.shape, self.weight.device, self.rank)
         self.memories.append(memory)
         return memory
 
@@ -94,6 +96,6 @@ class WiseLayer(AttachedLayer):
             if index < 0:
                 continue
             rows = choice == index
-            delta = self.memories[index].delta
-            out[rows] = base[rows] + value_change(x[rows], delta).to(base.dtype)
+            change = self.memories[index].change
+            out[rows] = base[rows] + value_change(x[rows], change).to(base.dtype)
         return out

@@ -10,7 +10,12 @@ Its tensors are registered buffers, so that a save is its ``state_dict()`` and a
 - ``masks`` (S, O, I) and ``shard_values`` (N,): the current merge group's shard masks
   and, compactly, the masked entries each started shard has learned (empty between
   groups; `shards.py` trains and merges them).
-The rest (threshold, edits held, merges done, closed) is small JSON (`meta`).
+A compact memory (``rank`` r > 0) keeps, instead of ``delta`` and the shards, ``up``
+(O, E r) and ``down`` (E r, I): each edit is trained as a rank-r product and appended, so
+a memory costs (O + I) r floats per edit rather than O I per memory. A trained dense
+delta is not low-rank (Adam spreads it over the whole matrix), so the compact form has to
+be what is trained, not a compression of it afterwards.
+The rest (threshold, edits held, merges done, closed, rank) is small JSON (`meta`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import nn
 
 from ..core.persistence import STATE_FILE
 from ..core.validate import SaveChecker
-from .router import sequence_scores, threshold
+from .router import Change, Factors, sequence_scores, threshold
 
 if TYPE_CHECKING:
     from .config import WiseConfig
@@ -33,14 +38,21 @@ class SideMemory(nn.Module):
     """The editor decides where an edit goes (`bank.py`); the memory folds it in
     (`add_edit`), merges its shards (`merge`) and refreshes its threshold."""
 
-    def __init__(self, shape: torch.Size | tuple[int, int], device: torch.device) -> None:
+    def __init__(
+        self, shape: torch.Size | tuple[int, int], device: torch.device, rank: int = 0
+    ) -> None:
         super().__init__()
         out_dim, in_dim = shape
-        self.register_buffer("delta", torch.zeros((out_dim, in_dim), device=device))
+        self.rank = rank  # per edit; 0: a dense delta
+        if rank:
+            self.register_buffer("up", torch.zeros((out_dim, 0), device=device))
+            self.register_buffer("down", torch.zeros((0, in_dim), device=device))
+        else:
+            self.register_buffer("delta", torch.zeros((out_dim, in_dim), device=device))
+            self.register_buffer("masks", torch.zeros((0, out_dim, in_dim), dtype=torch.bool))
+            self.register_buffer("shard_values", torch.zeros(0, device=device))
         self.register_buffer("keys", torch.zeros((0, in_dim), device=device))
         self.register_buffer("subject_keys", torch.zeros((0, out_dim), device=device))
-        self.register_buffer("masks", torch.zeros((0, out_dim, in_dim), dtype=torch.bool))
-        self.register_buffer("shard_values", torch.zeros(0, device=device))
         self._shard_sizes: list[int] = []  # entries of each started shard in shard_values
         self._epsilon = float("inf")  # routing threshold; inf until the memory holds an edit
         self._edit_ids: list[int] = []  # indices into the editor's edit log
@@ -54,13 +66,17 @@ class SideMemory(nn.Module):
     ) -> SideMemory:
         """An empty memory with the buffer sizes ``meta`` (from `meta`) names, ready for
         ``load_state_dict(strict=True)``, and its JSON state restored."""
-        memory = cls(shape, device)
+        memory = cls(shape, device, int(meta.get("rank", 0)))
         edits = len(meta["edit_ids"])
         memory.keys = memory.keys.new_zeros((edits, shape[1]))
         memory.subject_keys = memory.subject_keys.new_zeros((edits, shape[0]))
-        memory.masks = memory.masks.new_zeros((int(meta["masks"]), *shape))
-        memory.shard_values = memory.shard_values.new_zeros(sum(meta["shard_sizes"]))
-        memory._shard_sizes = [int(n) for n in meta["shard_sizes"]]
+        if memory.rank:
+            memory.up = memory.up.new_zeros((shape[0], edits * memory.rank))
+            memory.down = memory.down.new_zeros((edits * memory.rank, shape[1]))
+        else:
+            memory.masks = memory.masks.new_zeros((int(meta["masks"]), *shape))
+            memory.shard_values = memory.shard_values.new_zeros(sum(meta["shard_sizes"]))
+            memory._shard_sizes = [int(n) for n in meta["shard_sizes"]]
         memory._epsilon = float(meta["epsilon"])
         memory._edit_ids = [int(i) for i in meta["edit_ids"]]
         memory._merges = int(meta["merges"])
@@ -76,8 +92,9 @@ class SideMemory(nn.Module):
             "edit_ids": list(self._edit_ids),
             "merges": self._merges,
             "closed": self._closed,
-            "masks": len(self.masks),
+            "masks": 0 if self.rank else len(self.masks),
             "shard_sizes": list(self._shard_sizes),
+            "rank": self.rank,
         }
 
     # ------------------------------------------------------------------ read-only state
@@ -114,9 +131,14 @@ class SideMemory(nn.Module):
         full[self.masks[shard].to(full.device)] = values
         return full
 
+    @property
+    def change(self) -> Change:
+        """What the memory adds to the value matrix: ``delta``, or its `Factors`."""
+        return Factors(self.up, self.down) if self.rank else self.delta
+
     def scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Activation score of each sequence against this memory: (B,)."""
-        return sequence_scores(acts, self.delta, token_mask)
+        return sequence_scores(acts, self.change, token_mask)
 
     # ------------------------------------------------------------------ changes
     def add_edit(
@@ -129,10 +151,24 @@ class SideMemory(nn.Module):
         subject_key: torch.Tensor,
     ) -> None:
         """Fold an edit's trained ``step`` (dense, zero outside the shard's mask) into the
-        served delta and into its shard, and index it by its ``key`` (I,) and
-        ``subject_key`` (O,). ``group_masks`` are taken when a group starts. Key tensors
-        are replaced, never changed in place: the layer's index knows it is current by
-        the tensors' identity."""
+        served delta and into its shard, or (compact) append its `Factors`, and index it by
+        its ``key`` (I,) and ``subject_key`` (O,). ``group_masks`` are taken when a group
+        starts. Key tensors are replaced, never changed in place: the layer's index knows
+        it is current by the tensors' identity."""
+        if isinstance(step, Factors):
+            self.up = torch.cat([self.up, step.up.to(self.up)], dim=1)
+            self.down = torch.cat([self.down, step.down.to(self.down)], dim=0)
+        else:
+            self._add_dense(shard, step, group_masks)
+        self.keys = torch.cat([self.keys, key.float().view(1, -1).to(self.keys.device)])
+        row = subject_key.float().view(1, -1).to(self.subject_keys.device)
+        self.subject_keys = torch.cat([self.subject_keys, row])
+        self._edit_ids.append(edit_id)
+        self._group_edits += 1
+
+    def _add_dense(
+        self, shard: int, step: torch.Tensor, group_masks: Sequence[torch.Tensor]
+    ) -> None:
         if not len(self.masks):
             self.masks = torch.stack([m.cpu() for m in group_masks])
         while len(self._shard_sizes) <= shard:
@@ -144,11 +180,6 @@ class SideMemory(nn.Module):
         start = sum(self._shard_sizes[:shard])
         end = start + self._shard_sizes[shard]
         self.shard_values[start:end] += step[self.masks[shard].to(self.delta.device)]
-        self.keys = torch.cat([self.keys, key.float().view(1, -1).to(self.keys.device)])
-        row = subject_key.float().view(1, -1).to(self.subject_keys.device)
-        self.subject_keys = torch.cat([self.subject_keys, row])
-        self._edit_ids.append(edit_id)
-        self._group_edits += 1
 
     def replace_delta(self, delta: torch.Tensor, close: bool) -> None:
         """After a merge (`shards.merge_group`): the merged delta; the group's shards
@@ -157,12 +188,18 @@ class SideMemory(nn.Module):
         self.masks = self.masks[:0]
         self.shard_values = self.shard_values[:0]
         self._shard_sizes = []
+        self.end_group(close)
+
+    def end_group(self, close: bool) -> None:
+        """A full group is done: merged (dense), or simply kept as it is (compact: one
+        shard of products, whose merge is the identity)."""
         self._merges += 1
         self._group_edits = 0
         self._closed = close
 
     def close(self) -> None:
-        """Take no further edits (retrieve mode; a rebuilt memory keeps being closed)."""
+        """Take no further edits (retrieve mode: a compact memory is closed, unmerged, when
+        full; a rebuilt memory keeps being closed)."""
         self._closed = True
 
     def refresh_threshold(self, acts: torch.Tensor, token_mask: torch.Tensor, ratio: float) -> None:
@@ -195,6 +232,16 @@ def check_saved_memories(
         if not 0 <= len(ids) - merges * per_group < max(1, per_group):
             check.fail(STATE_FILE, f"{prefix}: edit_ids", f"do not fit {merges} merges")
         check.field(meta, "closed", bool)
+        rank = check.integer(meta, "rank") if "rank" in meta else 0  # older saves: dense
+        if rank != config.memory.rank:
+            check.fail(STATE_FILE, f"{where}.rank", f"must be memory.rank={config.memory.rank}")
+        for name, width in (("keys", shape[1]), ("subject_keys", shape[0])):
+            if f"{prefix}.{name}" in check.tensors:  # older saves predate them
+                check.tensor(f"{prefix}.{name}", (len(ids), width))
+        if rank:
+            check.tensor(f"{prefix}.up", (shape[0], len(ids) * rank))
+            check.tensor(f"{prefix}.down", (len(ids) * rank, shape[1]))
+            continue
         masks = check.integer(meta, "masks", high=config.shards.per_merge)
         sizes = check.field(meta, "shard_sizes", list)
         if len(sizes) > masks or any(
@@ -202,9 +249,6 @@ def check_saved_memories(
         ):
             check.fail(STATE_FILE, f"{where}.shard_sizes", f"must be at most {masks} sizes")
         check.tensor(f"{prefix}.delta", shape, bound=config.memory.norm_bound)
-        for name, width in (("keys", shape[1]), ("subject_keys", shape[0])):
-            if f"{prefix}.{name}" in check.tensors:  # older saves predate them
-                check.tensor(f"{prefix}.{name}", (len(ids), width))
         mask = check.tensor(f"{prefix}.masks", (masks, *shape), kind="bool")
         if [int(m.sum()) for m in mask[: len(sizes)]] != sizes:
             check.fail(STATE_FILE, f"{where}.shard_sizes", "do not match the masks")

@@ -32,19 +32,38 @@ Scorer = Callable[[int, torch.Tensor], torch.Tensor]  # (memory, rows mask) -> s
 Acts = tuple[torch.Tensor, torch.Tensor]  # (N, T, I) value-matrix inputs, (N, T) token mask
 
 
+class Factors(NamedTuple):
+    """A compact side memory's W' - W as the product ``up @ down``, (O, R) @ (R, I),
+    never formed: applying it costs (O + I) R per token instead of O I."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.up.float() @ self.down.float()
+
+
+Change = torch.Tensor | Factors  # what a side memory adds to the value matrix, W' - W
+
+
 # ---------------------------------------------------------------------- scores and loss
-def value_change(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def value_change(acts: torch.Tensor, delta: Change) -> torch.Tensor:
     """What a side memory adds to the value projection's output: a (W' - W)^T for inputs
-    (..., I) and delta (O, I), in float32: (..., O). Computed as delta @ a^T, the order
-    CPU kernels run faster with few rows (one prompt, one decoded token)."""
+    (..., I) and delta (O, I) or its `Factors`, in float32: (..., O). Computed as
+    delta @ a^T, the order CPU kernels run faster with few rows (one prompt, one decoded
+    token)."""
     flat = acts.float().reshape(-1, acts.shape[-1])
-    return (delta.float() @ flat.t()).t().reshape(*acts.shape[:-1], delta.shape[0])
+    if isinstance(delta, Factors):
+        out = delta.up.float() @ (delta.down.float() @ flat.t())
+    else:
+        out = delta.float() @ flat.t()
+    return out.t().reshape(*acts.shape[:-1], out.shape[0])
 
 
-def sequence_scores(acts: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(acts: torch.Tensor, delta: Change, mask: torch.Tensor) -> torch.Tensor:
     """Activation score per sequence: mean over its own non-pad tokens of ||a_t (W' - W)||.
 
-    acts: (B, T, I) inputs of the value matrix; delta: (O, I) = W' - W; mask: (B, T), 1 for
+    acts: (B, T, I) inputs of the value matrix; delta: W' - W (`Change`); mask: (B, T), 1 for
     tokens that count. Padding never enters the score, and each row is scored alone.
     """
     per_token = torch.linalg.vector_norm(value_change(acts, delta), dim=-1)  # (B, T)
