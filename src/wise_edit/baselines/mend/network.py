@@ -124,7 +124,11 @@ class EditorNetwork(nn.Module):
         return z[:, : self.in_dim], z[:, self.in_dim :]
 
     def weight_update(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The edit's change of the weight, (out, in): -alpha * sum_t delta~_t u~_t^T."""
+        """The edit's change of the weight, (out, in): -alpha * sum_t delta~_t u~_t^T.
+
+        The sign is the paper's (W~ = W - alpha * grad~). The reference's algs/mend.py
+        adds ``edit_lrs * grad~`` and leaves the sign to training; with the paper's sign
+        the untrained network is a gradient descent step, not an ascent."""
         u_new, delta_new = self(u, delta)
         return -self.edit_lr * factored_gradient(u_new, delta_new)
 
