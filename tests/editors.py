@@ -17,6 +17,8 @@ from wise_edit.baselines import (
     FTLEditor,
     GraceConfig,
     GraceEditor,
+    MendConfig,
+    MendEditor,
 )
 from wise_edit.core.rows import target_ids
 from wise_edit.metrics import target_logits
@@ -60,6 +62,8 @@ SETUPS = {
     "ft-ewc": (FTEWCEditor, _baseline(FTEWCConfig, layer=2, max_steps=20, replay=2)),
     "grace": (GraceEditor, _baseline(GraceConfig, layer=2, max_steps=20)),
     "defer": (DeferEditor, _baseline(DeferConfig, layer=2, lr=1e-2, max_steps=20)),
+    # the untrained (identity) editor network: one plain gradient step of size lr
+    "mend": (MendEditor, _baseline(MendConfig, layer=2, lr=10.0, network="identity")),
 }
 UNRELATED = "The weather today is mild and calm."
 

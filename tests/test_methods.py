@@ -7,7 +7,7 @@ from wise_edit.methods import METHODS, editor_class
 
 
 def test_method_registry():
-    assert set(METHODS) == {"wise", "ft-l", "ft-ewc", "grace", "defer"}
+    assert set(METHODS) == {"wise", "ft-l", "ft-ewc", "grace", "defer", "mend"}
     assert editor_class("GRACE") is GraceEditor
     with pytest.raises(ValueError, match="unknown method"):
         editor_class("rome")

@@ -1,4 +1,5 @@
-"""The `wise-edit` command line: demo, bench, edit, compare, generate, inspect, serve."""
+"""The `wise-edit` command line: demo, bench, edit, compare, generate, inspect, serve,
+train-mend."""
 
 from __future__ import annotations
 
@@ -72,15 +73,7 @@ def _add_config_args(parser: argparse.ArgumentParser, method: bool = False) -> N
 def parse_overrides(args: argparse.Namespace, cls: type[EditorBase]) -> dict[str, Any]:
     """Config fields from ``--set FIELD=VALUE`` (JSON values, else the string), ``--mode``
     and ``--layer``."""
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name] = value
+    overrides = _json_settings(args.set, "--set")
     if args.mode is not None:
         if "memory.mode" not in cls.config_class.setting_names():
             raise SystemExit(f"--mode applies to WISE, not {cls.method}")
@@ -332,6 +325,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_mend(args: argparse.Namespace) -> int:
+    """Train MEND's editor network for a model on MEND's ZsRE train subset and store it
+    in the wise-edit cache, where `--method mend` finds it."""
+    from .baselines.mend import MendEditor, MendTraining, store
+    from .baselines.mend.editor import network_fields
+    from .baselines.mend.training import train_and_cache
+    from .data import load_zsre_train
+
+    settings = _json_settings(args.train, "--train")
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    training = MendTraining.from_dict(settings)
+    records = load_zsre_train(args.data_dir)  # missing data fails before the model loads
+    model, tokenizer = models.load(args.model, device=args.device)
+    config = make_config(MendEditor, model, parse_overrides(args, MendEditor))
+    folder = store.cache_folder(network_fields(model, config, tokenizer))
+    if store.read_meta(folder) is not None and not args.force:
+        print(f"a trained MEND editor network for this model is in {folder}; --force retrains")
+        return 0
+    print(f"training MEND on {len(records)} records ({training.steps} edits) ...")
+    folder, meta = train_and_cache(
+        model, tokenizer, records, config, training, source=str(args.data_dir), progress=True
+    )
+    seconds = meta["seconds"]
+    print(
+        f"trained in {seconds:.0f} s ({seconds / training.steps:.2f} s per training edit, "
+        f"{meta['torch_threads']} torch threads); alpha {meta['edit_lr']:.3g}; saved to {folder}"
+    )
+    for when in ("holdout_before", "holdout_after"):
+        if when in meta:
+            print(
+                f"  {meta['holdout']} held-out edits, {when.split('_')[1]} training: {meta[when]}"
+            )
+    return 0
+
+
+def _json_settings(items: list[str], flag: str) -> dict[str, Any]:
+    """FIELD=VALUE items (JSON values, else the string) as a dict."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} expects FIELD=VALUE, got {item!r}")
+        try:
+            settings[name] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[name] = value
+    return settings
+
+
 def _limit_fields() -> tuple[dataclasses.Field, ...]:
     """The fields of `serve.schema.Limits`, which become `serve`'s request-limit flags;
     none without the serve extra (then `serve` itself says what is missing)."""
@@ -558,6 +601,28 @@ def _add_serve(sub: Any) -> None:
     srv.set_defaults(func=cmd_serve)
 
 
+def _add_train_mend(sub: Any) -> None:
+    train = sub.add_parser(
+        "train-mend",
+        help="train MEND's editor network for a model (once; `--method mend` then uses it)",
+    )
+    _add_model_args(train)
+    train.add_argument("--data-dir", default=str(default_data_dir()))
+    train.add_argument(
+        "--steps", type=int, default=None, help="training edits (default: MendTraining.steps)"
+    )
+    train.add_argument(
+        "--train",
+        metavar="FIELD=VALUE",
+        action="append",
+        default=[],
+        help="any field of MendTraining, e.g. --train lr=1e-5 (JSON values)",
+    )
+    train.add_argument("--force", action="store_true", help="retrain a network already cached")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train_mend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wise-edit",
@@ -572,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_inspect(sub)
     _add_serve(sub)
+    _add_train_mend(sub)
     return parser
 
 

@@ -177,6 +177,22 @@ def load_zsre(data_dir: str | os.PathLike[str], limit: int | None = None) -> lis
     )
 
 
+def load_zsre_train(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[EditRecord]:
+    """MEND's ZsRE train subset (`zsre/zsre_loc_1k.json`, 1000 records, disjoint from the
+    edit set), mapped as `load_zsre` maps the edit set: what MEND's editor network is
+    trained on (edit `src` -> `alt`, generalise to `rephrase`, keep `loc` unchanged).
+    Records without all five texts are skipped (two of the 1000 have an empty `alt`):
+    a training set needs usable records, not every record."""
+    path = _data_file(data_dir, "zsre/zsre_loc_1k.json")
+    keys = {"prompt": "src", "target": "alt", "rephrase": "rephrase", "loc": "loc"}
+    records = []
+    for i, raw in enumerate(_read_records(path, limit), start=1):
+        texts = [raw.get(k) for k in (*keys.values(), "loc_ans")]
+        if all(isinstance(t, str) and t.strip() for t in texts):
+            records.append(_to_record(raw, f"{path}: record {i}", loc_ans="loc_ans", **keys))
+    return records
+
+
 def load_zsre_irrelevant(data_dir: str | os.PathLike[str], limit: int | None = None) -> list[str]:
     """Unrelated prompts for the router's margin loss (`zsre/zsre_loc_1k.json`): each is
     `loc + " " + loc_ans`, an NQ question with its answer, as WISE builds them."""

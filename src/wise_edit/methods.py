@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
+from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor, MendEditor
 from .core.config import flatten
 from .core.editor import EditorBase
 from .core.persistence import saved_method
@@ -23,6 +23,7 @@ METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
         "ft-ewc": FTEWCEditor,
         "grace": GraceEditor,
         "defer": DeferEditor,
+        "mend": MendEditor,
     }
 )
 

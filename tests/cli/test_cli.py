@@ -10,7 +10,7 @@ from wise_edit.cli import build_parser, main
 FAST = ["--set", "max_steps=3", "--set", "prefix_count=1", "--set", "prefix_lengths=[2]"]
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate", "compare"])
+@pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate", "compare", "train-mend"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -145,6 +145,7 @@ BASELINE_FAST = {
     "ft-ewc": ["--set", "max_steps=3", "--set", "replay=1"],
     "grace": ["--set", "max_steps=3"],
     "defer": ["--set", "max_steps=3"],
+    "mend": ["--set", "network=identity", "--set", "lr=10"],
 }
 
 
@@ -170,6 +171,27 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
     table = table_file.read_text()
     assert all(f"| {m.upper()} | zsre | raw | 2 |" in table for m in BASELINE_FAST)
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
+
+
+def test_train_mend_then_bench_with_the_trained_network(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WISE_EDIT_CACHE", str(tmp_path / "cache"))
+    data_dir = _tiny_zsre(tmp_path)
+    train = ["train-mend", "--model", model_dir, "--data-dir", str(data_dir), "--steps", "2"]
+    train += ["--train", "holdout=0", "--set", "rank=4"]
+    assert main(train) == 0
+    out = capsys.readouterr().out
+    assert "trained in" in out and str(tmp_path / "cache" / "mend") in out
+    assert main(train) == 0  # cached: not trained again
+    assert "--force retrains" in capsys.readouterr().out
+    run = tmp_path / "run"
+    argv = ["bench", "--model", model_dir, "--data-dir", str(data_dir), "--edits", "2"]
+    argv += ["--method", "mend", "--set", "rank=4", "--out", str(run), "--latency-repeats", "1"]
+    assert main(argv) == 0
+    assert json.loads((run / "results.json").read_text())["method"] == "MEND"
+    capsys.readouterr()
+    argv[argv.index("rank=4")] = "rank=8"  # no network trained for this shape
+    assert main(argv) == 2
+    assert "wise-edit train-mend" in capsys.readouterr().err
 
 
 def test_mode_is_refused_for_a_baseline(model_dir, tmp_path):

@@ -392,9 +392,18 @@ class EditorBase:
     def _target_fit(self, rows: EditRows, lower: Captured) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' target NLL and whether greedy decoding already says every target
         token (teacher-forced), from one forward of the wrapped layer as it computes now."""
+        logits = self._target_logits(rows, lower)
+        return fastpath.target_loss(logits, rows.targets), fastpath.greedy_hits(
+            logits, rows.targets
+        )
+
+    def _target_logits(self, rows: EditRows, lower: Captured) -> torch.Tensor:
+        """Logits (R, n, V) at the positions that predict the rows' n target tokens, from
+        one forward of the wrapped layer as it computes now (the fast path or the whole
+        model, as configured)."""
         n = rows.targets.shape[1]
         if self.config.fast_path:
-            logits = fastpath.fast_target_logits(
+            return fastpath.fast_target_logits(
                 self.model,
                 self.layers,
                 self.layer_index,
@@ -403,11 +412,7 @@ class EditorBase:
                 rows.attention_mask,
                 n,
             )
-        else:
-            logits = fastpath.full_target_logits(self.model, rows.input_ids, rows.attention_mask, n)
-        return fastpath.target_loss(logits, rows.targets), fastpath.greedy_hits(
-            logits, rows.targets
-        )
+        return fastpath.full_target_logits(self.model, rows.input_ids, rows.attention_mask, n)
 
     @torch.no_grad()
     def _prompt_batch_acts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
