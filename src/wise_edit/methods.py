@@ -9,7 +9,16 @@ from typing import Any
 
 from torch import nn
 
-from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor
+from .baselines import (
+    AlphaEditEditor,
+    DeferEditor,
+    FTEWCEditor,
+    FTLEditor,
+    GraceEditor,
+    MEMITEditor,
+    MEMITMassEditor,
+    ROMEEditor,
+)
 from .core.config import flatten
 from .core.editor import EditorBase
 from .core.persistence import saved_method
@@ -23,6 +32,10 @@ METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
         "ft-ewc": FTEWCEditor,
         "grace": GraceEditor,
         "defer": DeferEditor,
+        "rome": ROMEEditor,
+        "memit": MEMITEditor,
+        "memit-mass": MEMITMassEditor,
+        "alphaedit": AlphaEditEditor,
     }
 )
 
