@@ -280,3 +280,65 @@ def test_an_editor_measures_the_unedited_models_statistics(tmp_path):
     fresh = _measure(tiny_model(), tmp_path / "fresh")
     torch.testing.assert_close(editor.key_stats(2).moment, fresh.moment)
     assert ROMEEditor is not None and LOCATE["stats_dir"] == STATS_DIR
+
+
+# ---------------------------------------------------------------------- the harness
+@pytest.mark.parametrize("method", ["rome", "memit-mass", "alphaedit"])
+def test_bench_runs_the_method_and_hands_memit_mass_one_batch(tmp_path, monkeypatch, method):
+    from wise_edit.cli import main
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "zsre").mkdir(parents=True)
+    rows = [
+        {
+            "src": p,
+            "alt": t,
+            "rephrase": p + " Tell me.",
+            "loc": "nq: who",
+            "loc_ans": "nobody",
+            "subject": p.rstrip("?").split()[-1],
+            "pred": "x",
+            "answers": ["x"],
+        }
+        for p, t in EDITS
+    ]
+    for name in ("zsre_edit.json", "zsre_loc_1k.json"):
+        (tmp_path / "data" / "zsre" / name).write_text(json.dumps(rows))
+    batches = []
+    cls = type(make(method))
+    real = cls._edit_batch
+    monkeypatch.setattr(
+        cls, "_edit_batch", lambda self, i, m: batches.append(len(i)) or real(self, i, m)
+    )
+    settings = {
+        "stats_corpus": "neutral",
+        "stats_dir": STATS_DIR,
+        "layer": 2,
+        "max_steps": 3,
+        "context_count": 1,
+        "context_lengths": "[2]",
+    }
+    if method != "rome":
+        settings.update(span=2)
+    sets = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+    argv = [
+        "bench",
+        "--method",
+        method,
+        "--model",
+        str(tmp_path / "model"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--edits",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+        "--latency-repeats",
+        "1",
+        *sets,
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["edits"] == 4 and result["scores"]["teacher_forced"]["loc"] is not None
+    assert batches == ([4] if method == "memit-mass" else [1, 1, 1, 1])
