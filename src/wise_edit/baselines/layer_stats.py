@@ -253,4 +253,5 @@ def _write_cache(stem: Path, meta: dict[str, Any], stats: KeyStats) -> None:
         fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{stem.name}", suffix=suffix)
         os.close(fd)
         write(tmp)
+        Path(tmp).chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, stem.with_suffix(suffix))
