@@ -2,13 +2,18 @@
 random model in a few steps (the real defaults are the paper's), and helpers to compare
 their state and outputs."""
 
+import atexit
 import copy
+import shutil
+import tempfile
 
 import torch
 from conftest import fast_config, tiny_model, tiny_tokenizer
 
 from wise_edit import WiseEditor
 from wise_edit.baselines import (
+    AlphaEditConfig,
+    AlphaEditEditor,
     DeferConfig,
     DeferEditor,
     FTEWCConfig,
@@ -17,8 +22,14 @@ from wise_edit.baselines import (
     FTLEditor,
     GraceConfig,
     GraceEditor,
+    MEMITConfig,
+    MEMITEditor,
+    MEMITMassConfig,
+    MEMITMassEditor,
     MendConfig,
     MendEditor,
+    ROMEConfig,
+    ROMEEditor,
 )
 from wise_edit.core.rows import target_ids
 from wise_edit.metrics import target_logits
@@ -37,6 +48,23 @@ def _baseline(config_class, **settings):
 def _wise(**settings):
     return lambda **overrides: fast_config(**{**settings, **overrides})
 
+
+# the key statistics of the tiny models: one temporary cache for the test session
+STATS_DIR = tempfile.mkdtemp(prefix="wise-edit-key-stats-")
+atexit.register(shutil.rmtree, STATS_DIR, True)
+# ROME, MEMIT, AlphaEdit: C from the built-in sentences (enough for 64 inputs), two short
+# prefixes, a two-layer range ending at layer 2; a tiny model's keys are far larger than
+# a trained model's against MEMIT's lambda and AlphaEdit's absolute threshold
+LOCATE = dict(
+    layer=2,
+    stats_corpus="neutral",
+    stats_dir=STATS_DIR,
+    context_count=2,
+    context_lengths=(3,),
+    max_steps=10,
+    lr=0.5,
+)
+SPAN = dict(LOCATE, span=2)
 
 # settings that move a tiny random model in a few steps (the real defaults are the paper's)
 SETUPS = {
@@ -64,6 +92,10 @@ SETUPS = {
     "defer": (DeferEditor, _baseline(DeferConfig, layer=2, lr=1e-2, max_steps=20)),
     # the untrained (identity) editor network: one plain gradient step of size lr
     "mend": (MendEditor, _baseline(MendConfig, layer=2, lr=10.0, network="identity")),
+    "rome": (ROMEEditor, _baseline(ROMEConfig, **LOCATE)),
+    "memit": (MEMITEditor, _baseline(MEMITConfig, moment_weight=1.0, **SPAN)),
+    "memit-mass": (MEMITMassEditor, _baseline(MEMITMassConfig, moment_weight=1.0, **SPAN)),
+    "alphaedit": (AlphaEditEditor, _baseline(AlphaEditConfig, nullspace_threshold=2.0, **SPAN)),
 }
 UNRELATED = "The weather today is mild and calm."
 

@@ -412,17 +412,31 @@ def _edit_group(
         if checkpoint is not None:
             folder = stack.enter_context(SaveFolder(checkpoint.folder / "editor"))
         unsaved = 0
-        for record in group[done:]:
-            result = editor.edit(record.prompt, record.target, subject=record.subject)
-            unsaved += 1
-            bar.update(1)
-            bar.set_postfix(s_per_edit=f"{result.seconds:.2f}")
+        for batch in _batches(group[done:], editor.edit_batch):
+            if len(batch) == 1:
+                results = [editor.edit(batch[0].prompt, batch[0].target, subject=batch[0].subject)]
+            else:  # one update for the batch (MEMIT-MASS: the whole group)
+                results = editor.edit_many([_mapping(r) for r in batch])
+            unsaved += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}")
             if folder is not None and checkpoint is not None and unsaved >= checkpoint.every:
                 folder.write(editor.snapshot())
                 unsaved = 0
         if folder is not None and unsaved:
             folder.write(editor.snapshot())
     return editor
+
+
+def _batches(records: list[EditRecord], size: int | None) -> list[list[EditRecord]]:
+    """``records`` in consecutive batches of ``size`` (None: one batch)."""
+    size = size or max(1, len(records))
+    return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+def _mapping(record: EditRecord) -> dict[str, Any]:
+    out = {"prompt": record.prompt, "target": record.target}
+    return out if record.subject is None else {**out, "subject": record.subject}
 
 
 def _slice_baseline(base: Baseline, records: list[EditRecord], start: int, count: int) -> Baseline:

@@ -9,7 +9,17 @@ from typing import Any
 
 from torch import nn
 
-from .baselines import DeferEditor, FTEWCEditor, FTLEditor, GraceEditor, MendEditor
+from .baselines import (
+    AlphaEditEditor,
+    DeferEditor,
+    FTEWCEditor,
+    FTLEditor,
+    GraceEditor,
+    MEMITEditor,
+    MEMITMassEditor,
+    MendEditor,
+    ROMEEditor,
+)
 from .core.config import flatten
 from .core.editor import EditorBase
 from .core.persistence import saved_method
@@ -24,6 +34,10 @@ METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
         "grace": GraceEditor,
         "defer": DeferEditor,
         "mend": MendEditor,
+        "rome": ROMEEditor,
+        "memit": MEMITEditor,
+        "memit-mass": MEMITMassEditor,
+        "alphaedit": AlphaEditEditor,
     }
 )
 

@@ -108,6 +108,9 @@ class Editor(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def edit_batch(self) -> int | None: ...
+
     def edit(
         self,
         prompt: str,

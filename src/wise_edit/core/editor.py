@@ -151,6 +151,12 @@ class EditorBase:
     def num_edits(self) -> int:
         return len(self.edit_log)
 
+    @property
+    def edit_batch(self) -> int | None:
+        """How many records `edit_many` writes in one update: 1 for methods that edit one
+        at a time (all here but MEMIT's), None for all of them at once (MEMIT-MASS)."""
+        return 1
+
     def __call__(self, **inputs: Any) -> Any:
         with self.state_lock.read():
             return self.model(**inputs)

@@ -1,0 +1,50 @@
+"""ROME (Meng et al., 2022): one fact, one rank-one update of one FFN value matrix.
+
+The key k* is the value matrix's input at the subject's last token, averaged over the
+prompt behind each context prefix (`rome/compute_u.py`); v* is the matrix's output there
+after the short optimisation of `locate.LocateEditor._fit_value` (`rome/compute_v.py`);
+the update is `closed_form.rome_update` with C from `layer_stats` (ROME section 3.1).
+Sequential edits add one rank-one update each to the same matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .closed_form import rome_update
+from .locate import LocateConfig, LocateEditor, Plan
+
+
+@dataclass
+class ROMEConfig(LocateConfig):
+    """ROME as its reference code runs it (hparams/ROME/EleutherAI_gpt-j-6B.json: layer 5
+    of 28, v_lr 0.5, 20 steps, clamp_norm_factor 4, kl_factor 0.0625, v_weight_decay
+    0.5, context templates 10 of 5 and 10 of 10 tokens). The default layer keeps
+    LLaMA-2-7B's layer 5 of 32 (EasyEdit's ROME setting the WISE paper ran) as a
+    relative depth: layer 4 of SmolLM2's 30."""
+
+    relative_depth: ClassVar[float] = 5 / 32
+
+
+class ROMEEditor(LocateEditor):
+    """ROME on one FFN value matrix: each edit a rank-one update."""
+
+    method = "ROME"
+    config_class = ROMEConfig
+
+    def _value_site(self) -> nn.Module:
+        return self.layer  # v* is the value matrix's output (the MLP's)
+
+    def _solve(self, plans: Sequence[Plan], values: torch.Tensor) -> dict[str, Any]:
+        if len(plans) != 1:
+            raise ValueError("ROME edits one fact at a time")
+        index = self.layer_index
+        key = self._keys(plans, index, grouped=False)  # (I, 1)
+        residual = values - self._outputs(index, key)  # v* - W k*, (O, 1)
+        update = rome_update(key[:, 0], residual[:, 0], self.key_stats(index).moment)
+        return {"deltas": {index: self.layer.delta + update.to(self.layer.delta.dtype)}}
