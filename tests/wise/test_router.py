@@ -175,13 +175,14 @@ def test_an_edits_own_prompt_goes_to_its_memory_when_that_clears_its_threshold()
     similarity = torch.tensor([[0.9, 1.0], [0.9, 1.0], [0.9, VERBATIM - 0.01]])
     out = top1(candidates, scored(candidates, scores), thresholds, similarity)
     assert out.tolist() == [1, 0, 0]
-    # the top scorer below its own threshold: no side memory, though memory 1 clears
-    low = torch.tensor([[5.0], [4.5]])
-    candidates = torch.tensor([[1, 0]])
-    out = top1(
-        candidates, scored(candidates, low), torch.tensor([6.0, 4.0]), torch.tensor([[1.0, 0.5]])
-    )
-    assert out.tolist() == [-1]
+    # the top scorer (memory 0) below its own threshold: the own memory still answers
+    # where it clears (row 0), and nothing answers where the prompt is not an edit's own
+    # (row 1) or its own memory does not clear (row 2)
+    low = torch.tensor([[5.0, 5.0, 5.0], [4.5, 4.5, 3.5]])
+    candidates = torch.tensor([[1, 0], [1, 0], [1, 0]])
+    similarity = torch.tensor([[1.0, 0.5], [VERBATIM - 0.01, 0.5], [1.0, 0.5]])
+    out = top1(candidates, scored(candidates, low), torch.tensor([6.0, 4.0]), similarity)
+    assert out.tolist() == [1, -1, -1]
 
 
 def test_top1_only_considers_the_candidates():

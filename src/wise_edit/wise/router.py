@@ -214,10 +214,11 @@ def top1(
 
     One exception (rule 4), given the candidates' key cosines ``similarity`` (B, k): when
     the row's key is an edit's own (>= `VERBATIM`), that edit's memory answers if its
-    score clears its own threshold, rather than the top scorer. Scores of different
-    memories are not on one scale, and with many memories an edit prompt is often cleared
-    by its own memory and by a neighbour trained on a similar prompt. Whether a side
-    memory answers at all is unchanged, so locality is too."""
+    score clears its own threshold, rather than the top scorer, and also where the top
+    scorer does not clear its own. Scores of different memories are not on one scale:
+    with many memories an edit prompt is often cleared by its own memory and outscored by
+    a neighbour trained on a similar prompt, which may not clear. Only rows that repeat an
+    edit's prompt are affected, so locality is not."""
     held = candidates >= 0
     best = scores.max(dim=1).values  # (B,)
     above_all = torch.iinfo(torch.long).max  # never the lowest index at the top score
@@ -229,8 +230,9 @@ def top1(
     verbatim = clears & (similarity >= VERBATIM)  # (B, k)
     first = verbatim.to(torch.uint8).argmax(dim=1)  # the most similar such key
     mine = candidates.gather(1, first[:, None]).squeeze(1)
-    answer = torch.where(verbatim.any(dim=1), mine, top)
-    return torch.where(routed, answer, torch.full_like(answer, -1))
+    own = verbatim.any(dim=1)
+    answer = torch.where(own, mine, top)
+    return torch.where(routed | own, answer, torch.full_like(answer, -1))
 
 
 def best_scores(
