@@ -74,7 +74,9 @@ class WiseEditor(EditorBase):
         self._subjects = SubjectKeys(self, depth) if depth else None
         if not depth:
             self.layer.subject_tau = 0.0
-        self._prompt_acts: dict[int, torch.Tensor] = {}  # edit id -> (t, I), derived, CPU
+        # edit id -> (t, I), derived, on the CPU in half precision: kept for every edit (replay
+        # samples any earlier one), so it would otherwise outweigh a compact memory
+        self._prompt_acts: dict[int, torch.Tensor] = {}
         self.calibration = calibrate(self, calibration or Calibration(), self._subjects)
         self.layer.radius = self.calibration.key_radius  # type: ignore[assignment]
         self.layer.subject_centre = self.calibration.subject_centre
@@ -169,7 +171,7 @@ class WiseEditor(EditorBase):
 
     def _fold(self, memory: SideMemory, draft: WiseDraft, index: int) -> None:
         acts, mask = draft.edit_acts
-        self._prompt_acts[index] = acts[0][mask[0].bool()].cpu()
+        self._prompt_acts[index] = _kept(acts[0][mask[0].bool()])
         key = self._prompt_acts[index].float().mean(0)
         step = draft.trained()
         keys = (key, draft.subject_key)
@@ -216,7 +218,7 @@ class WiseEditor(EditorBase):
                 with editing_mode(self.model):
                     rows = self._edit_rows(entry["prompt"], entry["target"])
                     acts = self._capture(rows, keep_lower_output=False).acts
-                self._prompt_acts[index] = acts[0][rows.prompt_mask[0].bool()].cpu()
+                self._prompt_acts[index] = _kept(acts[0][rows.prompt_mask[0].bool()])
         return stack_ragged([self._prompt_acts[i] for i in edit_ids], self.device)
 
     # ------------------------------------------------------------------ subject keys
@@ -299,3 +301,8 @@ class WiseEditor(EditorBase):
         return WiseLayer(
             module, routing.candidates, 0.0, routing.subject_tau, self.config.memory.rank
         )
+
+
+def _kept(acts: torch.Tensor) -> torch.Tensor:
+    """An edit's prompt activations as the editor keeps them (see ``_prompt_acts``)."""
+    return acts.to("cpu", torch.bfloat16)  # the float32 range: no overflow on any model
