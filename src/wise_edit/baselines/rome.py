@@ -1,9 +1,12 @@
 """ROME (Meng et al., 2022): one fact, one rank-one update of one FFN value matrix.
 
 The key k* is the value matrix's input at the subject's last token, averaged over the
-prompt behind each context prefix (`rome/compute_u.py`); v* is the matrix's output there
-after the short optimisation of `locate.LocateEditor._fit_value` (`rome/compute_v.py`);
-the update is `closed_form.rome_update` with C from `layer_stats` (ROME section 3.1).
+prompt behind each context prefix (`rome/compute_u.py`); v* is the raw prompt's output
+there plus the δ of the short optimisation of `locate.LocateEditor._fit_value`
+(`rome/compute_v.py`); the update is `closed_form.rome_update` with C from `layer_stats`
+(ROME section 3.1), along C^-1 k* and, as in the reference code, scaled so that the raw
+prompt's own key k is mapped to v* (W' k = v*: the edited prompt gets exactly the value
+that was optimised for it).
 Sequential edits add one rank-one update each to the same matrix.
 """
 
@@ -41,10 +44,14 @@ class ROMEEditor(LocateEditor):
         return self.layer  # v* is the value matrix's output (the MLP's)
 
     def _solve(self, plans: Sequence[Plan], values: torch.Tensor) -> dict[str, Any]:
+        """u = C^-1 k* with k* the mean key over the rows (`rome/compute_u.py`); the update
+        writes v* at the raw prompt's own key, whose output v* was optimised from
+        (`rome/compute_v.py`: ``(v* - W k) / (k . u)``), so W' k = v* for that prompt."""
         if len(plans) != 1:
             raise ValueError("ROME edits one fact at a time")
         index = self.layer_index
-        key = self._keys(plans, index, grouped=False)  # (I, 1)
-        residual = values - self._outputs(index, key)  # v* - W k*, (O, 1)
-        update = rome_update(key[:, 0], residual[:, 0], self.key_stats(index).moment)
+        keys = self._row_keys(plans[0], index)  # (R, I), row 0 the raw prompt
+        key, raw = keys.mean(0), keys[0]
+        residual = values[:, 0] - self._outputs(index, raw[:, None])[:, 0]  # v* - W k, = δ
+        update = rome_update(key, residual, self.key_stats(index).moment, at=raw)
         return {"deltas": {index: self.layer.delta + update.to(self.layer.delta.dtype)}}
