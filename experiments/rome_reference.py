@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=["rome", "memit"])
     parser.add_argument(
-        "--set", nargs="*", default=[], help="our config overrides k=v (JSON values)"
+        "--set", action="append", default=[], help="our config override k=v (JSON value)"
     )
     args = parser.parse_args()
     torch.manual_seed(0)
