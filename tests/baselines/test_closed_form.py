@@ -44,6 +44,25 @@ def test_rome_maps_the_key_to_the_value_with_a_rank_one_update():
     )
 
 
+def test_rome_writes_at_another_key_along_the_mean_keys_direction():
+    """The reference code's right vector: the direction stays u = C^-1 k* of the mean key
+    k*, the scale maps the raw prompt's key k to W k + residual exactly."""
+    weight, key, raw, value, moment = (
+        _random(OUT, IN),
+        _random(IN, seed=2),
+        _random(IN, seed=5),
+        _random(OUT, seed=3),
+        _moment(),
+    )
+    update = rome_update(key, value - weight @ raw, moment, at=raw)
+    torch.testing.assert_close((weight + update) @ raw, value, rtol=0, atol=1e-10)
+    u = torch.linalg.solve(moment, key)
+    torch.testing.assert_close(update, torch.outer(update @ u / (u @ u), u), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        rome_update(key, value, moment, at=key), rome_update(key, value, moment)
+    )
+
+
 def test_memit_solves_its_least_squares_problem():
     """min ||ΔW K - R||^2 + λ tr(ΔW C ΔW^T), solved directly by lstsq on the stacked system
     [K^T; sqrt(λ) L^T] X = [R^T; 0] with C = L L^T."""

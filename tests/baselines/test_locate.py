@@ -29,9 +29,9 @@ def _spy(monkeypatch, module, name):
     """Record every call of ``module.name`` (its arguments and result)."""
     real, calls = getattr(module, name), []
 
-    def spy(*args):
-        out = real(*args)
-        calls.append((args, out))
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args + tuple(kwargs.values()), out))
         return out
 
     monkeypatch.setattr(module, name, spy)
@@ -48,20 +48,55 @@ def test_rome_writes_the_value_at_the_key_with_one_direction(monkeypatch, family
     editor.edit(*EDITS[0])  # an earlier edit: the update builds on it
     before = _deltas(editor)[2]
     calls = _spy(monkeypatch, rome, "rome_update")
-    values = []
+    values, plans = [], []
     real_fit = editor._fit_value
-    monkeypatch.setattr(
-        editor, "_fit_value", lambda plan: values.append(real_fit(plan)) or values[-1]
-    )
+
+    def fit(plan):
+        plans.append(plan)
+        values.append(real_fit(plan))
+        return values[-1]
+
+    monkeypatch.setattr(editor, "_fit_value", fit)
     editor.edit(*SUBJECT_EDIT[:2], subject=SUBJECT_EDIT[2])
-    (key, _, moment), _ = calls[0]
+    (key, _, moment, raw), _ = calls[0]
     v_star = values[0][1]
-    # W' k* = v*: the edited layer (weight + every committed change + bias) at the key
-    torch.testing.assert_close(editor._outputs(2, key[:, None])[:, 0], v_star, rtol=1e-5, atol=1e-5)
+    # W' k = v* at the raw prompt's key (rome/compute_v.py's right vector)
+    torch.testing.assert_close(editor._outputs(2, raw[:, None])[:, 0], v_star, rtol=1e-5, atol=1e-5)
     change = _deltas(editor)[2] - before
     s = torch.linalg.svdvals(change)
     assert s[1] < 1e-5 * s[0]  # rank one (up to the fp32 the delta is kept in)
+    # along u = C^-1 k*, k* the mean key over the rows (rome/compute_u.py)
+    u = torch.linalg.solve(moment, key)
+    direction = torch.linalg.svd(change).Vh[0]
+    assert abs(direction @ u) / u.norm() > 1 - 1e-5
     torch.testing.assert_close(moment, editor.key_stats(2).moment)
+    with editor._trials({2: before.float()}):  # the keys as the update saw them
+        keys = editor._row_keys(plans[0], 2)
+    torch.testing.assert_close(key, keys.mean(0))
+    torch.testing.assert_close(raw, keys[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rome_gives_the_edited_prompt_its_value(monkeypatch, family):
+    """After the edit, the raw prompt alone (unpadded, a plain forward) has v* as the
+    value matrix's output at the subject's last token: the value that was optimised for
+    it, not v* shifted by W (k - k*) as when the mean key k* is mapped to v*."""
+    editor = make("rome", family)
+    editor.edit(*EDITS[0])
+    values = []
+    real_fit = editor._fit_value
+    monkeypatch.setattr(editor, "_fit_value", lambda p: values.append(real_fit(p)) or values[-1])
+    prompt, target, subject = SUBJECT_EDIT
+    editor.edit(prompt, target, subject=subject)
+    tok = editor.tokenizer
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    at = next(i for i in range(ids.shape[1]) if tok.decode(ids[0, : i + 1]).endswith(subject))
+    seen = {}
+    handle = editor.layer.register_forward_hook(lambda m, a, out: seen.setdefault("v", out))
+    with torch.no_grad():
+        editor.model(input_ids=ids)
+    handle.remove()
+    torch.testing.assert_close(seen["v"][0, at].double(), values[0][1], rtol=1e-4, atol=1e-4)
 
 
 def test_the_lookup_token_is_the_subjects_last():

@@ -10,14 +10,26 @@ from __future__ import annotations
 import torch
 
 
-def rome_update(key: torch.Tensor, residual: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """ROME's rank-one update (ROME section 3.1, Eq. 2): ΔW = Λ (C^-1 k*)^T with
-    Λ = (v* - W k*) / ((C^-1 k*)^T k*), so that (W + ΔW) k* = v*, and among all updates
-    that do, the one that changes the outputs of keys distributed as C least.
-    ``residual``: v* - W k* (O,); ``moment``: C (I, I). Returns ΔW (O, I)."""
+def rome_update(
+    key: torch.Tensor,
+    residual: torch.Tensor,
+    moment: torch.Tensor,
+    at: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ROME's rank-one update (ROME section 3.1, Eq. 2): ΔW = Λ u^T, changing W only along
+    u = C^-1 k*, with k* = ``key`` (the mean key over the contexts) and Λ = residual /
+    (u^T at), so that ΔW at = ``residual``.
+
+    ``at`` None: k* itself, the paper's Eq. 2: with residual v* - W k*, (W + ΔW) k* = v*,
+    the update that does so while changing the outputs of keys distributed as C least.
+    The reference code (`rome/compute_v.py`, `rome_main.py`) keeps u but writes at the
+    raw prompt's key k: ``right_vector = (v* - W k) / (k . u)``, v* being that prompt's
+    own output plus the optimised δ, so the prompt that was edited gets exactly v*.
+    ``residual`` (O,); ``moment`` C (I, I); ``at`` (I,). Returns ΔW (O, I)."""
     k = key.double()
     u = torch.linalg.solve(moment.double(), k)  # C^-1 k* (I,)
-    return torch.outer(residual.double() / (u @ k), u)
+    target = k if at is None else at.double()
+    return torch.outer(residual.double() / (u @ target), u)
 
 
 def memit_update(

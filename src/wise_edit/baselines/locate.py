@@ -432,21 +432,26 @@ class LocateEditor(EditorBase):
         (MEMIT's `compute_ks`), else of all rows (ROME's `compute_u`)."""
         keys = []
         for plan in plans:
-            acts = fastpath.capture(
-                self.model.base_model,
-                self.layers,
-                index,
-                self.deltas[index],
-                plan.rows.input_ids,
-                plan.rows.attention_mask,
-                keep_lower_output=False,
-            ).acts  # (R, T, I)
-            at = acts[torch.arange(len(acts)), plan.positions].double()  # (R, I)
+            at = self._row_keys(plan, index)  # (R, I)
             if grouped and len(at) > 1:
                 keys.append((at[0] + at[1:].mean(0)) / 2)
             else:
                 keys.append(at.mean(0))
         return torch.stack(keys, dim=1)
+
+    def _row_keys(self, plan: Plan, index: int) -> torch.Tensor:
+        """Layer ``index``'s value-matrix input at the lookup token of each of the edit's
+        rows (R, I), fp64, as the model computes now; row 0 is the raw prompt."""
+        acts = fastpath.capture(
+            self.model.base_model,
+            self.layers,
+            index,
+            self.deltas[index],
+            plan.rows.input_ids,
+            plan.rows.attention_mask,
+            keep_lower_output=False,
+        ).acts  # (R, T, I)
+        return acts[torch.arange(len(acts)), plan.positions].double()
 
     def key_stats(self, index: int) -> KeyStats:
         """C of layer ``index``'s value matrix on the unedited model (cached on disk and,
