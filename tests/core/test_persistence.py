@@ -80,9 +80,9 @@ def test_a_save_that_names_no_method_is_refused(tokenizer, tmp_path):
     editor.save_pretrained(tmp_path / "w")
     config_file = tmp_path / "w" / CONFIG_FILE
     config = json.loads(config_file.read_text())
-    config["method"] = "ROME"
+    config["method"] = "SERAC"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unknown method 'ROME'"):
+    with pytest.raises(ValueError, match="unknown method 'SERAC'"):
         load_editor(tiny_model(), tokenizer, tmp_path / "w")
 
 
