@@ -145,7 +145,8 @@ def test_a_resume_keeps_the_runs_config_and_refuses_a_setting_given_otherwise(
     out = tmp_path / "run"
     argv = ["bench", "--model", str(setup / "model"), "--data-dir", str(setup / "data")]
     argv += ["--edits", "4", "--latency-repeats", "1", *FAST, "--out", str(out)]
-    started = ["--mode", "retrieve", "--set", "shard_size=2", "--checkpoint-every", "2"]
+    started = ["--mode", "retrieve", "--set", "shard_size=2", "--set", "memory.rank=0"]
+    started += ["--checkpoint-every", "2"]  # dense memories: format 2 had no others
     assert main([*argv, *started]) == 0
     as_format_2(out / "checkpoint" / "editor", drop=("side_steps",))
     protocol = out / "checkpoint" / "protocol.json"

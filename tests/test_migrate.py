@@ -28,8 +28,9 @@ def old(config, *dropped):
     for group, value in config.to_dict().items():
         items = value.items() if isinstance(value, dict) else [(None, value)]
         for leaf, v in items:
-            name = group if leaf is None else back[f"{group}.{leaf}"]
-            out[name] = v
+            name = group if leaf is None else back.get(f"{group}.{leaf}")
+            if name is not None:  # None: a setting newer than format 2 (memory.rank)
+                out[name] = v
     return {k: v for k, v in out.items() if k not in dropped}
 
 

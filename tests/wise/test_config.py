@@ -49,23 +49,34 @@ def test_setting_names_list_every_leaf_once():
     assert "routing.alpha" in names and "shards.size" in names and "lr" in names
 
 
-def test_the_preset_is_retrieve_with_small_memories_and_the_papers_density():
+def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
     from wise_edit.wise import preset_for_matrix
 
-    seven_b = preset_for_matrix(11008 * 4096)
-    assert seven_b == {
+    expected = {
         "memory.mode": "retrieve",
         "memory.replay": True,
-        "shards.mask_ratio": 0.2,
+        "memory.rank": 8,
+        "memory.norm_bound": None,
+        "shards.mask_ratio": 1.0,
         "shards.per_merge": 1,
         "shards.merge_density": 1.0,
-        "shards.size": 5,
+        "shards.size": 1,
     }
-    assert preset_for_matrix(1536 * 576)["shards.mask_ratio"] == 1.0
-    assert preset_for_matrix(4 * 11008 * 4096)["shards.mask_ratio"] == 0.05
+    assert preset_for_matrix(11008 * 4096) == preset_for_matrix(1536 * 576) == expected
+    dense = preset_for_matrix(11008 * 4096, compact=False)
+    assert dense["shards.mask_ratio"] == 0.2 and dense["shards.size"] == 5
+    assert "memory.rank" not in dense and "memory.norm_bound" not in dense
+    assert preset_for_matrix(1536 * 576, compact=False)["shards.mask_ratio"] == 1.0
+    assert preset_for_matrix(4 * 11008 * 4096, compact=False)["shards.mask_ratio"] == 0.05
+    # settings only dense memories have bring the dense preset, not an error
+    masked = WiseConfig.for_model(tiny_model(), **{"shards.mask_ratio": 0.5})
+    assert masked.memory.rank == 0 and masked.memory.norm_bound == 1.0
+    assert masked.edits_per_memory() == 5
+    assert WiseConfig.for_model(tiny_model(), **{"memory.rank": 0}).shards.size == 5
     config = WiseConfig.for_model(tiny_model())
-    assert config.memory.mode == "retrieve" and config.edits_per_memory() == 5
-    assert WiseConfig().memory.mode == "merge"  # without a model: the paper's
+    assert config.memory.mode == "retrieve" and config.edits_per_memory() == 1
+    assert config.memory.rank == 8
+    assert WiseConfig().memory.mode == "merge" and WiseConfig().memory.rank == 0  # the paper's
 
 
 def test_overrides_win_over_presets_in_any_naming():

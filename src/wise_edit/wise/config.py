@@ -22,9 +22,16 @@ from .merging import MERGE_METHODS
 
 # The paper's shard: 20% of LLaMA-2-7B's 11008x4096 value matrix.
 PAPER_MATRIX = 11008 * 4096
-# Edits a side memory takes before it closes, in the preset: small memories keep their
-# edits on long streams, where one large memory overwrites its earlier edits
-EDITS_PER_MEMORY = 5
+# Edits a dense side memory takes before it closes, in the preset: small memories keep
+# their edits on long streams, where one large memory overwrites its earlier edits
+DENSE_EDITS_PER_MEMORY = 5
+# Edits a compact side memory takes before it closes, in the preset: one, so that no edit is
+# trained over another (a memory that takes many overwrites its earlier edits on a long
+# stream, and rehearsing them slows every later edit down)
+EDITS_PER_MEMORY = 1
+# The rank of each edit's product in the preset's compact memories: (O + I) * 8 floats
+# per edit, a few percent of a dense copy of the matrix
+COMPACT_RANK = 8
 Mode = Literal["merge", "retrieve"]
 Optimizer = Literal["adam", "sgd"]
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
@@ -341,11 +348,19 @@ class WiseConfig(EditConfig):
 
     @classmethod
     def preset(cls, model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
-        """The layer at the paper's relative depth, and subspaces sized from the value
-        matrix instead of copied from a 7B model (`preset_for_matrix`)."""
+        """The layer at the paper's relative depth and `preset_for_matrix`: compact
+        memories, unless ``given`` asks for what only dense ones have (entry masks,
+        several shards per merge, rank 0); then dense ones with subspaces sized from the
+        value matrix instead of copied from a 7B model."""
         target = TargetConfig(**{k: given[k] for k in TARGET_FIELDS if k in given})
         path = target.resolve_target(model)
-        preset = preset_for_matrix(weight_out_in(get_submodule(model, path)).numel())
+        dense = (
+            given.get("memory.rank") == 0
+            or given.get("shards.mask_ratio", 1.0) != 1.0
+            or given.get("shards.per_merge", 1) != 1
+        )
+        numel = weight_out_in(get_submodule(model, path)).numel()
+        preset = preset_for_matrix(numel, compact=not dense)
         if target.target_module is None:
             preset["layer"] = target.resolve_layer(model)
         return preset
@@ -355,20 +370,38 @@ class WiseConfig(EditConfig):
         return self.shards.size * self.shards.per_merge
 
 
-def preset_for_matrix(numel: int) -> dict[str, Any]:
-    """The defaults for a value matrix of ``numel`` entries: WISE-Retrieve with a new side
-    memory every `EDITS_PER_MEMORY` edits, one shard each, and replay. One memory that
-    takes every edit (WISE-Merge with a 7B-sized shard) forgets its earlier edits on a
-    long stream; small closed memories keep them, and replay keeps each out of the
-    others' prompts. The mask ratio keeps the paper's density: rho = 20% of an
-    11008x4096 matrix, more (up to the whole matrix) for a smaller one, so that each edit
-    keeps a workable number of parameters."""
-    ratio = min(1.0, 0.2 * PAPER_MATRIX / numel)
-    return {
+def preset_for_matrix(numel: int, compact: bool = True) -> dict[str, Any]:
+    """The defaults for a value matrix of ``numel`` entries: WISE-Retrieve with replay,
+    and one compact side memory per edit (a trained rank-`COMPACT_RANK` product,
+    `compact.py`). One memory that takes every edit (WISE-Merge) forgets its earlier edits
+    on a long stream; small closed memories keep them, replay keeps each out of the
+    others' prompts, and a product costs (O + I) r floats per edit where a dense memory
+    costs the whole matrix. A product has no entry masks (ratio 1, one shard) and no
+    elementwise bound: it concentrates an edit's change in a few directions, so its
+    entries exceed the dense delta's bound where the change is learnt, and its rank, not a
+    clamp, keeps it small.
+
+    ``compact`` False (settings that need dense memories: masks, several shards, rank 0):
+    dense memories of `DENSE_EDITS_PER_MEMORY` edits, the mask ratio keeping the paper's
+    density (rho = 20% of an 11008x4096 matrix, more, up to the whole matrix, for a
+    smaller one, so that each edit keeps a workable number of parameters)."""
+    preset: dict[str, Any] = {
         "memory.mode": "retrieve",
         "memory.replay": True,
-        "shards.mask_ratio": round(ratio, 4),
         "shards.per_merge": 1,
         "shards.merge_density": 1.0,
+    }
+    if not compact:
+        ratio = min(1.0, 0.2 * PAPER_MATRIX / numel)
+        return {
+            **preset,
+            "shards.mask_ratio": round(ratio, 4),
+            "shards.size": DENSE_EDITS_PER_MEMORY,
+        }
+    return {
+        **preset,
+        "memory.rank": COMPACT_RANK,
+        "memory.norm_bound": None,
+        "shards.mask_ratio": 1.0,
         "shards.size": EDITS_PER_MEMORY,
     }
