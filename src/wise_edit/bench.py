@@ -357,6 +357,11 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
         f"- peak memory: {result.peak_memory_mb:.0f} MB"
         + (f"; device: {result.extra['device']}" if "device" in result.extra else ""),
     ]
+    if "saved_kb_per_edit" in result.extra:
+        lines.append(
+            f"- editor state per edit: {result.extra['saved_kb_per_edit']} KB of saved "
+            f"tensors, {result.extra['ram_kb_per_edit']} KB in RAM with its caches"
+        )
     sample = result.extra.get("eval_sample")
     if sample:
         lines.append(

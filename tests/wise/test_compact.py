@@ -107,3 +107,18 @@ def test_a_save_whose_memories_have_another_rank_is_refused(tmp_path):
     model = editor.detach()
     with pytest.raises(ValueError, match="rank"):
         WiseEditor.from_pretrained(model, editor.tokenizer, tmp_path / "save")
+
+
+def test_the_summary_gives_the_state_per_edit_saved_and_in_ram():
+    editor = make("wise-compact")
+    for prompt, target in EDITS[:3]:
+        editor.edit(prompt, target)
+    out_dim, in_dim = editor.layer.weight.shape
+    # per edit: its product (rank 8), its key and its subject key, float32
+    saved = sum(t.numel() * 4 for t in editor.layer.memories.state_dict().values())
+    assert saved == 3 * 4 * ((out_dim + in_dim) * 8 + in_dim + out_dim)
+    summary = editor.summary()
+    assert summary["saved_kb_per_edit"] == round(saved / 3 / 1e3, 1)
+    cached = sum(a.numel() * 2 for a in editor._prompt_acts.values())  # bfloat16
+    assert cached > 0
+    assert summary["ram_kb_per_edit"] == round((saved + cached) / 3 / 1e3, 1)

@@ -215,7 +215,20 @@ class EditorBase:
     def summary(self) -> dict[str, Any]:
         """A few numbers about the editor's state, for benchmark reports."""
         steps = [e["steps"] for e in self.edit_log]
-        return {"steps_per_edit": round(sum(steps) / max(1, len(steps)), 1)}
+        edits = max(1, len(steps))
+        return {
+            "steps_per_edit": round(sum(steps) / edits, 1),
+            # what a save's tensors hold and what the editor keeps in memory beside them,
+            # per edit: the figures a long stream's disk and RAM grow by
+            "saved_kb_per_edit": round(_nbytes(self._tensors().values()) / edits / 1e3, 1),
+            "ram_kb_per_edit": round(
+                (_nbytes(self._tensors().values()) + self._cache_bytes()) / edits / 1e3, 1
+            ),
+        }
+
+    def _cache_bytes(self) -> int:
+        """Bytes the editor keeps beside its saved tensors (caches it derives)."""
+        return 0
 
     # ------------------------------------------------------------------ editing
     def edit(
@@ -554,3 +567,7 @@ def _checked_subject(prompt: Any, subject: Any) -> str | None:
     if isinstance(prompt, str):
         check_subject(prompt, subject)
     return subject
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

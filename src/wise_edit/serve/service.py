@@ -561,6 +561,8 @@ class EditService:
                 "live_edits": len(editor.live_edits()),
                 "memories": summary.get("memories"),
                 "route_unit": editor.route_unit,
+                "saved_kb_per_edit": summary.get("saved_kb_per_edit"),
+                "ram_kb_per_edit": summary.get("ram_kb_per_edit"),
             },
             "latency": self.latency.summary(),
             "checkpoint_seq": self.log.checkpoint_seq(),

@@ -121,6 +121,9 @@ class WiseEditor(EditorBase):
             "key_radius": self.key_radius,
         }
 
+    def _cache_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self._prompt_acts.values())
+
     # ------------------------------------------------------------------ one edit
     def _row_prefixes(self) -> list[str]:
         return self.calibration.prefixes or []
