@@ -57,6 +57,7 @@ def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
         "memory.replay": True,
         "memory.rank": 8,
         "memory.norm_bound": None,
+        "routing.threshold_ratio": 0.8,
         "shards.mask_ratio": 1.0,
         "shards.per_merge": 1,
         "shards.merge_density": 1.0,
@@ -65,7 +66,7 @@ def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
     assert preset_for_matrix(11008 * 4096) == preset_for_matrix(1536 * 576) == expected
     dense = preset_for_matrix(11008 * 4096, compact=False)
     assert dense["shards.mask_ratio"] == 0.2 and dense["shards.size"] == 5
-    assert "memory.rank" not in dense and "memory.norm_bound" not in dense
+    assert not {"memory.rank", "memory.norm_bound", "routing.threshold_ratio"} & set(dense)
     assert preset_for_matrix(1536 * 576, compact=False)["shards.mask_ratio"] == 1.0
     assert preset_for_matrix(4 * 11008 * 4096, compact=False)["shards.mask_ratio"] == 0.05
     # settings only dense memories have bring the dense preset, not an error

@@ -32,6 +32,10 @@ EDITS_PER_MEMORY = 1
 # The rank of each edit's product in the preset's compact memories: (O + I) * 8 floats
 # per edit, a few percent of a dense copy of the matrix
 COMPACT_RANK = 8
+# epsilon's ratio to a compact memory's own edit score in the preset: a one-edit memory's
+# threshold is set by its single prompt, where a 5-edit memory's is set by the lowest of
+# five, and at the paper's 0.88 it turned away paraphrases its edit's answer reaches
+COMPACT_THRESHOLD_RATIO = 0.8
 Mode = Literal["merge", "retrieve"]
 Optimizer = Literal["adam", "sgd"]
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
@@ -379,7 +383,7 @@ def preset_for_matrix(numel: int, compact: bool = True) -> dict[str, Any]:
     costs the whole matrix. A product has no entry masks (ratio 1, one shard) and no
     elementwise bound: it concentrates an edit's change in a few directions, so its
     entries exceed the dense delta's bound where the change is learnt, and its rank, not a
-    clamp, keeps it small.
+    clamp, keeps it small. Its threshold ratio is `COMPACT_THRESHOLD_RATIO`.
 
     ``compact`` False (settings that need dense memories: masks, several shards, rank 0):
     dense memories of `DENSE_EDITS_PER_MEMORY` edits, the mask ratio keeping the paper's
@@ -402,6 +406,7 @@ def preset_for_matrix(numel: int, compact: bool = True) -> dict[str, Any]:
         **preset,
         "memory.rank": COMPACT_RANK,
         "memory.norm_bound": None,
+        "routing.threshold_ratio": COMPACT_THRESHOLD_RATIO,
         "shards.mask_ratio": 1.0,
         "shards.size": EDITS_PER_MEMORY,
     }
