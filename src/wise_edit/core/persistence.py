@@ -203,6 +203,9 @@ class SaveFolder:
                 raise _link_error(self.lock_path) from None
             raise
         try:
+            # a writer killed while writing its owner file left it under a side name
+            for stale in self.path.parent.glob(f"{self.owner_path.name}.tmp-*"):
+                stale.unlink(missing_ok=True)
             _replace_text(self.owner_path, f"pid {os.getpid()} on {socket.gethostname()}\n")
             recover(self.path)
         except BaseException:
