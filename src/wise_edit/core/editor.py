@@ -216,14 +216,13 @@ class EditorBase:
         """A few numbers about the editor's state, for benchmark reports."""
         steps = [e["steps"] for e in self.edit_log]
         edits = max(1, len(steps))
+        # what a save's tensors hold and what the editor keeps in memory beside them, per
+        # edit: the figures a long stream's disk and RAM grow by
+        saved = _nbytes(self._tensors().values())
         return {
             "steps_per_edit": round(sum(steps) / edits, 1),
-            # what a save's tensors hold and what the editor keeps in memory beside them,
-            # per edit: the figures a long stream's disk and RAM grow by
-            "saved_kb_per_edit": round(_nbytes(self._tensors().values()) / edits / 1e3, 1),
-            "ram_kb_per_edit": round(
-                (_nbytes(self._tensors().values()) + self._cache_bytes()) / edits / 1e3, 1
-            ),
+            "saved_kb_per_edit": round(saved / edits / 1e3, 1),
+            "ram_kb_per_edit": round((saved + self._cache_bytes()) / edits / 1e3, 1),
         }
 
     def _cache_bytes(self) -> int:

@@ -119,15 +119,16 @@ class MemoryBank:
         cfg = self.config
         memory.add_edit(edit_id, plan.shard, step, plan.masks, *keys)
         close = cfg.memory.mode == "retrieve"
-        if memory.group_edits == cfg.edits_per_memory() and memory.rank:
-            memory.end_group(close)
-        elif memory.group_edits == cfg.edits_per_memory():
-            merge_group(
-                memory,
-                get_merge(cfg.shards.merge_method),
-                density=cfg.shards.merge_density,
-                generator=merge_generator(cfg.seed, plan.memory, memory.merges),
-                norm_bound=cfg.memory.norm_bound,
-                close=close,
-            )
+        if memory.group_edits == cfg.edits_per_memory():
+            if memory.rank:  # one shard of products: its merge is the identity
+                memory.end_group(close)
+            else:
+                merge_group(
+                    memory,
+                    get_merge(cfg.shards.merge_method),
+                    density=cfg.shards.merge_density,
+                    generator=merge_generator(cfg.seed, plan.memory, memory.merges),
+                    norm_bound=cfg.memory.norm_bound,
+                    close=close,
+                )
         memory.refresh_threshold(*acts_of(memory.edit_ids), cfg.routing.threshold_ratio)
