@@ -228,17 +228,11 @@ def test_detach_restores_every_edited_layer():
 
 
 # ---------------------------------------------------------------------- key statistics
-def _measure(model, tmp_path, corpus="neutral", tokens=10_000):
-    module = model.model.layers[2].mlp.down_proj
-    return load_or_measure(
-        model,
-        tiny_tokenizer(),
-        module,
-        "model.layers.2.mlp.down_proj",
-        corpus,
-        tokens,
-        cache_dir=tmp_path,
-    )
+def _measure(model, tmp_path, corpus="neutral", tokens=10_000, layers=(2,)):
+    paths = {f"model.layers.{i}.mlp.down_proj": model.model.layers[i].mlp.down_proj for i in layers}
+    stats = load_or_measure(model, tiny_tokenizer(), paths, corpus, tokens, cache_dir=tmp_path)
+    assert list(stats) == list(paths)
+    return stats if len(layers) > 1 else stats[next(iter(paths))]
 
 
 def test_the_moment_is_the_mean_outer_product_of_the_real_tokens_keys(tmp_path):
@@ -270,7 +264,7 @@ def test_the_cache_is_reused_rebuilt_when_stale_and_never_shared_across_models(
     assert meta["tokens"] == first.tokens == 300 and meta["module"].endswith("2.mlp.down_proj")
     assert meta["model_fingerprint"] == model_fingerprint(model)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
-    calls = _spy(monkeypatch, layer_stats, "measure_moment")
+    calls = _spy(monkeypatch, layer_stats, "measure_moments")
     again = _measure(model, tmp_path, tokens=300)
     assert not calls and torch.equal(again.moment, first.moment)
     # another model, another token budget: measured, in another file
@@ -285,6 +279,21 @@ def test_the_cache_is_reused_rebuilt_when_stale_and_never_shared_across_models(
     meta_file.write_text(json.dumps({**meta, "format_version": 0}))
     _measure(model, tmp_path, tokens=300)
     assert len(calls) == 4
+
+
+def test_several_layers_are_measured_in_one_pass_as_each_alone(tmp_path, monkeypatch):
+    model = tiny_model()
+    alone = {i: _measure(model, tmp_path / f"alone{i}", tokens=300, layers=(i,)) for i in (1, 3)}
+    calls = _spy(monkeypatch, layer_stats, "measure_moments")
+    cached = _measure(model, tmp_path / "both", tokens=300, layers=(1,))
+    both = _measure(model, tmp_path / "both", tokens=300, layers=(1, 2, 3))
+    assert len(calls) == 2  # layer 1 once; layers 2 and 3 in one pass, 1 from its cache
+    assert len(calls[1][0][2]) == 2
+    assert torch.equal(both["model.layers.1.mlp.down_proj"].moment, cached.moment)
+    for i in (1, 3):
+        stats = both[f"model.layers.{i}.mlp.down_proj"]
+        assert stats.tokens == alone[i].tokens == 300
+        torch.testing.assert_close(stats.moment, alone[i].moment)
 
 
 def test_the_corpus_is_the_data_folders_passages_or_a_text_file(tmp_path):

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,18 +108,21 @@ def texts_digest(texts: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def measure_moment(
+def measure_moments(
     model: nn.Module,
     tokenizer: Any,
-    module: nn.Module,
+    modules: Sequence[nn.Module],
     texts: Sequence[str],
     max_tokens: int,
     progress: bool = True,
-) -> tuple[torch.Tensor, int]:
-    """E[k k^T] (I, I, fp64) of ``module``'s inputs over the real tokens of ``texts``, read
-    until ``max_tokens`` tokens; returns it and the number of tokens read. The forward
-    stops at ``module``: nothing above it is computed."""
-    total: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """E[k k^T] (I, I, fp64) of each of ``modules``' inputs over the real tokens of
+    ``texts``, read until ``max_tokens`` tokens; returns them and the number of tokens
+    read. One forward serves every module (MEMIT's five layers cost one pass, not five),
+    and it stops once the last of them has its input: nothing above is computed."""
+    if not modules:
+        raise ValueError("no module to measure key statistics of")
+    totals: list[torch.Tensor | None] = [None] * len(modules)
     count = 0
     device = next(model.parameters()).device
     bar = tqdm(total=max_tokens, desc="key statistics", unit="tok", disable=not progress)
@@ -130,15 +133,20 @@ def measure_moment(
             tokenizer(t)["input_ids"][:STATS_MAX_LENGTH] for t in texts[start : start + STATS_BATCH]
         ]
         ids, mask = left_pad([s for s in seqs if s], pad_id(tokenizer))
-        keys = _module_inputs(model, module, ids.to(device), mask.to(device))  # (B, T, I)
-        keys = keys[mask.to(device).bool()].double()[: max_tokens - count]  # (N, I)
-        total = keys.t() @ keys if total is None else total + keys.t() @ keys
-        count += len(keys)
-        bar.update(len(keys))
+        real = mask.to(device).bool()
+        inputs = _module_inputs(model, modules, ids.to(device), mask.to(device))
+        taken = 0
+        for i, acts in enumerate(inputs):  # (B, T, I) each
+            keys = acts[real].double()[: max_tokens - count]  # (N, I)
+            outer = keys.t() @ keys
+            totals[i] = outer if totals[i] is None else totals[i] + outer
+            taken = len(keys)
+        count += taken
+        bar.update(taken)
     bar.close()
-    if total is None or count == 0:
+    if count == 0:
         raise ValueError("the corpus for the key statistics has no tokens")
-    return total.cpu() / count, count
+    return [total.cpu() / count for total in totals if total is not None], count
 
 
 class _Stop(Exception):
@@ -146,22 +154,27 @@ class _Stop(Exception):
 
 
 def _module_inputs(
-    model: nn.Module, module: nn.Module, ids: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    found: dict[str, torch.Tensor] = {}
+    model: nn.Module, modules: Sequence[nn.Module], ids: torch.Tensor, mask: torch.Tensor
+) -> list[torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
 
-    def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        found["x"] = args[0].detach()
-        raise _Stop
+    def grab(i: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            found[i] = args[0].detach()
+            if len(found) == len(modules):
+                raise _Stop
 
-    handle = module.register_forward_pre_hook(grab)
+        return hook
+
+    handles = [m.register_forward_pre_hook(grab(i)) for i, m in enumerate(modules)]
     try:
         model.base_model(**backbone_inputs(ids, mask))
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return found["x"]
+        for handle in handles:
+            handle.remove()
+    return [found[i] for i in range(len(modules))]
 
 
 def eigen(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,39 +194,50 @@ def cache_root() -> Path:
 def load_or_measure(
     model: nn.Module,
     tokenizer: Any,
-    module: nn.Module,
-    module_path: str,
+    modules: Mapping[str, nn.Module],
     corpus: str,
     max_tokens: int,
     fingerprint: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> KeyStats:
-    """The cached statistics of ``module`` (at ``module_path`` of ``model``) over
-    ``corpus``, measured and cached first when there is no matching cache."""
+) -> dict[str, KeyStats]:
+    """The cached statistics of each of ``modules`` (module path in ``model`` -> module)
+    over ``corpus``; those without a matching cache are measured together, in one pass
+    over the corpus, and cached first."""
     texts = corpus_texts(corpus)
-    meta = {
-        "format_version": STATS_VERSION,
-        "model_fingerprint": fingerprint or model_fingerprint(model),
-        "module": module_path,
-        "corpus_sha256": texts_digest(texts),
-        "max_tokens": max_tokens,
-    }
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    fingerprint = fingerprint or model_fingerprint(model)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    cached = _read_cache(root / key, meta)
-    if cached is not None:
-        return cached
-    logger.info(
-        "measuring key statistics of %s over %s (%d tokens at most)",
-        module_path,
-        corpus,
-        max_tokens,
-    )
-    moment, tokens = measure_moment(model, tokenizer, module, texts, max_tokens)
-    values, vectors = eigen(moment)
-    stats = KeyStats(moment, values, vectors, tokens)
-    _write_cache(root / key, {**meta, "corpus": corpus, "tokens": tokens}, stats)
-    return stats
+    metas = {
+        path: {
+            "format_version": STATS_VERSION,
+            "model_fingerprint": fingerprint,
+            "module": path,
+            "corpus_sha256": texts_digest(texts),
+            "max_tokens": max_tokens,
+        }
+        for path in modules
+    }
+    stems = {
+        path: root / hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+        for path, meta in metas.items()
+    }
+    found = {path: _read_cache(stems[path], metas[path]) for path in modules}
+    missing = [path for path, stats in found.items() if stats is None]
+    if missing:
+        logger.info(
+            "measuring key statistics of %s over %s (%d tokens at most)",
+            ", ".join(missing),
+            corpus,
+            max_tokens,
+        )
+        moments, tokens = measure_moments(
+            model, tokenizer, [modules[p] for p in missing], texts, max_tokens
+        )
+        for path, moment in zip(missing, moments):
+            values, vectors = eigen(moment)
+            found[path] = KeyStats(moment, values, vectors, tokens)
+            meta = {**metas[path], "corpus": corpus, "tokens": tokens}
+            _write_cache(stems[path], meta, found[path])
+    return {path: stats for path, stats in found.items() if stats is not None}
 
 
 def _read_cache(stem: Path, meta: dict[str, Any]) -> KeyStats | None:

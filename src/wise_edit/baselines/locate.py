@@ -461,16 +461,19 @@ class LocateEditor(EditorBase):
 
             cfg = self.config
             corpus = cfg.stats_corpus if cfg.stats_corpus is not None else str(default_data_dir())
+            wanted = {index} | set(self.deltas)  # every edited layer's, in one pass
+            modules = {self._paths[i]: self.deltas[i] for i in wanted if i not in self._stats}
             with self.disabled(), editing_mode(self.model):
-                self._stats[index] = load_or_measure(
+                stats = load_or_measure(
                     self.model,
                     self.tokenizer,
-                    self.deltas[index],
-                    self._paths[index],
+                    modules,
                     corpus,
                     cfg.stats_tokens,
                     cache_dir=cfg.stats_dir,
                 )
+            paths = {path: i for i, path in self._paths.items()}
+            self._stats.update({paths[path]: s for path, s in stats.items()})
         return self._stats[index]
 
     @torch.no_grad()
