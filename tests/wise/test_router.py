@@ -243,3 +243,16 @@ def test_route_applies_the_threshold_the_index_and_the_key_radius_together():
     out = route(acts, mask, memories, index, candidates=1, radius=0.0)
     assert out.tolist() == [0, 1, 0, -1]
     assert route(acts, mask, [], index, candidates=0, radius=0.0).tolist() == [-1] * 4
+
+
+def test_without_the_gate_every_row_takes_its_top_memory():
+    """The paper's "w.o. router" (Table 7): threshold and key radius are both ignored."""
+    m0 = memory_with(torch.tensor([[2.0, 0.0]]), [torch.tensor([1.0, 0.0])], epsilon=1.0)
+    m1 = memory_with(torch.tensor([[0.0, 2.0]]), [torch.tensor([0.0, 1.0])], epsilon=1.0)
+    memories = [m0, m1]
+    index = KeyIndex.current([m.keys for m in memories], torch.device("cpu"), None)
+    acts, mask = one_token(torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.7, 0.7], [0.1, 0.2]]))
+    out = route(acts, mask, memories, index, candidates=0, radius=0.9, gate=False)
+    assert out.tolist() == [0, 1, 0, 1]  # row 3 scores (.2, .4): below both thresholds
+    assert route(acts, mask, memories, index, candidates=0, radius=0.9).tolist() == [0, 1, -1, -1]
+    assert route(acts, mask, [], index, candidates=0, radius=0.0, gate=False).tolist() == [-1] * 4

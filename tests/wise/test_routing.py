@@ -67,6 +67,19 @@ def test_edit_prompts_route_to_side_memory_and_unrelated_do_not(edited):
     assert edited.routed(UNRELATED) == [-1, -1]
 
 
+def test_without_the_router_unrelated_prompts_take_the_side_memory(edited):
+    """``routing.gate`` False (the paper's "w.o. router"): the same memories, no gate."""
+    edited.layer.gate = False
+    try:
+        assert edited.routed(UNRELATED) == [0, 0]
+    finally:
+        edited.layer.gate = True
+    assert edited.routed(UNRELATED) == [-1, -1]
+    config = fast_config(**{"routing.gate": False})
+    assert config.routing.gate is False
+    assert WiseEditor(tiny_model("llama"), edited.tokenizer, config).layer.gate is False
+
+
 def test_out_of_scope_logits_equal_unedited_bit_for_bit(edited):
     batch = _batch(edited, UNRELATED)
     after = _logits(edited, batch)

@@ -209,6 +209,14 @@ class RoutingConfig(Group):
             "given without a subject are not gated). 0: off."
         },
     )
+    gate: bool = field(
+        default=True,
+        metadata={
+            "help": "False: the paper's 'w.o. router' ablation (Table 7). Every sequence "
+            "goes to its top-scoring side memory, with no threshold, key radius or subject "
+            "gate, so nothing reaches the unedited model once there is a memory."
+        },
+    )
     subject_layer: int | None = field(
         default=None,
         metadata={

@@ -302,7 +302,12 @@ class WiseEditor(EditorBase):
     def _make_layer(self, module: nn.Module) -> WiseLayer:
         routing = self.config.routing
         return WiseLayer(
-            module, routing.candidates, 0.0, routing.subject_tau, self.config.memory.rank
+            module,
+            routing.candidates,
+            0.0,
+            routing.subject_tau,
+            self.config.memory.rank,
+            gate=routing.gate,
         )
 
 

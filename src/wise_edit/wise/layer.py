@@ -29,6 +29,7 @@ class WiseLayer(AttachedLayer):
         radius: float = 0.0,
         subject_tau: float = 0.0,
         rank: int = 0,
+        gate: bool = True,
     ) -> None:
         super().__init__(base_layer)
         self.memories = nn.ModuleList()
@@ -39,6 +40,7 @@ class WiseLayer(AttachedLayer):
         # the neutral mean of that lower layer, ``subject_centre`` (set by calibration)
         self.subject_tau = subject_tau
         self.subject_centre: torch.Tensor | None = None
+        self.gate = gate  # False: every sequence to its top memory (`routing.gate`)
         self._index: KeyIndex | None = None
 
     def new_memory(self) -> SideMemory:
@@ -75,6 +77,7 @@ class WiseLayer(AttachedLayer):
             radius=self.radius,
             subject_states=states,
             subject_tau=self.subject_tau,
+            gate=self.gate,
         )
 
     def route_scores(self, acts: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:

@@ -174,6 +174,7 @@ def route(
     radius: float,
     subject_states: torch.Tensor | None = None,
     subject_tau: float = 0.0,
+    gate: bool = True,
 ) -> torch.Tensor:
     """The memory each sequence uses, -1 for the unedited model, by every rule in this
     module's docstring. ``acts`` (B, T, I) are the value matrix's inputs, ``token_mask``
@@ -181,18 +182,23 @@ def route(
     ``epsilon`` and ``subject_keys``), ``index`` their keys; ``candidates`` 0 scores every
     memory. ``subject_states`` (B, T, O), centred unit states of the subject layer, turn
     on the subject gate at cosine ``subject_tau``. Memories without edits (all of them
-    retracted) hold no key and are never candidates: they answer nothing."""
+    retracted) hold no key and are never candidates: they answer nothing. ``gate`` False
+    is the paper's "w.o. router" ablation (Table 7): no threshold, key radius or subject
+    gate, so every sequence takes its top-scoring memory and nothing reaches the unedited
+    model once there is one."""
     if not len(memories) or not len(index.keys):
         return torch.full((acts.shape[0],), -1, dtype=torch.long, device=acts.device)
     k = len(index.keys) if dense(candidates, len(memories)) else candidates
-    cands, similarity = candidates_of(acts, token_mask, index, k, radius)
+    cands, similarity = candidates_of(acts, token_mask, index, k, radius if gate else 0.0)
 
     def score(memory: int, rows: torch.Tensor) -> torch.Tensor:
         return memories[memory].scores(acts[rows], token_mask[rows])
 
     thresholds = torch.tensor([m.epsilon for m in memories], device=acts.device)
+    if not gate:
+        thresholds = torch.full_like(thresholds, float("-inf"))
     choice = top1(cands, candidate_scores(cands, score), thresholds, similarity)
-    if subject_states is not None and subject_tau > 0:
+    if gate and subject_states is not None and subject_tau > 0:
         keys = [m.subject_keys for m in memories]
         choice = subject_gate(choice, subject_states, token_mask, keys, subject_tau)
     return choice
