@@ -48,84 +48,30 @@ SETS=${SETS:-$GRID_SETS}
 METHODS=${METHODS:-$GRID_METHODS}
 EVERY=${EVERY:-15}
 CARRY_MB=${CARRY_MB:-8}
+FORMAT=raw
+PRE_METHOD=wise
 mkdir -p "$OUT" "$KEEP"
+# shellcheck source=benchmarks/grid.sh
+source benchmarks/grid.sh
 
-run_name() {  # run_name DATA T METHOD: a run's folder name, in OUT and in KEEP
+run_name() {
     echo "$1-T$2-raw-$3"
 }
 
-edits_done() {  # edits_done CHECKPOINT: how many edits it holds (-1 without one)
-    [[ -d $1/editor ]] || { echo -1; return; }
-    # one "index" key per entry of the edit log; JSON escapes quotes inside strings
-    { grep -o '"index":' "$1/editor/editor_state.json" 2>/dev/null || true; } | wc -l
-}
-
-carry() {  # carry DATA T METHOD: the unfinished run's checkpoint into KEEP
-    local name
-    name=$(run_name "$@")
-    local from="$OUT/$name/checkpoint" to="$KEEP/$name/checkpoint"
-    [[ -d $from/editor && ! -f $OUT/$name/results.json ]] || return 0
-    local mb
-    mb=$(du -sm "$from" | cut -f1)
-    if (( mb > CARRY_MB )); then
-        echo "not carried: $from ($mb MB > CARRY_MB=$CARRY_MB)"
-        return
+method_args() {  # method_args DATA T METHOD
+    local data=$1 method=$3
+    if [[ $method == wise ]]; then
+        ARGS+=(--mode retrieve --set shard_size=5 --set replay=true)
+        [[ $data == temporal || $data == hallucination ]] &&
+            ARGS+=(--set prefix_count=0 --set rehearse_rows=2)
+    else
+        ARGS+=(--method "$method")
     fi
-    rm -rf "$to.new" && mkdir -p "$(dirname "$to")"
-    cp -r "$from" "$to.new" && rm -f "$to.new"/.*.lock
-    rm -rf "$to" && mv "$to.new" "$to"
-    echo "carried: $to ($mb MB; commit it)"
-}
-
-run() {  # run DATA T METHOD
-    local data=$1 t=$2 method=$3
-    local name
-    name=$(run_name "$@")
-    local out="$OUT/$name" wise="$OUT/$(run_name "$data" "$t" wise)" keep="$KEEP/$name"
-    if [[ -f $keep/results.json ]]; then
-        echo "kept: $keep"
-        return
-    fi
-    if [[ ! -f $out/results.json ]]; then
-        local args=(--device cpu --model smollm2-135m --data "$data" --edits "$t" --format raw
-            --checkpoint-every "$EVERY" --out "$out")
-        if [[ $method == wise ]]; then
-            args+=(--mode retrieve --set shard_size=5 --set replay=true)
-            [[ $data == temporal || $data == hallucination ]] &&
-                args+=(--set prefix_count=0 --set rehearse_rows=2)
-        else
-            args+=(--method "$method")
-        fi
-        # every Hallucination edit stops after at most 20 steps, WISE's and the
-        # baselines' alike; FT-EWC, run before the baselines got the cap, kept its own 100
-        # (23.6 steps on average; its results record the command it ran)
-        [[ $data == hallucination && $method != ft-ewc ]] && args+=(--set max_steps=20)
-        # the carried checkpoint wins where it is further on than OUT's (or OUT has none):
-        # a session that finds an older run of its own in OUT must not redo the edits
-        # another session carried past it
-        if [[ -d $keep/checkpoint ]] &&
-            (( $(edits_done "$keep/checkpoint") > $(edits_done "$out/checkpoint") )); then
-            rm -rf "$out/checkpoint" && mkdir -p "$out"
-            cp -r "$keep/checkpoint" "$out/checkpoint"
-            echo "resuming from the carried $keep/checkpoint"
-        fi
-        # the unedited model's scores: committed, or the WISE run's (computed once a set)
-        local pre="$KEEP/$data-T$t-raw-protocol.json"
-        if [[ -d $out/checkpoint ]]; then
-            args+=(--resume)
-        elif [[ -f $pre ]]; then
-            args+=(--pre-edit-from "$pre")
-        elif [[ $method != wise ]]; then
-            args+=(--pre-edit-from "$wise")
-        fi
-        echo "$(date -u +%FT%TZ) start: $out"
-        python -m wise_edit.cli bench "${args[@]}" > "$out.log" 2>&1
-        echo "$(date -u +%FT%TZ) done: $out"
-    fi
-    mkdir -p "$keep"
-    cp "$out"/results.json "$out"/results.md "$keep"/
-    rm -rf "$keep/checkpoint"
-    echo "kept: $keep (commit it)"
+    # every Hallucination edit stops after at most 20 steps, WISE's and the
+    # baselines' alike; FT-EWC, run before the baselines got the cap, kept its own 100
+    # (23.6 steps on average; its results record the command it ran)
+    [[ $data == hallucination && $method != ft-ewc ]] && ARGS+=(--set max_steps=20)
+    return 0
 }
 
 action=run
@@ -138,16 +84,10 @@ done
 [[ $action == carry ]] && exit 0
 
 # the table: every set and method of the paper's, whichever of them this call ran
-runs=() kept=()
+runs=()
 for entry in $GRID_SETS; do
     for method in $GRID_METHODS; do
         runs+=("$KEEP/$(run_name "${entry%%:*}" "${entry##*:}" "$method")")
-        [[ -f ${runs[-1]}/results.json ]] && kept+=("${runs[-1]}")
     done
 done
-if (( ${#kept[@]} < ${#runs[@]} )); then
-    echo "${#kept[@]} of ${#runs[@]} runs kept; the table so far:"
-    (( ${#kept[@]} )) && python -m wise_edit.cli compare "${kept[@]}"
-    exit 0
-fi
-python -m wise_edit.cli compare "${runs[@]}" --out "$KEEP/tables34.md"
+table "$KEEP/tables34.md" "${runs[@]}"
