@@ -153,3 +153,40 @@ def test_an_edit_runs_the_lower_layers_for_its_rows_and_random_negatives_only(
     editor.edit(*EDITS[0])  # the first edit too: calibration is not part of it
     rows = 1 + editor.config.prefixes.count  # the bare prompt and one row per prefix
     assert batches == [rows, editor.config.negatives.random]  # no batch of hard negatives
+
+
+def test_a_subset_of_rows_computes_what_it_computes_in_the_whole_batch(family, tokenizer):
+    """`EditRows.take` and `Captured.take`: rows picked out of an edit's batch, their
+    all-padding columns dropped, give the same logits as inside the whole batch."""
+    model = tiny_model(family)
+    editor = WiseEditor(model, tokenizer, fast_config())
+    prefixes = ["Because of the long and heavy rain that fell", "I think", "The day"]
+    rows = build_rows(PromptFormat.create(tokenizer), EDITS[0][0], EDITS[0][1], prefixes)
+    n = rows.targets.shape[1]
+    args = (editor.model.base_model, editor.layers, editor.layer_index, editor.layer)
+    lower = capture(*args, rows.input_ids, rows.attention_mask)
+    whole = fast_target_logits(
+        editor.model,
+        editor.layers,
+        editor.layer_index,
+        lower,
+        rows.input_ids,
+        rows.attention_mask,
+        n,
+    )
+    index = [0, 2, 3]  # without the longest row: a shared leading pad column goes
+    taken, start = rows.take(index)
+    assert start > 0 and taken.input_ids.shape[1] == rows.input_ids.shape[1] - start
+    assert bool(taken.attention_mask[:, 0].any())
+    part = fast_target_logits(
+        editor.model,
+        editor.layers,
+        editor.layer_index,
+        lower.take(index, start),
+        taken.input_ids,
+        taken.attention_mask,
+        n,
+    )
+    torch.testing.assert_close(part, whole[index], atol=1e-5, rtol=1e-4)
+    assert torch.equal(taken.targets, rows.targets[index])
+    assert torch.equal(taken.prompt_mask, rows.prompt_mask[index, start:])

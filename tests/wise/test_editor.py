@@ -312,3 +312,19 @@ def test_rehearsal_draws_from_the_memory_being_trained(tokenizer):
     ((rows, _),) = editor._rehearsal(drawn)
     assert rows.input_ids.shape[0] == 2
     assert bank.rehearsal_ids(bank.plan_in(None, 2), 4) == []
+
+
+def test_prefixes_per_step_takes_the_prefixed_rows_in_turn(tokenizer):
+    editor = WiseEditor(tiny_model(), tokenizer, fast_config(**{"prefixes.per_step": 1}))
+    rows = editor._edit_rows(*EDITS[0])
+    lower = editor._capture(rows)
+    assert len(rows.input_ids) == 3  # the bare prompt and two prefixes
+    picked = [editor._step_rows(rows, lower, step)[0] for step in range(3)]
+    for taken, index in zip(picked, ([0, 1], [0, 2], [0, 1])):
+        expected, start = rows.take(index)
+        assert torch.equal(taken.input_ids, expected.input_ids)
+    assert editor._step_rows(rows, lower, 0)[1].acts.shape[0] == 2
+    result = editor.edit(*EDITS[0])
+    assert result.steps >= 1 and editor.routed([EDITS[0][0]]) == [0]
+    everything = WiseEditor(tiny_model(), tokenizer, fast_config())
+    assert everything._step_rows(rows, lower, 5)[0] is rows

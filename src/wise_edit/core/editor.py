@@ -9,6 +9,7 @@ rows, capture the frozen lower layers, run `fit`, commit on success, log.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -273,11 +274,13 @@ class EditorBase:
     def _fit(self, draft: Draft, rows: EditRows, lower: Captured) -> Fitted:
         """Train ``draft`` on the edit's rows (inside `editing_mode`)."""
         cfg = self.config
+        forwards = itertools.count()
 
         def loss_fn() -> StepLoss:
+            step_rows, step_lower = self._step_rows(rows, lower, next(forwards))
             state = draft.layer_state()
             with self.layer.trial(state):
-                lm, answered = self._target_fit(rows, lower)
+                lm, answered = self._target_fit(step_rows, step_lower)
                 for old_rows, old_lower in draft.rehearsal():
                     old_lm, old_answered = self._target_fit(old_rows, old_lower)
                     lm, answered = lm + old_lm, answered & old_answered
@@ -298,6 +301,10 @@ class EditorBase:
             side_steps=cfg.side_steps,
             side_lm_bound=SIDE_STEPS_LM,
         )
+
+    def _step_rows(self, rows: EditRows, lower: Captured, step: int) -> tuple[EditRows, Captured]:
+        """The rows forward number ``step`` (from 0) of an edit trains on: all of them."""
+        return rows, lower
 
     # ------------------------------------------------------------------ retraction
     def retract(self, edit_id: int) -> dict[str, Any]:

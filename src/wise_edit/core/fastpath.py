@@ -33,6 +33,19 @@ class Captured:
     acts: torch.Tensor  # (B, T, I) input of the value matrix
     lower_output: Any  # output of the last layer below the edited one (None when layer 0)
 
+    def take(self, index: list[int], start: int) -> Captured:
+        """What the rows ``index`` from column ``start`` on captured (`EditRows.take`)."""
+        batch, width = self.acts.shape[:2]
+
+        def part(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == (batch, width):
+                return x[index, start:]
+            if isinstance(x, tuple):
+                return tuple(part(y) for y in x)
+            return x
+
+        return Captured(part(self.acts), part(self.lower_output))
+
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding, as `generate` computes them."""

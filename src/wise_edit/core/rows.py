@@ -40,6 +40,15 @@ class EditRows:
     prompt_mask: torch.Tensor
     targets: torch.Tensor  # (R, n) the target ids (and the stop), the same in every row
 
+    def take(self, index: list[int]) -> tuple[EditRows, int]:
+        """Rows ``index`` alone, without the columns that are padding in every one of
+        them; returns them and the number of leading columns dropped (positions are
+        counted from the first real token, so what the model computes is unchanged)."""
+        mask = self.attention_mask[index]
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        parts = (self.input_ids, self.attention_mask, self.prompt_mask)
+        return EditRows(*(t[index, start:] for t in parts), self.targets[index]), start
+
     def to(self, device: torch.device) -> EditRows:
         return EditRows(
             *(

@@ -279,6 +279,14 @@ class PrefixConfig(Group):
     lengths: tuple[int, ...] = field(
         default=(5, 10), metadata={"help": "Token lengths of those prefixes, used in turn."}
     )
+    per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prefixed rows each forward trains beside the bare prompt, taken in turn "
+            "so that consecutive steps cover every prefix. None: all of them at every step "
+            "(the paper). A step costs about its rows."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -288,6 +296,7 @@ class PrefixConfig(Group):
             [
                 ("count", self.count >= 0, "must be >= 0"),
                 ("lengths", ok, "must be positive lengths"),
+                ("per_step", self.per_step is None or self.per_step >= 1, "must be None or >= 1"),
             ]
         )
 

@@ -128,6 +128,16 @@ class WiseEditor(EditorBase):
     def _row_prefixes(self) -> list[str]:
         return self.calibration.prefixes or []
 
+    def _step_rows(self, rows: EditRows, lower: Captured, step: int) -> tuple[EditRows, Captured]:
+        """The bare prompt and ``prefixes.per_step`` of the prefixed rows, the next ones
+        in turn at each forward, so that a few consecutive steps train every prefix."""
+        k, prefixed = self.config.prefixes.per_step, len(rows.input_ids) - 1
+        if k is None or k >= prefixed:
+            return rows, lower
+        index = [0] + sorted({1 + (step * k + j) % prefixed for j in range(k)})
+        taken, start = rows.take(index)
+        return taken, lower.take(index, start)
+
     def _draft(self, rows: EditRows, lower: Captured, request: EditRequest) -> WiseDraft:
         return self._draft_for(self.bank.plan(), rows, lower, len(self.edit_log), request)
 
