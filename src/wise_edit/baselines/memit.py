@@ -76,7 +76,20 @@ class SpanConfig(LocateConfig):
 
 @dataclass
 class MEMITConfig(SpanConfig):
-    """MEMIT's settings (hparams/MEMIT/EleutherAI_gpt-j-6B.json)."""
+    """MEMIT as the WISE paper's Table 2 ran it on LLaMA-2-7B (EasyEdit's
+    hparams/MEMIT/llama-7b.yaml): v* as ROME's there (v_lr 0.5, 25 steps, v_weight_decay
+    1e-3, clamp_norm_factor 4, kl_factor 0.0625), λ 15000. The reference's GPT-J file
+    (clamp_norm_factor 0.75, v_weight_decay 0.5) holds v* back on SmolLM2 so that no
+    update answers, in the reference code as here (docs/results.md, "ROME/MEMIT against
+    the reference code")."""
+
+    value_decay: float = field(
+        default=1e-3,
+        metadata={"help": "Weight of the penalty ||δ|| / ||v_0||^2 on v* (v_weight_decay)."},
+    )
+    clamp_norm_factor: float = field(
+        default=4.0, metadata={"help": "||δ|| is kept within this times ||z_0||."}
+    )
 
     moment_weight: float = field(
         default=15000.0,
