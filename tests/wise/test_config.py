@@ -45,7 +45,7 @@ def test_groups_take_objects_dicts_and_dotted_names_alike():
 
 def test_setting_names_list_every_leaf_once():
     names = WiseConfig.setting_names()
-    assert len(names) == len(set(names)) == 39
+    assert len(names) == len(set(names)) == 41
     assert "routing.alpha" in names and "shards.size" in names and "lr" in names
 
 
@@ -58,6 +58,7 @@ def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
         "memory.rank": 8,
         "memory.norm_bound": None,
         "routing.threshold_ratio": 0.8,
+        "prefixes.per_step": 1,
         "shards.mask_ratio": 1.0,
         "shards.per_merge": 1,
         "shards.merge_density": 1.0,
@@ -66,7 +67,13 @@ def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
     assert preset_for_matrix(11008 * 4096) == preset_for_matrix(1536 * 576) == expected
     dense = preset_for_matrix(11008 * 4096, compact=False)
     assert dense["shards.mask_ratio"] == 0.2 and dense["shards.size"] == 5
-    assert not {"memory.rank", "memory.norm_bound", "routing.threshold_ratio"} & set(dense)
+    compact_only = {
+        "memory.rank",
+        "memory.norm_bound",
+        "routing.threshold_ratio",
+        "prefixes.per_step",
+    }
+    assert not compact_only & set(dense)
     assert preset_for_matrix(1536 * 576, compact=False)["shards.mask_ratio"] == 1.0
     assert preset_for_matrix(4 * 11008 * 4096, compact=False)["shards.mask_ratio"] == 0.05
     # settings only dense memories have bring the dense preset, not an error
@@ -77,7 +84,9 @@ def test_the_preset_is_retrieve_with_one_compact_memory_per_edit():
     config = WiseConfig.for_model(tiny_model())
     assert config.memory.mode == "retrieve" and config.edits_per_memory() == 1
     assert config.memory.rank == 8
+    assert config.prefixes.per_step == 1
     assert WiseConfig().memory.mode == "merge" and WiseConfig().memory.rank == 0  # the paper's
+    assert WiseConfig().prefixes.per_step is None  # every prefix at every step
 
 
 def test_overrides_win_over_presets_in_any_naming():

@@ -36,6 +36,10 @@ COMPACT_RANK = 8
 # threshold is set by its single prompt, where a 5-edit memory's is set by the lowest of
 # five, and at the paper's 0.88 it turned away paraphrases its edit's answer reaches
 COMPACT_THRESHOLD_RATIO = 0.8
+# Prefixed rows each forward of a compact edit trains beside its bare prompt, in turn: an
+# edit takes ~15 forwards, so every one of the 10 prefixes is still trained, at a fraction
+# of the rows; the answers were those of training all 11 rows at every step
+PREFIXES_PER_STEP = 1
 Mode = Literal["merge", "retrieve"]
 Optimizer = Literal["adam", "sgd"]
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
@@ -400,7 +404,8 @@ def preset_for_matrix(numel: int, compact: bool = True) -> dict[str, Any]:
     costs the whole matrix. A product has no entry masks (ratio 1, one shard) and no
     elementwise bound: it concentrates an edit's change in a few directions, so its
     entries exceed the dense delta's bound where the change is learnt, and its rank, not a
-    clamp, keeps it small. Its threshold ratio is `COMPACT_THRESHOLD_RATIO`.
+    clamp, keeps it small. Its threshold ratio is `COMPACT_THRESHOLD_RATIO`, and each
+    forward trains `PREFIXES_PER_STEP` of the prefixed rows (a step costs about its rows).
 
     ``compact`` False (settings that need dense memories: masks, several shards, rank 0):
     dense memories of `DENSE_EDITS_PER_MEMORY` edits, the mask ratio keeping the paper's
@@ -424,6 +429,7 @@ def preset_for_matrix(numel: int, compact: bool = True) -> dict[str, Any]:
         "memory.rank": COMPACT_RANK,
         "memory.norm_bound": None,
         "routing.threshold_ratio": COMPACT_THRESHOLD_RATIO,
+        "prefixes.per_step": PREFIXES_PER_STEP,
         "shards.mask_ratio": 1.0,
         "shards.size": EDITS_PER_MEMORY,
     }
