@@ -9,14 +9,17 @@ from wise_edit import WiseEditor
 from wise_edit.core.fastpath import (
     backbone_inputs,
     capture,
+    capture_after_head,
+    capture_head,
     fast_target_logits,
     full_lm_loss,
     greedy_hits,
     layer_output,
+    shared_head,
     target_loss,
 )
 from wise_edit.core.prompts import PromptFormat
-from wise_edit.core.rows import build_rows
+from wise_edit.core.rows import build_rows, left_pad
 
 
 def _loss_and_grad(editor, rows, fast: bool):
@@ -190,3 +193,23 @@ def test_a_subset_of_rows_computes_what_it_computes_in_the_whole_batch(family, t
     torch.testing.assert_close(part, whole[index], atol=1e-5, rtol=1e-4)
     assert torch.equal(taken.targets, rows.targets[index])
     assert torch.equal(taken.prompt_mask, rows.prompt_mask[index, start:])
+
+
+def test_rows_after_a_cached_head_capture_what_the_whole_rows_do(family, tokenizer):
+    """`capture_after_head`: rows sharing a token prefix run only their own tokens against
+    the prefix's cached keys and values, and give `capture`'s result on every real token."""
+    model = tiny_model(family)
+    editor = WiseEditor(model, tokenizer, fast_config())
+    head = [5, 9, 11, 3, 7, 8, 21]
+    seqs = [head + [30, 31, 32], head + [40], head + [50, 51, 52, 53, 54], head + [60, 61]]
+    ids, mask = left_pad(seqs, 0)
+    args = (editor.model.base_model, editor.layers, editor.layer_index, editor.layer)
+    assert shared_head(ids, mask) == tuple(head)
+    plain = capture(*args, ids, mask)
+    got = capture_after_head(*args, ids, mask, capture_head(*args, tuple(head)))
+    real = mask.bool()
+    lower = plain.lower_output
+    lower = lower[0] if isinstance(lower, tuple) else lower
+    torch.testing.assert_close(got.acts[real], plain.acts[real], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(got.lower_output[real], lower[real], atol=5e-5, rtol=1e-4)
+    assert not got.acts[~real].any()  # padding: zeros

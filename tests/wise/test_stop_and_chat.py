@@ -90,3 +90,25 @@ def test_a_forward_without_attention_mask_routes_on_the_users_text_too():
         model(input_ids=ids)
     read = editor.layer.routing.token_mask
     assert read is not None and int(read.sum()) == len(tok(EDITS[3][0])["input_ids"])
+
+
+def test_chat_rows_capture_the_template_header_once():
+    """The chat template's header is captured once and shared by every row after it
+    (`WiseEditor._capture_ids`), with what running each whole row gives."""
+    from wise_edit.core.editor import EditorBase
+
+    editor = WiseEditor(tiny_model("llama"), tiny_chat_tokenizer(), fast_config())
+    rows = editor._edit_rows(*EDITS[0])
+    ids, mask = rows.input_ids, rows.attention_mask
+    shared = editor._capture_ids(ids, mask, True)
+    assert editor._head is not None and len(editor._head.ids) >= 8
+    whole = EditorBase._capture_ids(editor, ids, mask, True)
+    real = mask.bool()
+    torch.testing.assert_close(shared.acts[real], whole.acts[real], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        shared.lower_output[real], whole.lower_output[real], atol=5e-5, rtol=1e-4
+    )
+    raw = WiseEditor(tiny_model("llama"), tiny_chat_tokenizer(), fast_config(prompt_format="raw"))
+    raw_rows = raw._edit_rows(*EDITS[0])
+    raw._capture_ids(raw_rows.input_ids, raw_rows.attention_mask, True)
+    assert raw._head is None  # raw prompts share no header

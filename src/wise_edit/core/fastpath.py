@@ -73,7 +73,145 @@ def capture(
 ) -> Captured:
     """Run the model up to the value matrix of ``layer_index`` and stop there."""
     found: dict[str, Any] = {}
+    handles = _capture_hooks(layers, layer_index, value_module, found, keep_lower_output)
+    _run_until_stopped(backbone, input_ids, attention_mask, handles)
+    if "acts" not in found:
+        raise RuntimeError("the value module was never called; is the target module right?")
+    return Captured(acts=found["acts"], lower_output=found.get("lower"))
 
+
+@dataclass
+class Head:
+    """The frozen part of the forward for a token prefix that rows start with (a chat
+    template's header): the keys and values its tokens leave in the decoder layers up to
+    the edited one, and its captured `acts` (P, I) and `lower` output (P, H)."""
+
+    ids: tuple[int, ...]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer 0..layer_index: (1, h, P, d)
+    acts: torch.Tensor
+    lower: torch.Tensor | None
+
+
+def shared_head(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, ...]:
+    """The longest token prefix every row of a left-padded batch starts with."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    head: list[int] = []
+    for column in zip(*rows):
+        if any(token != column[0] for token in column):
+            break
+        head.append(column[0])
+    return tuple(head)
+
+
+@torch.no_grad()
+def capture_head(
+    backbone: nn.Module,
+    layers: nn.ModuleList,
+    layer_index: int,
+    value_module: nn.Module,
+    ids: tuple[int, ...],
+) -> Head:
+    """`Head` of the token prefix ``ids``, from one forward of it alone (positions from 0,
+    as in every row: left padding does not move them)."""
+    device = next(backbone.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+    cache = _new_cache(backbone)
+    found: dict[str, Any] = {}
+    handles = _capture_hooks(layers, layer_index, value_module, found, keep_lower_output=True)
+    try:
+        backbone(
+            input_ids=tokens,
+            attention_mask=torch.ones_like(tokens),
+            position_ids=torch.arange(len(ids), device=device)[None],
+            use_cache=True,
+            **{_cache_argument(backbone): cache},
+        )
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    kv = [_layer_kv(cache, i) for i in range(layer_index + 1)]
+    lower = found.get("lower")
+    lower = (lower[0] if isinstance(lower, tuple) else lower)[0] if lower is not None else None
+    return Head(ids, kv, found["acts"][0], lower)
+
+
+@torch.no_grad()
+def capture_after_head(
+    backbone: nn.Module,
+    layers: nn.ModuleList,
+    layer_index: int,
+    value_module: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    head: Head,
+    keep_lower_output: bool = True,
+) -> Captured:
+    """`capture` of rows that all start with ``head``: only the tokens after it are run,
+    attending to its cached keys and values; its own part is copied in. Returns what
+    `capture` returns for the same batch (pad positions zero)."""
+    batch, width = input_ids.shape
+    size = len(head.ids)
+    lengths = attention_mask.sum(1)
+    tail_width = width - size
+    # each row's tokens after the head are its last ones: the same columns, left-padded
+    # anew (what the mask hides there, padding or the head's tokens, is never read)
+    tail_ids = input_ids[:, size:]
+    kept = torch.arange(tail_width, device=input_ids.device)[None] >= (width - lengths)[:, None]
+    tail_mask = kept.to(attention_mask.dtype)
+    mask = torch.cat([tail_mask.new_ones(batch, size), tail_mask], dim=1)
+    positions = position_ids_for(mask)[:, size:]
+    cache = _new_cache(backbone)
+    for i, (k, v) in enumerate(head.kv):
+        cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
+    found: dict[str, Any] = {}
+    handles = _capture_hooks(layers, layer_index, value_module, found, keep_lower_output)
+    try:
+        backbone(
+            input_ids=tail_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{_cache_argument(backbone): cache},
+        )
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "acts" not in found:
+        raise RuntimeError("the value module was never called; is the target module right?")
+    lower = found.get("lower")
+    lower = lower[0] if isinstance(lower, tuple) else lower
+    acts = with_head(found["acts"], head.acts, lengths, size, width)
+    if keep_lower_output and lower is not None and head.lower is not None:
+        return Captured(acts, with_head(lower, head.lower, lengths, size, width))
+    return Captured(acts, None)
+
+
+def with_head(
+    tail: torch.Tensor, head: torch.Tensor, lengths: torch.Tensor, size: int, width: int
+) -> torch.Tensor:
+    """Rows laid out as the original batch (`capture_after_head`): padding (zeros),
+    ``head`` (P, D), then each row's tokens after it, the last ones of ``tail``
+    (B, W - P, D); ``lengths`` (B,) counts each row's tokens, head included."""
+    out = tail.new_zeros(len(tail), width, tail.shape[-1])
+    for row, length in enumerate(lengths.tolist()):
+        start, n = width - length, length - size
+        out[row, start : start + size] = head
+        if n:
+            out[row, width - n :] = tail[row, tail.shape[1] - n :]
+    return out
+
+
+def _capture_hooks(
+    layers: nn.ModuleList,
+    layer_index: int,
+    value_module: nn.Module,
+    found: dict[str, Any],
+    keep_lower_output: bool,
+) -> list[torch.utils.hooks.RemovableHandle]:
     def grab_lower(_module: nn.Module, _args: Any, output: Any) -> None:
         found["lower"] = output
 
@@ -84,10 +222,31 @@ def capture(
     handles = [value_module.register_forward_pre_hook(_this_thread(grab_acts))]
     if keep_lower_output and layer_index > 0:
         handles.append(layers[layer_index - 1].register_forward_hook(_this_thread(grab_lower)))
-    _run_until_stopped(backbone, input_ids, attention_mask, handles)
-    if "acts" not in found:
-        raise RuntimeError("the value module was never called; is the target module right?")
-    return Captured(acts=found["acts"], lower_output=found.get("lower"))
+    return handles
+
+
+def _cache_argument(backbone: nn.Module) -> str:
+    """The backbone's name for a key-value cache (``cache`` from transformers 5.x on)."""
+    import inspect
+
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(backbone: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=backbone.config)
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
+
+
+def _layer_kv(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        layer = cache.layers[index]
+        return layer.keys, layer.values
+    return cache.key_cache[index], cache.value_cache[index]
 
 
 @torch.no_grad()

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import fastpath
 from ..core.attach import editing_mode
 from ..core.draft import EditRequest, EditResult
 from ..core.editor import EditorBase
-from ..core.fastpath import Captured
-from ..core.rows import EditRows, build_answer_rows, context_limit, stack_ragged
+from ..core.fastpath import Captured, Head
+from ..core.rows import EditRows, build_answer_rows, context_limit, left_pad, stack_ragged
 from ..core.validate import SaveChecker
 from .bank import MemoryBank, Plan
 from .calibration import Calibration, calibrate
@@ -77,6 +78,8 @@ class WiseEditor(EditorBase):
         # edit id -> (t, I), derived, on the CPU in half precision: kept for every edit (replay
         # samples any earlier one), so it would otherwise outweigh a compact memory
         self._prompt_acts: dict[int, torch.Tensor] = {}
+        self._header: tuple[int, ...] | None = None  # see `_capture_ids`
+        self._head: Head | None = None
         self.calibration = calibrate(self, calibration or Calibration(), self._subjects)
         self.layer.radius = self.calibration.key_radius  # type: ignore[assignment]
         self.layer.subject_centre = self.calibration.subject_centre
@@ -219,6 +222,58 @@ class WiseEditor(EditorBase):
 
         return install, len(kept)
 
+    # ------------------------------------------------------------------ the frozen part
+    def _capture_ids(
+        self, ids: torch.Tensor, mask: torch.Tensor, keep_lower_output: bool
+    ) -> Captured:
+        """Rows that start with the prompt format's fixed header (a chat template's system
+        turn, half of a short chat prompt's tokens) run only their own tokens, attending to
+        the header's cached keys and values: the layers below the edited one never
+        change, so the header's part is the same in every row of every edit."""
+        head = self._head_of(ids, mask)
+        if head is None:
+            return super()._capture_ids(ids, mask, keep_lower_output)
+        captured = fastpath.capture_after_head(
+            self.model.base_model,
+            self.layers,
+            self.layer_index,
+            self.layer,
+            ids,
+            mask,
+            head,
+            keep_lower_output,
+        )
+        routing = self.layer.routing
+        if routing.lower is not None and routing.lower.shape[1] != ids.shape[1]:
+            # the subject layer's states for the gate, read only on the prompt's own
+            # tokens (the routing mask leaves the header out): zeros there
+            tail, size = routing.lower, len(head.ids)
+            routing.lower = fastpath.with_head(
+                tail, tail.new_zeros(size, tail.shape[-1]), mask.sum(1), size, ids.shape[1]
+            )
+        return captured
+
+    def _head_of(self, ids: torch.Tensor, mask: torch.Tensor) -> Head | None:
+        """The cached header if every row starts with it and goes on after it."""
+        if not self.config.fast_path:
+            return None
+        if self._header is None:  # the tokens any two prompts share at the start
+            first, second = (self.format.prompt_ids(p) for p in ("Who?", "When was it?"))
+            self._header = fastpath.shared_head(*left_pad([first, second], 0))
+        size = len(self._header)
+        if size < MIN_HEADER_TOKENS:
+            return None
+        header = torch.tensor(self._header, device=ids.device)
+        for row, length in zip(ids, mask.sum(1).tolist()):
+            start = len(row) - length
+            if length <= size or not torch.equal(row[start : start + size], header):
+                return None
+        if self._head is None:
+            self._head = fastpath.capture_head(
+                self.model.base_model, self.layers, self.layer_index, self.layer, self._header
+            )
+        return self._head
+
     # ------------------------------------------------------------------ edit prompts
     def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt activations of past edits, padded into one batch. Cached per edit (they
@@ -319,6 +374,10 @@ class WiseEditor(EditorBase):
             self.config.memory.rank,
             gate=routing.gate,
         )
+
+
+# A header shorter than this is not worth its extra forward and cache (a raw prompt's BOS)
+MIN_HEADER_TOKENS = 8
 
 
 def _kept(acts: torch.Tensor) -> torch.Tensor:
