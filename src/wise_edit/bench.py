@@ -465,8 +465,9 @@ def _number_or_none(value: Any) -> bool:
 def comparison_table(runs: list[str]) -> str:
     """One row per bench run (folder or results.json): every metric kind's Rel/Gen/Loc,
     the set's own metric where a run has one (the paper's Tables 3-4: Hallucination's
-    perplexity, Temporal's OOD Gen) and seconds per edit, sorted by dataset, T, then the
-    order given."""
+    perplexity, Temporal's OOD Gen), seconds per edit and peak memory, sorted by dataset,
+    T, then the order given. WISE without its router (``routing.gate`` false, the paper's
+    Table 7) is named so."""
     rows = []
     for order, run in enumerate(runs):
         path = Path(run)
@@ -477,15 +478,20 @@ def comparison_table(runs: list[str]) -> str:
         rows.append((data["dataset"], data["edits"], order, data))
     own = [m for m in SET_METRICS if any(m in r[3].get("extra", {}) for r in rows)]
     header = ["method", "data", "format", "T", *_header()]
-    header += [f"{SET_METRICS[m]} (pre-edit)" for m in own] + ["s/edit"]
+    header += [f"{SET_METRICS[m]} (pre-edit)" for m in own] + ["s/edit", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dataset, edits, _, data in sorted(rows, key=lambda r: r[:3]):
         name = data["method"] + (f"-{data['mode']}" if data.get("mode") else "")
+        routing = data.get("extra", {}).get("config", {}).get("routing", {})
+        if isinstance(routing, dict) and routing.get("gate") is False:
+            name += " w.o. router"  # the paper's Table 7
         cells = [name, dataset, data.get("prompt_format", "raw"), str(edits)]
         cells += _cells(_scores_of(data))
         for metric in own:
             value = data.get("extra", {}).get(metric)
             cells.append(f"{value['edited']:.2f} ({value['pre_edit']:.2f})" if value else "–")
         cells.append(f"{data['seconds_per_edit']:.2f}")
+        peak = data.get("peak_memory_mb")
+        cells.append(f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The command line on a tiny local model folder: help, edit -> save -> generate, bench."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import EDITS, tiny_model
@@ -170,6 +171,14 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
     assert main(["compare", *runs, "--out", str(table_file)]) == 0
     table = table_file.read_text()
     assert all(f"| {m.upper()} | zsre | raw | 2 |" in table for m in BASELINE_FAST)
+    assert "| s/edit | peak MB |" in table
+    # a WISE run without its router (the paper's Table 7) is named so
+    ablation = json.loads((Path(runs[0]) / "results.json").read_text())
+    ablation.update(method="WISE", mode="retrieve", peak_memory_mb=1234.0)
+    ablation["extra"]["config"] = {"routing": {"gate": False}}
+    (tmp_path / "ablation.json").write_text(json.dumps(ablation))
+    assert main(["compare", str(tmp_path / "ablation.json")]) == 0
+    assert "| WISE-retrieve w.o. router | zsre | raw | 2 |" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
 
 
@@ -264,7 +273,7 @@ def test_compare_reads_runs_written_before_answer_em(tmp_path):
     # answer EM unknown, gen. Loc kept, TF, then the old generated EM as prefix EM
     assert row == (
         "| WISE-merge | zsre | raw | 10 | – | – | 1.00 | 0.94 | 0.81 | 1.00 | 0.70 | 0.60 "
-        "| – | – | 7.93 |"
+        "| – | – | 7.93 | – |"
     )
 
 
@@ -283,10 +292,11 @@ def test_compare_adds_the_sets_own_metric_where_a_run_has_one(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(data))
     lines = comparison_table([str(tmp_path / n) for n in runs]).splitlines()
-    assert lines[0].endswith("| PPL of the edits ↓ (pre-edit) | OOD Gen (pre-edit) | s/edit |")
-    assert lines[2].endswith("| 3.12 (27.40) | – | 1.00 |")  # hallucination sorts first
-    assert lines[3].endswith("| – | 0.50 (0.25) | 1.00 |")
-    assert lines[4].endswith("| – | – | 1.00 |")
+    header = "| PPL of the edits ↓ (pre-edit) | OOD Gen (pre-edit) | s/edit | peak MB |"
+    assert lines[0].endswith(header)
+    assert lines[2].endswith("| 3.12 (27.40) | – | 1.00 | – |")  # hallucination sorts first
+    assert lines[3].endswith("| – | 0.50 (0.25) | 1.00 | – |")
+    assert lines[4].endswith("| – | – | 1.00 | – |")
     assert "PPL" not in comparison_table([str(tmp_path / "zsre")])
 
 
