@@ -386,3 +386,13 @@ def test_bench_runs_the_method_and_hands_memit_mass_one_batch(tmp_path, monkeypa
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["edits"] == 4 and result["scores"]["teacher_forced"]["loc"] is not None
     assert batches == ([4] if method == "memit-mass" else [1, 1, 1, 1])
+
+
+def test_memits_moment_weight_is_kept_per_input_dimension():
+    from wise_edit.baselines.memit import MEMITConfig
+
+    assert MEMITConfig().resolved_moment_weight(16384) == 15000.0  # GPT-J's, where it was set
+    assert MEMITConfig().resolved_moment_weight(1536) == 1406.25
+    assert MEMITConfig(moment_weight=7.0).resolved_moment_weight(1536) == 7.0
+    with pytest.raises(ValueError, match="moment_weight"):
+        MEMITConfig(moment_weight=0.0)

@@ -27,6 +27,11 @@ from ..core.validate import SaveChecker
 from .closed_form import alphaedit_update, memit_update, null_space_projection
 from .locate import LocateConfig, LocateEditor, Plan
 
+# MEMIT's λ (hparams/MEMIT/*: mom2_update_weight) and the input width of GPT-J's value
+# matrix, the model it was chosen on
+MOMENT_WEIGHT = 15000.0
+MOMENT_WEIGHT_INPUTS = 16384
+
 
 @dataclass
 class SpanConfig(LocateConfig):
@@ -78,10 +83,9 @@ class SpanConfig(LocateConfig):
 class MEMITConfig(SpanConfig):
     """MEMIT as the WISE paper's Table 2 ran it on LLaMA-2-7B (EasyEdit's
     hparams/MEMIT/llama-7b.yaml): v* as ROME's there (v_lr 0.5, 25 steps, v_weight_decay
-    1e-3, clamp_norm_factor 4, kl_factor 0.0625), λ 15000. The reference's GPT-J file
-    (clamp_norm_factor 0.75, v_weight_decay 0.5) holds v* back on SmolLM2 so that no
-    update answers, in the reference code as here (docs/results.md, "ROME/MEMIT against
-    the reference code")."""
+    1e-3, clamp_norm_factor 4, kl_factor 0.0625), and λ 15000 kept per input dimension
+    (`resolved_moment_weight`: 1406 on SmolLM2, 10078 on LLaMA-2-7B). λ = 15000 itself
+    left SmolLM2's answer unchanged, in the reference code as here (docs/results.md)."""
 
     value_decay: float = field(
         default=1e-3,
@@ -91,17 +95,28 @@ class MEMITConfig(SpanConfig):
         default=4.0, metadata={"help": "||δ|| is kept within this times ||z_0||."}
     )
 
-    moment_weight: float = field(
-        default=15000.0,
+    moment_weight: float | None = field(
+        default=None,
         metadata={
             "help": "λ, the weight of the preserved keys' second moment C against the new "
-            "keys (mom2_update_weight; 15000 for GPT-J and LLaMA)."
+            "keys (mom2_update_weight). None: 15000 (GPT-J's and LLaMA's) per 16384 input "
+            "dimensions of the value matrix, GPT-J's, where it was set."
         },
     )
 
+    def resolved_moment_weight(self, inputs: int) -> float:
+        """λ for a value matrix of ``inputs`` input dimensions. C is a mean over tokens,
+        spread over as many directions as the matrix has inputs, while one new key's
+        k k^T is not: at a fixed λ a narrower matrix weighs C above the edit (on SmolLM2,
+        1536 inputs, λ = 15000 left the answer unchanged, the reference code's too)."""
+        if self.moment_weight is not None:
+            return self.moment_weight
+        return MOMENT_WEIGHT * inputs / MOMENT_WEIGHT_INPUTS
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._validate([("moment_weight", self.moment_weight > 0, "must be > 0")])
+        weight = self.moment_weight
+        self._validate([("moment_weight", weight is None or weight > 0, "must be None or > 0")])
 
 
 @dataclass
@@ -159,8 +174,9 @@ class MEMITEditor(LocateEditor):
         return {"deltas": new}
 
     def _layer_update(self, index: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        weight = self.config.moment_weight  # type: ignore[attr-defined]
-        return memit_update(keys, residual, self.key_stats(index).moment, weight)
+        stats = self.key_stats(index)
+        weight = self.config.resolved_moment_weight(stats.moment.shape[0])  # type: ignore[attr-defined]
+        return memit_update(keys, residual, stats.moment, weight)
 
     @torch.no_grad()
     def _last_states(self, plans: Sequence[Plan]) -> torch.Tensor:
