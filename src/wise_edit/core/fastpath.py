@@ -118,19 +118,8 @@ def capture_head(
     cache = _new_cache(backbone)
     found: dict[str, Any] = {}
     handles = _capture_hooks(layers, layer_index, value_module, found, keep_lower_output=True)
-    try:
-        backbone(
-            input_ids=tokens,
-            attention_mask=torch.ones_like(tokens),
-            position_ids=torch.arange(len(ids), device=device)[None],
-            use_cache=True,
-            **{_cache_argument(backbone): cache},
-        )
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    positions = torch.arange(len(ids), device=device)[None]
+    _run_cached(backbone, handles, tokens, torch.ones_like(tokens), positions, cache)
     kv = [_layer_kv(cache, i) for i in range(layer_index + 1)]
     lower = found.get("lower")
     lower = (lower[0] if isinstance(lower, tuple) else lower)[0] if lower is not None else None
@@ -167,19 +156,7 @@ def capture_after_head(
         cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
     found: dict[str, Any] = {}
     handles = _capture_hooks(layers, layer_index, value_module, found, keep_lower_output)
-    try:
-        backbone(
-            input_ids=tail_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{_cache_argument(backbone): cache},
-        )
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_cached(backbone, handles, tail_ids, mask, positions, cache)
     if "acts" not in found:
         raise RuntimeError("the value module was never called; is the target module right?")
     lower = found.get("lower")
@@ -223,6 +200,30 @@ def _capture_hooks(
     if keep_lower_output and layer_index > 0:
         handles.append(layers[layer_index - 1].register_forward_hook(_this_thread(grab_lower)))
     return handles
+
+
+def _run_cached(
+    backbone: nn.Module,
+    handles: list[torch.utils.hooks.RemovableHandle],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any,
+) -> None:
+    """`_run_until_stopped` with explicit positions, continuing (and filling) ``cache``."""
+    try:
+        backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{_cache_argument(backbone): cache},
+        )
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _cache_argument(backbone: nn.Module) -> str:
