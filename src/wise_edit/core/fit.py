@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 StopOn = Literal["loss", "lm", "answer"]
+Update = Callable[[torch.Tensor], None]  # a loss -> one optimisation step
 # Side steps (updates on the loss's other terms alone) may start once the target NLL is
 # under this: the 'lm' stop's bound, where the answer has settled; above it the full
 # steps it still needs train the other terms too.
@@ -50,9 +51,20 @@ class Fitted:
     side_steps: int = 0  # updates on the side terms alone (see `fit`'s ``side_loss_fn``)
 
 
-def fit(
-    loss_fn: Callable[[], StepLoss],
-    update: Callable[[torch.Tensor], None],
+def fit(loss_fn: Callable[[], StepLoss], update: Update, **settings: Any) -> Fitted:
+    """Run `fitting` with ``loss_fn`` giving each step's `StepLoss` and ``update`` turning
+    a loss into one step (``settings``: `fitting`'s)."""
+    run = fitting(update, **settings)
+    try:
+        next(run)
+        while True:
+            run.send(loss_fn())
+    except StopIteration as done:
+        return done.value
+
+
+def fitting(
+    update: Update,
     *,
     max_steps: int,
     early_stop_loss: float,
@@ -61,8 +73,14 @@ def fit(
     side_loss_fn: Callable[[], torch.Tensor] | None = None,
     side_steps: int = 0,
     side_lm_bound: float = float("inf"),
-) -> Fitted:
-    """``loss_fn`` gives one step's `StepLoss`, ``update`` turns the loss into one step.
+    side_update: Update | None = None,
+) -> Generator[None, StepLoss, Fitted]:
+    """One edit's optimisation, as a generator that is sent each step's `StepLoss` and
+    returns `Fitted`: a driver that sends several of them the losses of one batched
+    forward trains several edits at once, each stopping exactly where it would alone.
+    ``update`` turns the loss into one step; ``side_update`` (default ``update``) takes
+    the side steps, which must apply at once (a batch driver may defer ``update`` to the
+    next send: the state is read again only then).
 
     Stops after ``patience`` consecutive steps that meet `StepLoss.below` (``stop_on``,
     ``early_stop_loss``), or after ``max_steps`` forwards. A non-finite loss raises
@@ -78,12 +96,13 @@ def fit(
     side terms as well; below the NLL bound they are the side terms' alone.) ``steps``
     counts forwards.
     """
+    side_update = side_update or update
     below, n, cheap = 0, 0, 0
     loss_value = lm_value = float("nan")
     answered_at: int | None = None
     use_side = side_loss_fn is not None and side_steps > 0 and stop_on == "answer"
     for n in range(1, max_steps + 1):
-        step = loss_fn()
+        step = yield
         loss_value, lm_value = step.loss.item(), step.lm.item()
         if answered_at is None and step.answered is not None and bool(step.answered):
             answered_at = n
@@ -97,7 +116,7 @@ def fit(
             break
         if use_side and below == 0 and bool(step.answered) and lm_value < side_lm_bound:
             assert side_loss_fn is not None
-            taken, lowered = _fit_side(side_loss_fn, update, early_stop_loss, side_steps)
+            taken, lowered = _fit_side(side_loss_fn, side_update, early_stop_loss, side_steps)
             cheap += taken
             if lowered:
                 continue  # the next forward checks the answer under the new state
