@@ -94,6 +94,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         eval_sample=args.eval_sample,
         pre_edit=pre_edit,
         decode_batch=args.decode_batch,
+        batch=args.batch,
     )
     probe = [r.prompt for r in records[:16]] + [r.loc for r in records[:16] if r.loc]
     result.extra["latency"] = latency_ratio(editor, probe, repeats=args.latency_repeats)
@@ -102,6 +103,8 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     result.extra["device"] = str(model.device)
     result.extra["command"] = "wise-edit " + " ".join(getattr(args, "argv", []) or [])
     result.extra["decode_batch"] = args.decode_batch
+    if args.batch:
+        result.extra["batch"] = args.batch
     result.extra.update(editor.summary())
     if args.chunk is None:
         result.extra.update(dataset_metrics(args.data, editor, fmt, records))
@@ -128,6 +131,7 @@ def _check_counts(args: argparse.Namespace) -> None:
         ("--eval-sample", args.eval_sample),
         ("--latency-repeats", args.latency_repeats),
         ("--decode-batch", args.decode_batch),
+        ("--batch", args.batch),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -140,7 +144,8 @@ def _default_out(
     kind = PromptFormat.create(tokenizer, config.prompt_format).kind
     mode = cls.variant_of(config)
     name = args.method.lower() + (f"-{mode}" if mode else "")
-    return f"runs/{dataset}-T{args.edits}-{kind}-{name}"
+    batch = f"-batch{args.batch}" if args.batch else ""
+    return f"runs/{dataset}-T{args.edits}-{kind}-{name}{batch}"
 
 
 def _checkpointed_config(out: Path, method: str) -> dict[str, Any] | None:

@@ -191,7 +191,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         plan = plan_stream(editor.edit_log, file, lines, args.reapply_changed)
         if plan.skipped:
             print(plan.describe(file, out))
-        applied = apply_stream(editor, folder, file, plan.todo, args.checkpoint_every)
+        applied = apply_stream(
+            editor, folder, file, plan.todo, args.checkpoint_every, batch=args.batch or 1
+        )
         if not applied and not resume:  # an empty stream still leaves a save to resume
             folder.write(editor.snapshot())
     memories = editor.summary().get("memories")
@@ -470,6 +472,7 @@ def _add_bench(sub: Any) -> None:
         "(same data, T, model, format and --eval-sample; any method) instead of computing "
         "them again",
     )
+    _add_batch(bench)
     _add_config_args(bench, method=True)
     bench.set_defaults(func=cmd_bench)
 
@@ -505,8 +508,22 @@ def _add_edit(sub: Any) -> None:
         default=str(default_data_dir()),
         help="for the unrelated-prompt pool (zsre_loc_1k); built-in when absent",
     )
+    _add_batch(edit)
     _add_config_args(edit, method=True)
     edit.set_defaults(func=cmd_edit)
+
+
+def _add_batch(parser: Any) -> None:
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="K",
+        help="edit K records at a time, each group one update: WISE trains a group in one "
+        "optimisation, each edit stopping where it would alone (needs side memories of one "
+        "edit each, as in the defaults); MEMIT and AlphaEdit solve for a group at once "
+        "(default: the method's own, 1 but for MEMIT-MASS)",
+    )
 
 
 def _add_compare(sub: Any) -> None:

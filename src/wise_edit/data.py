@@ -61,6 +61,11 @@ class EditRecord:
         value = self.extra.get("subject")
         return value if isinstance(value, str) and value.strip() else None
 
+    def request(self) -> dict[str, Any]:
+        """The record as `edit_many` takes it: prompt, target and, if named, subject."""
+        out = {"prompt": self.prompt, "target": self.target}
+        return out if self.subject is None else {**out, "subject": self.subject}
+
 
 def default_data_dir() -> Path:
     """Where the benchmark data is looked for when none is given: `$WISE_EDIT_DATA`, else

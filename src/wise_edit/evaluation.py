@@ -214,6 +214,7 @@ def run_protocol(
     eval_sample: int | None = None,
     pre_edit: PreEdit | None = None,
     decode_batch: int = metrics.DECODE_BATCH,
+    batch: int | None = None,
 ) -> tuple[BenchResult, Editor]:
     """Sequential editing then final-model evaluation. With ``chunk``, the records are
     edited and scored ``chunk`` at a time with a rollback (detach) between chunks and the
@@ -222,7 +223,8 @@ def run_protocol(
     records (seeded; the editing always covers all). ``checkpoint``: save as it goes and
     continue a killed run where it stopped. ``pre_edit``: the unedited model's scores
     when already known (`PreEdit.borrow`), else computed. ``decode_batch``: prompts
-    decoded together (`Decoder`; 1 decodes each alone). ``progress``: bars over the edits
+    decoded together (`Decoder`; 1 decodes each alone). ``batch``: edits made
+    together (`edit_many`; None: the method's own). ``progress``: bars over the edits
     and the decodings. Returns the result and the last editor (still attached)."""
     records = list(records)
     if not records:
@@ -252,7 +254,8 @@ def run_protocol(
     for group in groups:
         if editor is not None:
             editor.detach()
-        editor = _edit_group(editor_for(checkpoint, make_editor, group), group, bar, checkpoint)
+        editor = editor_for(checkpoint, make_editor, group)
+        editor = _edit_group(editor, group, bar, checkpoint, batch)
         seconds += [entry["seconds"] for entry in editor.edit_log]
         picked = [records[i] for i in scored if offset <= i < offset + len(group)]
         part = _slice_baseline(start.base, chosen, done, len(picked))
@@ -402,9 +405,14 @@ def editor_for(
 
 
 def _edit_group(
-    editor: Editor, group: list[EditRecord], bar: Any, checkpoint: Checkpointing | None
+    editor: Editor,
+    group: list[EditRecord],
+    bar: Any,
+    checkpoint: Checkpointing | None,
+    batch: int | None = None,
 ) -> Editor:
-    """Edit the group's records the editor does not hold yet, checkpointing as it goes."""
+    """Edit the group's records the editor does not hold yet, checkpointing as it goes;
+    ``batch`` edits at a time (`edit_many`; None: the method's own `edit_batch`)."""
     done = editor.num_edits
     bar.update(done)
     with ExitStack() as stack:
@@ -412,13 +420,13 @@ def _edit_group(
         if checkpoint is not None:
             folder = stack.enter_context(SaveFolder(checkpoint.folder / "editor"))
         unsaved = 0
-        for batch in _batches(group[done:], editor.edit_batch):
-            if len(batch) == 1:
-                results = [editor.edit(batch[0].prompt, batch[0].target, subject=batch[0].subject)]
-            else:  # one update for the batch (MEMIT-MASS: the whole group)
-                results = editor.edit_many([_mapping(r) for r in batch])
-            unsaved += len(batch)
-            bar.update(len(batch))
+        for part in _batches(group[done:], batch or editor.edit_batch):
+            if len(part) == 1:
+                results = [editor.edit(part[0].prompt, part[0].target, subject=part[0].subject)]
+            else:  # one update for the part (MEMIT-MASS: the whole group)
+                results = editor.edit_many([r.request() for r in part], batch=len(part))
+            unsaved += len(part)
+            bar.update(len(part))
             bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}")
             if folder is not None and checkpoint is not None and unsaved >= checkpoint.every:
                 folder.write(editor.snapshot())
@@ -432,11 +440,6 @@ def _batches(records: list[EditRecord], size: int | None) -> list[list[EditRecor
     """``records`` in consecutive batches of ``size`` (None: one batch)."""
     size = size or max(1, len(records))
     return [records[i : i + size] for i in range(0, len(records), size)]
-
-
-def _mapping(record: EditRecord) -> dict[str, Any]:
-    out = {"prompt": record.prompt, "target": record.target}
-    return out if record.subject is None else {**out, "subject": record.subject}
 
 
 def _slice_baseline(base: Baseline, records: list[EditRecord], start: int, count: int) -> Baseline:

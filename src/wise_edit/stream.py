@@ -107,28 +107,44 @@ def apply_stream(
     todo: Sequence[JsonlLine],
     checkpoint_every: int,
     progress: bool = True,
+    batch: int = 1,
 ) -> int:
-    """Apply ``todo`` in order; returns how many were applied. A checkpoint is written
-    every ``checkpoint_every`` edits and whenever the loop ends with unsaved edits (the
-    last record, a failing record, Ctrl-C)."""
+    """Apply ``todo`` in order, ``batch`` records at a time (`edit_many`); returns how
+    many were applied. A checkpoint is written every ``checkpoint_every`` edits and
+    whenever the loop ends with unsaved edits (the last record, a failing record or
+    group, Ctrl-C)."""
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     applied = unsaved = 0
-    bar = tqdm(todo, desc=editor.method, unit="edit", disable=not progress)
+    bar = tqdm(total=len(todo), desc=editor.method, unit="edit", disable=not progress)
     try:
-        for line in bar:
-            record = line.record
+        for start in range(0, len(todo), batch):
+            group = todo[start : start + batch]
             try:
-                meta = record_meta(file, line)
-                result = editor.edit(record.prompt, record.target, meta, subject=record.subject)
+                metas = [record_meta(file, line) for line in group]
+                if len(group) == 1:
+                    record = group[0].record
+                    results = [
+                        editor.edit(record.prompt, record.target, metas[0], subject=record.subject)
+                    ]
+                else:
+                    records = [line.record.request() for line in group]
+                    results = editor.edit_many(records, batch=len(group), metas=metas)
             except (ValueError, TypeError, ArithmeticError) as err:
-                raise StreamError(f"{file}: line {line.number}: {err}") from err
-            applied, unsaved = applied + 1, unsaved + 1
-            bar.set_postfix(s_per_edit=f"{result.seconds:.2f}")
+                where = f"line {group[0].number}"
+                if len(group) > 1:
+                    where = f"lines {group[0].number}-{group[-1].number} (one batch)"
+                raise StreamError(f"{file}: {where}: {err}") from err
+            applied, unsaved = applied + len(group), unsaved + len(group)
+            bar.update(len(group))
+            bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}")
             if unsaved >= checkpoint_every:
                 folder.write(editor.snapshot())
                 unsaved = 0
     finally:
+        bar.close()
         if unsaved:
             folder.write(editor.snapshot())
     return applied

@@ -27,20 +27,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core import fastpath
 from ..core.attach import check_fingerprint, editing_mode, set_submodule, weight_fingerprint
 from ..core.config import EditConfig
 from ..core.draft import EditRequest, EditResult
-from ..core.editor import EditorBase, _checked_subject, _prompt_target
+from ..core.editor import EditorBase, _checked_subject
 from ..core.fastpath import Captured
 from ..core.fit import Fitted, StepLoss, adam_update, fit
 from ..core.layer import AttachedLayer
@@ -252,22 +251,15 @@ class LocateEditor(EditorBase):
         """One edit: a batch of one (see the module's docstring)."""
         return self._edit_batch([(prompt, target, subject)], [meta])[0]
 
-    def edit_many(
-        self, records: Iterable[Mapping[str, Any] | tuple[str, str]], progress: bool = False
+    def _check_batch(self) -> None:
+        if not hasattr(self.config, "batch_size"):
+            super()._check_batch()
+
+    def _edit_together(
+        self, requests: list[EditRequest], metas: list[dict[str, Any] | None]
     ) -> list[EditResult]:
-        """Edit a stream in batches of ``edit_batch`` edits (None: all at once), each batch
-        one update on top of the ones before."""
-        items = [_prompt_target(r) for r in records]
-        size = self.edit_batch or max(1, len(items))
-        results: list[EditResult] = []
-        bar = tqdm(total=len(items), desc=self.method, unit="edit", disable=not progress)
-        for start in range(0, len(items), size):
-            batch = items[start : start + size]
-            results += self._edit_batch(batch, [None] * len(batch))
-            bar.update(len(batch))
-            bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}")
-        bar.close()
-        return results
+        """A group of edits is one update: the method's own batch solve."""
+        return self._edit_batch([(r.prompt, r.target, r.subject) for r in requests], metas)
 
     def _edit_batch(
         self, items: Sequence[tuple[str, str, str | None]], metas: Sequence[Any]

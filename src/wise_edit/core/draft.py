@@ -76,6 +76,14 @@ class Draft:
         """One optimisation step from ``loss``."""
         raise NotImplementedError
 
+    # what a draft trained together with others (`EditorBase.edit_many` with a batch)
+    # exposes: its parameters, and a step from their gradients
+    params: list[torch.Tensor]
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> None:
+        """One optimisation step from the loss's gradients for `params`."""
+        raise NotImplementedError
+
     def rehearsal(self) -> Sequence[tuple[Any, Any]]:
         """(rows, captured lower part) of earlier edits whose target NLL is added to
         this edit's at every step, so that training it does not overwrite them; none by

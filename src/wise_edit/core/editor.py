@@ -37,7 +37,7 @@ from .attach import (
 from .config import EditConfig
 from .draft import Draft, EditRequest, EditResult
 from .fastpath import Captured, capture
-from .fit import SIDE_STEPS_LM, Fitted, StepLoss, fit
+from .fit import SIDE_STEPS_LM, Fitted, StepLoss, fit, fitting
 from .layer import AttachedLayer
 from .persistence import CONFIG_FILE, CorruptSaveError, Saved, read_save, write_save
 from .prompts import PromptFormat
@@ -245,7 +245,7 @@ class EditorBase:
         the log, and WISE's subject gate keys the edit on it."""
         self._check_attached()
         if meta is not None:
-            meta = json.loads(json.dumps(dict(meta)))  # a copy, and proof it can be saved
+            meta = _json_copy(meta)
         request = EditRequest(prompt, target, _checked_subject(prompt, subject))
         started = time.perf_counter()
         with editing_mode(self.model):
@@ -253,13 +253,10 @@ class EditorBase:
             lower = self._capture(rows, keep_lower_output=self.config.fast_path)
             draft = self._draft(rows, lower, request)
             fitted = self._fit(draft, rows, lower)
-        result = self._result(prompt, target, fitted, draft, started)
-        entry = {**asdict(result), **draft.log_fields()}
-        if request.subject is not None:
-            entry["subject"] = request.subject
+        result = self._result(request, fitted, draft, len(self.edit_log), started)
         with self.state_lock.write():
             self._commit(draft, result)
-            self.edit_log.append(entry if meta is None else {**entry, "meta": meta})
+            self.edit_log.append(_log_entry(result, draft, request, meta))
         logger.info(
             "%s edit %d -> memory %d shard %d: %d steps, loss %.4f",
             self.method,
@@ -271,9 +268,62 @@ class EditorBase:
         )
         return result
 
+    def _edit_together(
+        self, requests: list[EditRequest], metas: list[dict[str, Any] | None]
+    ) -> list[EditResult]:
+        """Edits trained in one optimisation (`edit_many` with ``batch`` > 1): the same
+        template as `edit`, with every step one forward of all the drafts' rows. Nothing
+        is committed unless every edit trained; each result's ``seconds`` is the group's
+        time over its size."""
+        started, first = time.perf_counter(), len(self.edit_log)
+        with editing_mode(self.model):
+            rows = [self._edit_rows(r.prompt, r.target) for r in requests]
+            lowers = self._capture_each(rows)
+            drafts = self._drafts_together(rows, lowers, requests)
+            fitted = self._fit_together(drafts, rows, lowers)
+        seconds = (time.perf_counter() - started) / len(requests)
+        results = [
+            self._result(r, f, d, first + i, started, seconds)
+            for i, (r, f, d) in enumerate(zip(requests, fitted, drafts))
+        ]
+        with self.state_lock.write():
+            for result, draft, request, meta in zip(results, drafts, requests, metas):
+                self._commit(draft, result)
+                entry = _log_entry(result, draft, request, meta)
+                self.edit_log.append({**entry, "batch": len(requests)})
+        logger.info("%s: %d edits together, %.2f s each", self.method, len(results), seconds)
+        return results
+
+    def _check_batch(self) -> None:
+        """Raise ValueError where this editor cannot train several edits at once."""
+        raise ValueError(f"{self.method} edits one at a time: batch must be 1")
+
+    def _drafts_together(
+        self, rows: list[EditRows], lowers: list[Captured], requests: list[EditRequest]
+    ) -> list[Draft]:
+        """The drafts of edits trained together, indexed from the next edit on."""
+        raise NotImplementedError
+
+    def _joint_state(self, states: list[Any], sizes: list[int]) -> Any:
+        """The layer state of one forward in which consecutive groups of ``sizes`` rows
+        each compute with their own draft's state."""
+        raise NotImplementedError
+
+    def _capture_each(self, rows: list[EditRows]) -> list[Captured]:
+        """`_capture` of several edits' rows from one pass of the lower layers."""
+        joined = EditRows.join(rows, pad_id(self.tokenizer))
+        captured = self._capture(joined, keep_lower_output=self.config.fast_path)
+        out, offset = [], 0
+        for part in rows:
+            index = list(range(offset, offset + len(part.input_ids)))
+            taken, start = joined.take(index)
+            assert taken.input_ids.shape == part.input_ids.shape, "rows lost their own width"
+            out.append(captured.take(index, start))
+            offset += len(index)
+        return out
+
     def _fit(self, draft: Draft, rows: EditRows, lower: Captured) -> Fitted:
         """Train ``draft`` on the edit's rows (inside `editing_mode`)."""
-        cfg = self.config
         forwards = itertools.count()
 
         def loss_fn() -> StepLoss:
@@ -290,17 +340,82 @@ class EditorBase:
             side = draft.side_loss(draft.layer_state())
             return side if side is not None else torch.zeros(())
 
-        return fit(
-            loss_fn,
-            draft.update,
-            max_steps=cfg.max_steps,
-            early_stop_loss=cfg.early_stop_loss,
-            patience=cfg.early_stop_patience,
-            stop_on=cfg.early_stop_on,
-            side_loss_fn=side_loss_fn,
-            side_steps=cfg.side_steps,
-            side_lm_bound=SIDE_STEPS_LM,
-        )
+        return fit(loss_fn, draft.update, side_loss_fn=side_loss_fn, **self._fit_settings())
+
+    def _fit_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "max_steps": cfg.max_steps,
+            "early_stop_loss": cfg.early_stop_loss,
+            "patience": cfg.early_stop_patience,
+            "stop_on": cfg.early_stop_on,
+            "side_steps": cfg.side_steps,
+            "side_lm_bound": SIDE_STEPS_LM,
+        }
+
+    def _fit_together(
+        self, drafts: list[Draft], rows: list[EditRows], lowers: list[Captured]
+    ) -> list[Fitted]:
+        """Train several drafts whose states are independent (each edit's rows compute
+        with its own state only): every step is one forward of all the rows of the drafts
+        still training and one backward of their summed losses, and each draft runs its
+        own `fitting`, so it takes the steps, and stops where, it would alone (up to
+        floating-point rounding of the larger batch)."""
+        pending: list[tuple[int, torch.Tensor]] = []
+        runs: dict[int, Any] = {}
+        fitted: list[Fitted | None] = [None] * len(drafts)
+        for j, draft in enumerate(drafts):
+
+            def side_loss_fn(draft: Draft = draft) -> torch.Tensor:
+                side = draft.side_loss(draft.layer_state())
+                return side if side is not None else torch.zeros(())
+
+            def defer(loss: torch.Tensor, j: int = j) -> None:
+                pending.append((j, loss))
+
+            runs[j] = fitting(
+                defer, side_update=draft.update, side_loss_fn=side_loss_fn, **self._fit_settings()
+            )
+            next(runs[j])
+        forwards = [0] * len(drafts)
+        while runs:
+            states = {j: drafts[j].layer_state() for j in runs}
+            segments: list[tuple[EditRows, Captured]] = []
+            owners: list[int] = []
+            for j in runs:
+                step = self._step_rows(rows[j], lowers[j], forwards[j])
+                forwards[j] += 1
+                for segment in [step, *drafts[j].rehearsal()]:
+                    segments.append(segment)
+                    owners.append(j)
+            sizes = [len(r.input_ids) for r, _ in segments]
+            joined = EditRows.join([r for r, _ in segments], pad_id(self.tokenizer))
+            with self.layer.trial(self._joint_state([states[j] for j in owners], sizes)):
+                logits = self._target_logits(joined, Captured.join([c for _, c in segments]))
+            lm: dict[int, torch.Tensor] = {}
+            answered: dict[int, torch.Tensor] = {}
+            for (part, _), j, part_logits in zip(segments, owners, logits.split(sizes)):
+                own = part_logits[:, part_logits.shape[1] - part.targets.shape[1] :]
+                loss = fastpath.target_loss(own, part.targets)
+                hits = fastpath.greedy_hits(own, part.targets)
+                lm[j] = lm[j] + loss if j in lm else loss
+                answered[j] = answered[j] & hits if j in answered else hits
+            for j in list(runs):
+                try:
+                    runs[j].send(StepLoss(drafts[j].loss(lm[j], states[j]), lm[j], answered[j]))
+                except StopIteration as done:
+                    fitted[j] = done.value
+                    del runs[j]
+            if pending:  # one backward for every draft's full step
+                params = [p for j, _ in pending for p in drafts[j].params]
+                grads = torch.autograd.grad(sum(loss for _, loss in pending), params)
+                at = 0
+                for j, _ in pending:
+                    count = len(drafts[j].params)
+                    drafts[j].apply(grads[at : at + count])
+                    at += count
+                pending.clear()
+        return fitted  # type: ignore[return-value]
 
     def _step_rows(self, rows: EditRows, lower: Captured, step: int) -> tuple[EditRows, Captured]:
         """The rows forward number ``step`` (from 0) of an edit trains on: all of them."""
@@ -365,17 +480,49 @@ class EditorBase:
         return []
 
     def edit_many(
-        self, records: Iterable[Mapping[str, Any] | tuple[str, str]], progress: bool = False
+        self,
+        records: Iterable[Mapping[str, Any] | tuple[str, str]],
+        progress: bool = False,
+        batch: int | None = None,
+        metas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[EditResult]:
-        """Edit a stream, one sequential edit at a time, continuing the same state. A
-        mapping may name its ``subject`` (see `edit`)."""
-        records = list(records)
+        """Edit a stream, continuing the same state. A mapping may name its ``subject``
+        (see `edit`); ``metas``: one `edit` ``meta`` per record.
+
+        ``batch`` K > 1: K edits at a time, each group one update, where the method can:
+        WISE whose side memories take one edit each (the defaults) trains a group in one
+        optimisation in which each edit takes the steps and stops where it would alone,
+        so the edits equal sequential ones up to floating-point rounding; MEMIT and
+        AlphaEdit solve for a group at once. A group is committed whole or not at all.
+        None: the method's own `edit_batch` (1 but for MEMIT-MASS, which takes all)."""
+        if batch is not None and (
+            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1
+        ):
+            raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
+        self._check_attached()
+        items = [_prompt_target(r) for r in records]
+        batch = batch or self.edit_batch or max(1, len(items))
+        if batch > 1:
+            self._check_batch()
+        metas = list(metas) if metas is not None else [None] * len(items)
+        if len(metas) != len(items):
+            raise ValueError(f"{len(metas)} metas for {len(items)} records")
         results: list[EditResult] = []
-        bar = tqdm(records, desc=f"{self.method or 'editing'}", unit="edit", disable=not progress)
-        for record in bar:
-            prompt, target, subject = _prompt_target(record)
-            results.append(self.edit(prompt, target, subject=subject))
+        name = self.method or "editing"
+        bar = tqdm(total=len(items), desc=name, unit="edit", disable=not progress)
+        for start in range(0, len(items), batch):
+            group = items[start : start + batch]
+            group_metas = metas[start : start + batch]
+            if len(group) == 1:
+                prompt, target, subject = group[0]
+                results.append(self.edit(prompt, target, group_metas[0], subject=subject))
+            else:
+                requests = [EditRequest(p, t, _checked_subject(p, s)) for p, t, s in group]
+                copies = [None if m is None else _json_copy(m) for m in group_metas]
+                results += self._edit_together(requests, copies)
+            bar.update(len(group))
             bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}", steps=results[-1].steps)
+        bar.close()
         return results
 
     def _edit_rows(self, prompt: str, target: str) -> EditRows:
@@ -460,16 +607,22 @@ class EditorBase:
         return [self.irrelevant_prompts[i] for i in picks]
 
     def _result(
-        self, prompt: str, target: str, fitted: Fitted, draft: Draft, started: float
+        self,
+        request: EditRequest,
+        fitted: Fitted,
+        draft: Draft,
+        index: int,
+        started: float,
+        seconds: float | None = None,
     ) -> EditResult:
         return EditResult(
-            index=len(self.edit_log),
-            prompt=prompt,
-            target=target,
+            index=index,
+            prompt=request.prompt,
+            target=request.target,
             steps=fitted.steps,
             loss=fitted.loss,
             lm_loss=fitted.lm_loss,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started if seconds is None else seconds,
             memory=draft.memory,
             shard=draft.shard,
             answered_at=fitted.answered_at,
@@ -561,6 +714,20 @@ def _prompt_target(
     if isinstance(record, (tuple, list)) and len(record) == 2:
         return record[0], record[1], None
     raise ValueError(f"an edit record is a mapping or a (prompt, target) pair, got {record!r}")
+
+
+def _json_copy(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an edit's ``meta``, and proof that it can be saved."""
+    return json.loads(json.dumps(dict(meta)))
+
+
+def _log_entry(
+    result: EditResult, draft: Draft, request: EditRequest, meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    entry = {**asdict(result), **draft.log_fields()}
+    if request.subject is not None:
+        entry["subject"] = request.subject
+    return entry if meta is None else {**entry, "meta": meta}
 
 
 def _checked_subject(prompt: Any, subject: Any) -> str | None:

@@ -13,7 +13,7 @@ threads (requests served while an edit trains) run the model as usual.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +45,30 @@ class Captured:
             return x
 
         return Captured(part(self.acts), part(self.lower_output))
+
+    @classmethod
+    def join(cls, parts: Sequence[Captured]) -> Captured:
+        """What `EditRows.join` of the parts' rows would capture: each part's per-token
+        tensors left-padded with zeros (padding is masked, so never read) and stacked."""
+        width = max(p.acts.shape[1] for p in parts)
+
+        def joined(xs: list[Any], p: list[Captured]) -> Any:
+            first = xs[0]
+            if isinstance(first, tuple):
+                return tuple(joined([x[i] for x in xs], p) for i in range(len(first)))
+            per_token = [
+                isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[:2] == q.acts.shape[:2]
+                for x, q in zip(xs, p)
+            ]
+            if not all(per_token):
+                return first
+            pads = [(0, 0) * (x.dim() - 2) + (width - x.shape[1], 0) for x in xs]
+            return torch.cat([nn.functional.pad(x, pad) for x, pad in zip(xs, pads)])
+
+        parts = list(parts)
+        return cls(
+            joined([p.acts for p in parts], parts), joined([p.lower_output for p in parts], parts)
+        )
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

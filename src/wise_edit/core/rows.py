@@ -11,6 +11,7 @@ target occupies the same tail positions in every row.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,24 @@ class EditRows:
         start = int((mask.sum(0) == 0).long().cumprod(0).sum())
         parts = (self.input_ids, self.attention_mask, self.prompt_mask)
         return EditRows(*(t[index, start:] for t in parts), self.targets[index]), start
+
+    @classmethod
+    def join(cls, parts: Sequence[EditRows], pad: int = 0) -> EditRows:
+        """The rows of several `EditRows` in one batch, in order, left-padded to the
+        widest (``pad``: the id of padding tokens) and their targets to the longest with
+        `IGNORE`: one forward for several edits. `take` gives each part back."""
+        width = max(p.input_ids.shape[1] for p in parts)
+        n = max(p.targets.shape[1] for p in parts)
+
+        def padded(t: torch.Tensor, size: int, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (size - t.shape[1], 0), value=value)
+
+        return cls(
+            torch.cat([padded(p.input_ids, width, pad) for p in parts]),
+            torch.cat([padded(p.attention_mask, width, 0) for p in parts]),
+            torch.cat([padded(p.prompt_mask, width, 0) for p in parts]),
+            torch.cat([padded(p.targets, n, IGNORE) for p in parts]),
+        )
 
     def to(self, device: torch.device) -> EditRows:
         return EditRows(

@@ -58,6 +58,26 @@ class MemoryBank:
             return self.plan_in(None, len(memories))
         return self.plan_in(last, len(memories) - 1)
 
+    def check_batchable(self) -> None:
+        """Edits can train together only where each takes a new memory of its own: in a
+        shared memory an edit would train over the others' unfinished steps."""
+        cfg = self.config
+        if cfg.memory.mode != "retrieve" or cfg.edits_per_memory() != 1:
+            raise ValueError(
+                "edits train together only when each takes a side memory of its own "
+                "(memory.mode=retrieve, shards.size=1, shards.per_merge=1, as in the "
+                f"defaults); this config puts {cfg.edits_per_memory()} edits in a "
+                f"{cfg.memory.mode} memory: edit with batch 1"
+            )
+
+    def plans(self, count: int) -> list[Plan]:
+        """Plans of ``count`` edits trained together, each in a new memory."""
+        self.check_batchable()
+        first = self.plan()
+        if not first.new_memory:  # a one-edit memory closes with its edit
+            raise ValueError(f"side memory {first.memory} is still open: edit with batch 1")
+        return [first] + [self.plan_in(None, first.memory + j) for j in range(1, count)]
+
     def plan_in(self, memory: SideMemory | None, number: int) -> Plan:
         """The next edit of memory ``number`` (``memory`` None: one that starts now)."""
         if memory is None:
@@ -74,12 +94,14 @@ class MemoryBank:
         gen = mask_generator(self.config.seed, memory, group)
         return random_masks(self.layer.weight.shape, shards.mask_ratio, shards.per_merge, gen)
 
-    def replay_ids(self, plan: Plan, index: int) -> list[int]:
+    def replay_ids(self, plan: Plan, index: int, pending: Sequence[int] = ()) -> list[int]:
         """Edits of earlier memories that edit ``index`` keeps out of its own (a seeded
-        sample of `replay_rows`; none without replay)."""
+        sample of `replay_rows`; none without replay). ``pending``: the edits trained
+        together with it that come before it, each in a memory of its own not made yet."""
         if not self.config.memory.replay:  # validated: only in retrieve mode
             return []
         ids = [i for m in list(self.memories)[: plan.memory] for i in m.edit_ids]
+        ids += list(pending)
         if not ids:
             return []
         gen = replay_generator(self.config.seed, index)

@@ -4,6 +4,8 @@ NLL plus the router's margin loss (Eq. 5) and, with replay, L_memo."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..core.draft import Draft
@@ -98,8 +100,11 @@ class WiseDraft(Draft):
         return self._rehearsal
 
     def update(self, loss: torch.Tensor) -> None:
+        self.apply(torch.autograd.grad(loss, self.params))
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> None:
+        """One optimisation step from the loss's gradients for `params`."""
         cfg = self.config
-        grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
             directions = list(grads)
             if cfg.optimizer == "adam":

@@ -26,8 +26,8 @@ from .config import WiseConfig
 from .draft import WiseDraft
 from .layer import WiseLayer
 from .memory import SideMemory, check_saved_memories, load_memories
-from .negatives import NegativePool, negatives
-from .router import Factors, mean_inputs
+from .negatives import POOL_BATCH, NegativePool, PromptActs, negatives, routed_rows
+from .router import Acts, Factors, Grouped, mean_inputs
 from .subject import SubjectKeys, subject_depth
 
 __all__ = ["EditResult", "WiseEditor"]
@@ -145,17 +145,33 @@ class WiseEditor(EditorBase):
         return self._draft_for(self.bank.plan(), rows, lower, len(self.edit_log), request)
 
     def _draft_for(
-        self, plan: Plan, rows: EditRows, lower: Captured, index: int, request: EditRequest
+        self,
+        plan: Plan,
+        rows: EditRows,
+        lower: Captured,
+        index: int,
+        request: EditRequest,
+        pending: dict[int, torch.Tensor] | None = None,
+        prompt_acts: PromptActs | None = None,
     ) -> WiseDraft:
         """The draft of edit ``index`` under ``plan``; its random draws depend on the
-        edit's index only, so retraining it in a rebuild draws the same."""
+        edit's index only, so retraining it in a rebuild draws the same. ``pending``:
+        the prompt inputs of the edits trained together with it that come before it;
+        ``prompt_acts``: where its unrelated prompts' inputs come from (default: a
+        forward of them)."""
         cfg = self.config
+        pending = pending or {}
         query = mean_inputs(lower.acts[:1], rows.prompt_mask[:1])[0]
         drawn = self._irrelevant_sample(cfg.negatives.random, index)
         unrelated = negatives(
-            drawn, self._prompt_batch_acts, self._pool, query, cfg.negatives.hard, self.device
+            drawn,
+            prompt_acts or self._prompt_batch_acts,
+            self._pool,
+            query,
+            cfg.negatives.hard,
+            self.device,
         )
-        replay = self.bank.replay_ids(plan, index)
+        replay = self.bank.replay_ids(plan, index, list(pending))
         held = self.bank.rehearsal_ids(plan, index)
         start = None
         if isinstance(plan.base, Factors):
@@ -167,12 +183,53 @@ class WiseEditor(EditorBase):
             plan,
             (lower.acts, rows.prompt_mask),
             unrelated,
-            self._stacked_prompt_acts(replay) if replay else None,
+            self._stacked_prompt_acts(replay, pending) if replay else None,
             self.calibration.score_scale,  # type: ignore[arg-type]
             self._rehearsal(held),
             self._subject_key(request),
             start,
         )
+
+    # ------------------------------------------------------------------ edits together
+    def _check_batch(self) -> None:
+        self.bank.check_batchable()
+
+    def _drafts_together(
+        self, rows: list[EditRows], lowers: list[Captured], requests: list[EditRequest]
+    ) -> list[WiseDraft]:
+        """Each edit in a memory of its own, drawn as it would be alone; the unrelated
+        prompts of all of them from one forward, and each replaying the ones before it."""
+        first = len(self.edit_log)
+        plans = self.bank.plans(len(requests))
+        drawn = [
+            self._irrelevant_sample(self.config.negatives.random, first + i)
+            for i in range(len(requests))
+        ]
+        prompt_acts = self._prompt_acts_once(sorted({p for d in drawn for p in d}))
+        drafts: list[WiseDraft] = []
+        pending: dict[int, torch.Tensor] = {}
+        for i, (plan, part, lower, request) in enumerate(zip(plans, rows, lowers, requests)):
+            draft = self._draft_for(plan, part, lower, first + i, request, pending, prompt_acts)
+            acts, mask = draft.edit_acts
+            pending[first + i] = _kept(acts[0][mask[0].bool()])
+            drafts.append(draft)
+        return drafts
+
+    def _prompt_acts_once(self, prompts: list[str]) -> PromptActs:
+        """`_prompt_batch_acts` for any of ``prompts``, all computed now in a few
+        forwards (`POOL_BATCH` prompts each)."""
+        rows: dict[str, torch.Tensor] = {}
+        for i in range(0, len(prompts), POOL_BATCH):
+            chunk = prompts[i : i + POOL_BATCH]
+            rows.update(zip(chunk, routed_rows(self._prompt_batch_acts(chunk))))
+
+        def prompt_acts(asked: list[str]) -> Acts:
+            return stack_ragged([rows[p] for p in asked], self.device)
+
+        return prompt_acts
+
+    def _joint_state(self, states: list[Any], sizes: list[int]) -> Grouped:
+        return Grouped(tuple(states), tuple(sizes))
 
     def _rehearsal(self, held: list[int]) -> list[tuple[EditRows, Captured]]:
         """Rows of earlier edits trained again, with their lower part captured once."""
@@ -275,19 +332,26 @@ class WiseEditor(EditorBase):
         return self._head
 
     # ------------------------------------------------------------------ edit prompts
-    def _stacked_prompt_acts(self, edit_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt activations of past edits, padded into one batch. Cached per edit (they
-        are frozen below the edited layer); after loading, computed exactly as when the
-        edit was made (row 0 of its own row batch), so that a resumed stream gives the
-        same thresholds and replay losses, bit for bit, as one never interrupted."""
+    def _stacked_prompt_acts(
+        self, edit_ids: Sequence[int], pending: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt activations of past edits (or of ``pending`` ones, not logged yet),
+        padded into one batch. Cached per edit (they are frozen below the edited layer);
+        after loading, computed exactly as when the edit was made (row 0 of its own row
+        batch), so that a resumed stream gives the same thresholds and replay losses, bit
+        for bit, as one never interrupted."""
+        pending = pending or {}
         for index in edit_ids:
+            if index in pending:
+                continue
             if index not in self._prompt_acts:
                 entry = self.edit_log[index]
                 with editing_mode(self.model):
                     rows = self._edit_rows(entry["prompt"], entry["target"])
                     acts = self._capture(rows, keep_lower_output=False).acts
                 self._prompt_acts[index] = _kept(acts[0][rows.prompt_mask[0].bool()])
-        return stack_ragged([self._prompt_acts[i] for i in edit_ids], self.device)
+        acts = [pending[i] if i in pending else self._prompt_acts[i] for i in edit_ids]
+        return stack_ragged(acts, self.device)
 
     # ------------------------------------------------------------------ subject keys
     def detach(self) -> nn.Module:

@@ -46,12 +46,23 @@ class Factors(NamedTuple):
 Change = torch.Tensor | Factors  # what a side memory adds to the value matrix, W' - W
 
 
+class Grouped(NamedTuple):
+    """Several edits trained in one forward: consecutive groups of ``sizes`` rows, each
+    with its own `Change` (only the trial forward of batched edits reads it)."""
+
+    changes: tuple[Change, ...]
+    sizes: tuple[int, ...]
+
+
 # ---------------------------------------------------------------------- scores and loss
-def value_change(acts: torch.Tensor, delta: Change) -> torch.Tensor:
+def value_change(acts: torch.Tensor, delta: Change | Grouped) -> torch.Tensor:
     """What a side memory adds to the value projection's output: a (W' - W)^T for inputs
     (..., I) and delta (O, I) or its `Factors`, in float32: (..., O). Computed as
     delta @ a^T, the order CPU kernels run faster with few rows (one prompt, one decoded
-    token)."""
+    token). `Grouped`: each group of rows of ``acts`` (B, T, I) with its own change."""
+    if isinstance(delta, Grouped):
+        parts = acts.split(list(delta.sizes))
+        return torch.cat([value_change(a, d) for a, d in zip(parts, delta.changes)])
     flat = acts.float().reshape(-1, acts.shape[-1])
     if isinstance(delta, Factors):
         out = delta.up.float() @ (delta.down.float() @ flat.t())
