@@ -48,6 +48,11 @@ from .validate import SaveChecker
 
 logger = logging.getLogger(__name__)
 
+# Rows per pass of the lower layers when several edits' rows are captured together
+# (`_capture_each`): enough to fill a pass, few enough that sorting them by length
+# leaves little padding
+CAPTURE_ROWS = 64
+
 
 class EditorBase:
     """Attaches a method's `AttachedLayer` to one linear module of a causal LM.
@@ -310,16 +315,25 @@ class EditorBase:
         raise NotImplementedError
 
     def _capture_each(self, rows: list[EditRows]) -> list[Captured]:
-        """`_capture` of several edits' rows from one pass of the lower layers."""
+        """`_capture` of several edits' rows in a few passes of the lower layers: the
+        rows sorted by length into passes of `CAPTURE_ROWS`, so that little of a pass
+        is padding, then each edit's rows laid out as its own capture would be."""
         joined = EditRows.join(rows, pad_id(self.tokenizer))
-        captured = self._capture(joined, keep_lower_output=self.config.fast_path)
+        lengths = joined.attention_mask.sum(1).tolist()
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        single: list[Captured] = [None] * len(lengths)  # type: ignore[list-item]
+        for at in range(0, len(order), CAPTURE_ROWS):
+            chunk = order[at : at + CAPTURE_ROWS]
+            part, _ = joined.take(chunk)
+            captured = self._capture(part, keep_lower_output=self.config.fast_path)
+            width = captured.acts.shape[1]
+            for k, row in enumerate(chunk):
+                single[row] = captured.take([k], width - lengths[row])
         out, offset = [], 0
         for part in rows:
-            index = list(range(offset, offset + len(part.input_ids)))
-            taken, start = joined.take(index)
-            assert taken.input_ids.shape == part.input_ids.shape, "rows lost their own width"
-            out.append(captured.take(index, start))
-            offset += len(index)
+            out.append(Captured.join(single[offset : offset + len(part.input_ids)]))
+            offset += len(part.input_ids)
+            assert out[-1].acts.shape[:2] == part.input_ids.shape, "rows lost their own width"
         return out
 
     def _fit(self, draft: Draft, rows: EditRows, lower: Captured) -> Fitted:

@@ -217,8 +217,9 @@ class WiseEditor(EditorBase):
 
     def _prompt_acts_once(self, prompts: list[str]) -> PromptActs:
         """`_prompt_batch_acts` for any of ``prompts``, all computed now in a few
-        forwards (`POOL_BATCH` prompts each)."""
+        forwards (`POOL_BATCH` prompts of about one length each)."""
         rows: dict[str, torch.Tensor] = {}
+        prompts = sorted(prompts, key=lambda p: len(self.format.prompt_ids(p)))  # less padding
         for i in range(0, len(prompts), POOL_BATCH):
             chunk = prompts[i : i + POOL_BATCH]
             rows.update(zip(chunk, routed_rows(self._prompt_batch_acts(chunk))))
