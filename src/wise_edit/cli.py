@@ -34,7 +34,14 @@ from .data import (
     load_zsre_same_form,
     read_jsonl,
 )
-from .methods import METHODS, editor_class, load_editor, make_config, settings_that_differ
+from .methods import (
+    METHODS,
+    SERVE_BATCH,
+    editor_class,
+    load_editor,
+    make_config,
+    settings_that_differ,
+)
 from .stream import apply_stream, plan_stream
 from .wise import WiseEditor
 
@@ -321,6 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         token=token_from(args.token),
         checkpoint_every=args.checkpoint_every,
+        batch=args.batch,
         limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
     )
     serve(settings)
@@ -609,6 +617,14 @@ def _add_serve(sub: Any) -> None:
         "--token", default=None, help="bearer token for writes (default: $WISE_EDIT_TOKEN)"
     )
     srv.add_argument("--checkpoint-every", type=int, default=10, help="applied edits per save")
+    srv.add_argument(
+        "--batch",
+        type=int,
+        default=SERVE_BATCH,
+        metavar="K",
+        help=f"queued edits made together, up to K (default {SERVE_BATCH}), where the method "
+        "can (see `edit --batch`); 1: one at a time",
+    )
     limits = srv.add_argument_group("request limits (over them: a 4xx naming the field)")
     for f in _limit_fields():
         limits.add_argument(

@@ -26,6 +26,11 @@ from .core.persistence import saved_method
 from .migrate import canonical_settings
 from .wise import WiseEditor
 
+# Queued edits `wise-edit serve` makes together at most, where the method can (WISE with
+# one-edit side memories, the defaults): the same edits as one at a time in fewer,
+# larger forwards; an edit of a group is applied when the whole group is
+SERVE_BATCH = 8
+
 METHODS: MappingProxyType[str, type[EditorBase]] = MappingProxyType(
     {
         "wise": WiseEditor,

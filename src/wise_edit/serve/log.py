@@ -158,6 +158,14 @@ class EditLog:
             ).fetchone()
         return None if row is None else Op(int(row[0]), str(row[1]), int(row[2]))
 
+    def next_ops(self, limit: int) -> list[Op]:
+        """The first ``limit`` ops not done yet, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, edit_id FROM ops WHERE done = 0 ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [Op(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
     def finish(self, op: Op, status: str, **fields: Any) -> None:
         """Mark ``op`` done and set its edit's status (and ``fields``), atomically."""
         sets = ", ".join(f"{k} = ?" for k in ("status", "updated", *fields))

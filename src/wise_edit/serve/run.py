@@ -18,7 +18,13 @@ from typing import Any
 from .. import models
 from ..core.editor import EditorBase
 from ..core.persistence import SaveFolder, save_layout, saved_config
-from ..methods import editor_class, load_editor, make_config, settings_that_differ
+from ..methods import (
+    SERVE_BATCH,
+    editor_class,
+    load_editor,
+    make_config,
+    settings_that_differ,
+)
 from .app import create_app
 from .log import EditLog
 from .schema import Limits
@@ -42,6 +48,7 @@ class ServeSettings:
     port: int = 8000
     token: str | None = None
     checkpoint_every: int = 10
+    batch: int = SERVE_BATCH
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -49,6 +56,8 @@ class ServeSettings:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty")
         if self.token is None and not is_loopback(self.host):
@@ -98,7 +107,9 @@ def build_service(settings: ServeSettings) -> EditService:
             )
         else:
             editor = cls(model, tokenizer, make_config(cls, model, overrides))
-        return EditService(state, editor, settings.checkpoint_every, folder=folder, log=log)
+        return EditService(
+            state, editor, settings.checkpoint_every, folder=folder, log=log, batch=settings.batch
+        )
     except BaseException:
         if log is not None:
             log.close()

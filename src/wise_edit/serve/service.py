@@ -185,9 +185,13 @@ class EditService:
         checkpoint_every: int = 10,
         folder: SaveFolder | None = None,
         log: EditLog | None = None,
+        batch: int = 1,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.batch = batch if batch == 1 or _can_batch(editor) else 1
         self.state_dir = Path(state_dir)
         self.editor = editor
         self.checkpoint_every = checkpoint_every
@@ -365,7 +369,11 @@ class EditService:
         op = self.log.next_op()
         if op is None:
             return False
-        self._do(op)
+        group = self._pending_edits(op)
+        if len(group) > 1:
+            self._apply_together(group)
+        else:
+            self._do(op)
         if self._since_checkpoint >= self.checkpoint_every:
             self._checkpoint()
         return True
@@ -391,15 +399,45 @@ class EditService:
         else:
             self._retract(op, edit)
 
+    def _pending_edits(self, op: Op) -> list[Op]:
+        """``op`` and the edits queued right after it, up to `batch`: made together."""
+        if op.kind != "edit" or self.batch == 1 or op.edit_id in self._index:
+            return [op]
+        group = []
+        for queued in self.log.next_ops(self.batch):
+            if queued.kind != "edit" or queued.edit_id in self._index:
+                break
+            group.append(queued)
+        return group if group and group[0] == op else [op]
+
+    def _apply_together(self, ops: list[Op]) -> None:
+        """Edits trained in one optimisation (`edit_many`); if the group fails, each is
+        made alone, so that one bad edit fails by itself."""
+        edits = [self.log.get(op.edit_id) or {} for op in ops]
+        try:
+            records = [_record(edit) for edit in edits]
+            metas = [_meta(op, edit) for op, edit in zip(ops, edits)]
+            results = self.editor.edit_many(records, batch=len(records), metas=metas)
+        except Exception as err:  # noqa: BLE001 - retried one by one, which reports it
+            logger.info("%d edits failed together (%s): making them one at a time", len(ops), err)
+            for op, edit in zip(ops, edits):
+                self._apply(op, edit)
+            return
+        for op, result in zip(ops, results):
+            self._index[op.edit_id] = result.index
+            self._since_checkpoint += 1
+            self.log.finish(
+                op, "applied", memory=result.memory, steps=result.steps, seconds=result.seconds
+            )
+
     def _apply(self, op: Op, edit: dict[str, Any]) -> None:
         if op.edit_id in self._index:  # the checkpoint (or a try whose note failed) holds it
             entry = self.editor.edit_log[self._index[op.edit_id]]
             self.log.finish(op, "retracted" if entry.get("retracted") else "applied")
             return
-        meta = {"id": op.edit_id, **({"rephrase": edit["rephrase"]} if "rephrase" in edit else {})}
         try:
             result = self.editor.edit(
-                edit["prompt"], edit["target"], meta=meta, subject=edit.get("subject")
+                edit["prompt"], edit["target"], meta=_meta(op, edit), subject=edit.get("subject")
             )
         except Exception as err:  # noqa: BLE001 - a poison edit must not block the log
             if not isinstance(err, EDIT_ERRORS):
@@ -567,6 +605,24 @@ class EditService:
             "latency": self.latency.summary(),
             "checkpoint_seq": self.log.checkpoint_seq(),
         }
+
+
+def _can_batch(editor: EditorBase) -> bool:
+    try:
+        editor._check_batch()
+    except ValueError as err:
+        logger.info("edits are made one at a time: %s", err)
+        return False
+    return True
+
+
+def _record(edit: dict[str, Any]) -> dict[str, Any]:
+    record = {"prompt": edit["prompt"], "target": edit["target"]}
+    return record if edit.get("subject") is None else {**record, "subject": edit["subject"]}
+
+
+def _meta(op: Op, edit: dict[str, Any]) -> dict[str, Any]:
+    return {"id": op.edit_id, **({"rephrase": edit["rephrase"]} if "rephrase" in edit else {})}
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
