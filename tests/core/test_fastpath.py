@@ -213,3 +213,17 @@ def test_rows_after_a_cached_head_capture_what_the_whole_rows_do(family, tokeniz
     torch.testing.assert_close(got.acts[real], plain.acts[real], atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(got.lower_output[real], lower[real], atol=5e-5, rtol=1e-4)
     assert not got.acts[~real].any()  # padding: zeros
+
+
+def test_joined_captures_pad_each_part_on_the_left_and_give_it_back():
+    from wise_edit.core.fastpath import Captured
+
+    a = Captured(torch.ones(2, 2, 3), (torch.ones(2, 2, 4), "kept"))
+    b = Captured(torch.full((1, 3, 3), 2.0), (torch.full((1, 3, 4), 2.0), "other"))
+    joined = Captured.join([a, b])
+    assert joined.acts.shape == (3, 3, 3) and joined.lower_output[1] == "kept"
+    assert joined.acts[:2, 0].eq(0).all() and joined.acts[:2, 1:].eq(1).all()
+    assert joined.lower_output[0].shape == (3, 3, 4)
+    back = joined.take([0, 1], 1)
+    assert torch.equal(back.acts, a.acts) and torch.equal(back.lower_output[0], a.lower_output[0])
+    assert Captured.join([Captured(a.acts, None)]).lower_output is None

@@ -127,3 +127,32 @@ def test_side_updates_wait_for_the_target_nll_to_settle():
     fitted, updates = _fit_with_side(trace, [0.9, 0.3], 4, side_lm_bound=0.1)
     assert fitted.steps == 3 and fitted.side_steps == 1
     assert updates == pytest.approx([3.0, 0.9])
+
+
+def test_fitting_sent_the_same_losses_updates_as_fit_and_keeps_side_updates_apart():
+    from wise_edit.core.fit import fitting
+
+    trace = [(3.0, 2.9, False), (1.0, 0.01, True), (0.9, 0.01, True), (0.2, 0.01, True)]
+    settings = dict(max_steps=10, early_stop_loss=0.5, stop_on="answer", side_steps=1)
+    sides = iter([0.9, 0.8, 0.8, 0.8])
+
+    def side():
+        return torch.tensor(next(sides))
+
+    alone: list[float] = []
+    fitted = fit(_trace(trace), lambda x: alone.append(x.item()), side_loss_fn=side, **settings)
+    sides = iter([0.9, 0.8, 0.8, 0.8])
+    full, cheap = [], []
+    run = fitting(
+        lambda x: full.append(x.item()),
+        side_update=lambda x: cheap.append(x.item()),
+        side_loss_fn=side,
+        **settings,
+    )
+    next(run)
+    with pytest.raises(StopIteration) as done:
+        for loss, lm, answered in trace:
+            run.send(StepLoss(torch.tensor(loss), torch.tensor(lm), answered))
+    assert done.value.value == fitted
+    assert full == [3.0] and cheap == pytest.approx([0.9, 0.8])
+    assert sorted(full + cheap) == sorted(alone)

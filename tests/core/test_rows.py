@@ -89,3 +89,19 @@ def test_answer_rows_align_each_target_and_ignore_the_rest(tokenizer):
         logp = logits[row, -len(tail) - 1 : -1].log_softmax(-1)
         nll += [-logp[i, t].item() for i, t in enumerate(tail)]
     assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+
+
+def test_joined_rows_give_each_part_back():
+    from wise_edit.core.rows import IGNORE, EditRows
+
+    def rows(lengths, n):
+        ids, mask = left_pad([[7] * k for k in lengths], 0)
+        return EditRows(ids, mask, mask.clone(), torch.full((len(lengths), n), 5))
+
+    first, second = rows([3, 2], 1), rows([5], 2)
+    joined = EditRows.join([first, second], pad=0)
+    assert joined.input_ids.shape == (3, 5) and joined.targets.shape == (3, 2)
+    assert joined.targets[:2, 0].eq(IGNORE).all() and joined.targets[2].eq(5).all()
+    taken, start = joined.take([0, 1])
+    assert start == 2 and torch.equal(taken.input_ids, first.input_ids)
+    assert torch.equal(taken.attention_mask, first.attention_mask)

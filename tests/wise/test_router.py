@@ -256,3 +256,14 @@ def test_without_the_gate_every_row_takes_its_top_memory():
     assert out.tolist() == [0, 1, 0, 1]  # row 3 scores (.2, .4): below both thresholds
     assert route(acts, mask, memories, index, candidates=0, radius=0.9).tolist() == [0, 1, -1, -1]
     assert route(acts, mask, [], index, candidates=0, radius=0.0, gate=False).tolist() == [-1] * 4
+
+
+def test_a_grouped_change_gives_each_group_of_rows_its_own_change():
+    from wise_edit.wise.router import Factors, Grouped
+
+    torch.manual_seed(0)
+    acts = torch.randn(5, 3, 4)
+    dense, product = torch.randn(6, 4), Factors(torch.randn(6, 2), torch.randn(2, 4))
+    out = value_change(acts, Grouped((dense, product), (2, 3)))
+    assert torch.allclose(out[:2], value_change(acts[:2], dense))
+    assert torch.allclose(out[2:], value_change(acts[2:], product))

@@ -40,7 +40,7 @@ from ..core.attach import check_fingerprint, editing_mode, set_submodule, weight
 from ..core.config import EditConfig
 from ..core.draft import EditRequest, EditResult
 from ..core.editor import EditorBase, _checked_subject
-from ..core.fastpath import Captured
+from ..core.fastpath import Captured, hidden_of
 from ..core.fit import Fitted, StepLoss, adam_update, fit
 from ..core.layer import AttachedLayer
 from ..core.persistence import Saved
@@ -158,7 +158,7 @@ def add_at(module: nn.Module, positions: torch.Tensor, delta: torch.Tensor) -> I
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         if threading.get_ident() != owner:
             return None
-        states = output[0] if isinstance(output, tuple) else output
+        states = hidden_of(output)
         rows = torch.arange(states.shape[0], device=states.device)
         seen["before"] = states[rows, positions].detach()
         bump = torch.zeros_like(states)

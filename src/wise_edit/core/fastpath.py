@@ -12,6 +12,8 @@ threads (requests served while an edit trains) run the model as usual.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -146,7 +148,7 @@ def capture_head(
     _run_cached(backbone, handles, tokens, torch.ones_like(tokens), positions, cache)
     kv = [_layer_kv(cache, i) for i in range(layer_index + 1)]
     lower = found.get("lower")
-    lower = (lower[0] if isinstance(lower, tuple) else lower)[0] if lower is not None else None
+    lower = hidden_of(lower)[0] if lower is not None else None
     return Head(ids, kv, found["acts"][0], lower)
 
 
@@ -184,7 +186,7 @@ def capture_after_head(
     if "acts" not in found:
         raise RuntimeError("the value module was never called; is the target module right?")
     lower = found.get("lower")
-    lower = lower[0] if isinstance(lower, tuple) else lower
+    lower = hidden_of(lower)
     acts = with_head(found["acts"], head.acts, lengths, size, width)
     if keep_lower_output and lower is not None and head.lower is not None:
         return Captured(acts, with_head(lower, head.lower, lengths, size, width))
@@ -252,10 +254,19 @@ def _run_cached(
 
 def _cache_argument(backbone: nn.Module) -> str:
     """The backbone's name for a key-value cache (``cache`` from transformers 5.x on)."""
-    import inspect
+    return _cache_argument_of(type(backbone))
 
-    params = inspect.signature(backbone.forward).parameters
+
+@functools.cache
+def _cache_argument_of(cls: type) -> str:  # read once per model class
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def hidden_of(output: Any) -> Any:
+    """A decoder layer's hidden states, whether it returns them alone or first in a tuple
+    (the form changed between transformers versions)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _new_cache(backbone: nn.Module) -> Any:
@@ -289,7 +300,7 @@ def layer_output(
     found: dict[str, torch.Tensor] = {}
 
     def grab(_module: nn.Module, _args: Any, output: Any) -> None:
-        found["states"] = output[0] if isinstance(output, tuple) else output
+        found["states"] = hidden_of(output)
         raise _StopForward
 
     handle = layers[depth - 1].register_forward_hook(_this_thread(grab))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.attach import editing_mode
 from ..core.draft import EditRequest
-from ..core.fastpath import layer_output
+from ..core.fastpath import hidden_of, layer_output
 from ..core.rows import encode_prompts
 from ..neutral import NEUTRAL_PROMPTS
 from .calibration import DEFAULT_SUBJECT_LAYER, subject_centre
@@ -53,7 +53,7 @@ class SubjectKeys:
     def _hand_up(self, _module: nn.Module, _args: Any, output: Any) -> None:
         """This forward's residual stream, for the gate of the same call (per thread,
         like its routing decision)."""
-        self.editor.layer.routing.lower = output[0] if isinstance(output, tuple) else output
+        self.editor.layer.routing.lower = hidden_of(output)
 
     @torch.no_grad()
     def lower_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
