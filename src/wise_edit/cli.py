@@ -198,9 +198,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         plan = plan_stream(editor.edit_log, file, lines, args.reapply_changed)
         if plan.skipped:
             print(plan.describe(file, out))
-        applied = apply_stream(
-            editor, folder, file, plan.todo, args.checkpoint_every, batch=args.batch or 1
-        )
+        # --batch, else the method's own (MEMIT-MASS: the whole stream in one update)
+        batch = args.batch or editor.edit_batch or max(1, len(plan.todo))
+        applied = apply_stream(editor, folder, file, plan.todo, args.checkpoint_every, batch=batch)
         if not applied and not resume:  # an empty stream still leaves a save to resume
             folder.write(editor.snapshot())
     memories = editor.summary().get("memories")

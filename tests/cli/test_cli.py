@@ -346,3 +346,19 @@ def test_compare_names_a_file_that_is_not_a_bench_result(content, message, tmp_p
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("wise-edit:")]
     assert "results.json: not a `wise-edit bench` results.json" in line and message in line
+
+
+def test_edit_in_batches_and_memit_mass_in_one_update(model_dir, tmp_path):
+    from wise_edit.core.persistence import read_save
+
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("\n".join(json.dumps({"prompt": p, "target": t}) for p, t in EDITS[:3]))
+    base = ["edit", "--model", model_dir, "--edits", str(edits), "--data-dir", str(tmp_path)]
+    assert main([*base, "--out", str(tmp_path / "wise"), "--batch", "2", *FAST]) == 0
+    log = read_save(tmp_path / "wise").state["edit_log"]
+    assert [e.get("batch") for e in log] == [2, 2, None]
+    stats = ["--set", "stats_corpus=neutral", "--set", f"stats_dir={tmp_path / 'stats'}"]
+    locate = ["--set", "layer=2", "--set", "span=2", "--set", "max_steps=2", *stats]
+    assert main([*base, "--out", str(tmp_path / "mass"), "--method", "memit-mass", *locate]) == 0
+    log = read_save(tmp_path / "mass").state["edit_log"]
+    assert [e["batch"] for e in log] == [3, 3, 3]  # the method's own: the whole stream
