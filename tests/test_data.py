@@ -330,3 +330,33 @@ def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
     assert data.load_dataset("counterfact", tmp_path, limit=2) == records[:2]
     pool = data.load_counterfact_pool(tmp_path)
     assert len(pool) == 2 * data.COUNTERFACT_POOL and pool[:2] == ["P3 speaks", "Q3 speaks"]
+
+
+def test_a_counterfact_stream_into_the_pool_takes_the_rest_of_its_pool_from_zsre(tmp_path):
+    n = data.COUNTERFACT_POOL + 3
+    raw = [
+        {
+            "prompt": f"P{i} speaks",
+            "target_new": "French",
+            "rephrase_prompt": f"The language of P{i} is",
+            "locality_prompt": f"Q{i} speaks",
+            "locality_ground_truth": "English",
+        }
+        for i in range(n)
+    ]
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "counterfact-train.json").write_text(json.dumps(raw))
+    (tmp_path / "zsre").mkdir()
+    loc = [{"src": "Who made X?", "alt": "Y", "loc": "nq question: where is Z", "loc_ans": "W"}]
+    (tmp_path / "zsre" / "zsre_loc_1k.json").write_text(json.dumps(loc))
+    assert len(data.load_dataset("counterfact", tmp_path, limit=n - 1)) == n - 1
+    pool = data.load_counterfact_pool(tmp_path, edited=n - 1)
+    # the one record left unedited, then ZsRE's NQ question and its same-form question
+    assert pool == [
+        f"P{n - 1} speaks",
+        f"Q{n - 1} speaks",
+        "nq question: where is Z W",
+        "Who made X?",
+    ]
+    assert data.load_counterfact_pool(tmp_path, edited=3) == data.load_counterfact_pool(tmp_path)
+    assert "P0 speaks" not in data.load_counterfact_pool(tmp_path, edited=n)

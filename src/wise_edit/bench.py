@@ -53,7 +53,7 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
     records, same_form = loaded[: args.edits], [r.prompt for r in loaded[args.edits :]]
     if len(records) < args.edits:
         raise ValueError(f"{args.data} has only {len(records)} records, asked for {args.edits}")
-    pool = _irrelevant_pool(args.data, data_dir)
+    pool = _irrelevant_pool(args.data, data_dir, len(loaded))
     model, tokenizer = models.load(args.model, device=args.device)
     config = make_config(cls, model, args.overrides)
     dataset = Path(args.data).stem if args.data.endswith(".jsonl") else args.data
@@ -192,13 +192,14 @@ def _checkpointing(
     return Checkpointing(folder, args.checkpoint_every or 10, load, settings)
 
 
-def _irrelevant_pool(dataset: str, data_dir: Path) -> list[str] | None:
+def _irrelevant_pool(dataset: str, data_dir: Path, edited: int = 0) -> list[str] | None:
     """The unrelated prompts the router is trained against: for ZsRE (and a user's JSONL)
     NQ questions and ZsRE questions about other subjects (the edits' own form), for
-    CounterFact its held-out tail, else the training split of the set (as the paper's
+    CounterFact its held-out tail (what a stream of ``edited`` records leaves of it, and
+    ZsRE's pool where it takes any: `load_counterfact_pool`), else the training split of the set (as the paper's
     D_irr). None (the built-in neutral pool) for a JSONL when ZsRE is not there."""
     if dataset == "counterfact":
-        return load_counterfact_pool(data_dir)
+        return load_counterfact_pool(data_dir, edited)
     if dataset == "zsre" or dataset.endswith(".jsonl"):
         try:
             return load_zsre_irrelevant(data_dir) + load_zsre_same_form(data_dir)

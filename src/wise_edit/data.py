@@ -228,7 +228,9 @@ def load_counterfact(
     counterfactual completions): prompt, `target_new`, paraphrase `rephrase_prompt`,
     locality probe `locality_prompt` / `locality_ground_truth`, which shares the edit's
     relation and sentence form ("Michel Rocard is a native speaker of"). The last
-    `COUNTERFACT_POOL` records are kept out: they are the unrelated-prompt pool."""
+    `COUNTERFACT_POOL` records are the unrelated-prompt pool and are kept out, unless
+    ``limit`` asks for more records than the rest: a stream that long takes them too, and
+    `load_counterfact_pool` then draws its prompts from elsewhere."""
     path = _data_file(data_dir, "counterfact/counterfact-train.json")
     records = _load_mapped(
         path,
@@ -238,20 +240,28 @@ def load_counterfact(
         rephrase="rephrase_prompt",
         loc="locality_prompt",
         loc_ans="locality_ground_truth",
-    )[:-COUNTERFACT_POOL]
-    return records if limit is None else records[:limit]
+    )
+    kept = len(records) - COUNTERFACT_POOL
+    if limit is None or limit <= kept:
+        return records[:kept] if limit is None else records[:limit]
+    return records[:limit]
 
 
-def load_counterfact_pool(data_dir: str | os.PathLike[str]) -> list[str]:
+def load_counterfact_pool(data_dir: str | os.PathLike[str], edited: int = 0) -> list[str]:
     """Unrelated prompts for the router from CounterFact's last `COUNTERFACT_POOL`
-    records, never edited: their prompts and locality prompts (the edits' own forms)."""
+    records, never edited: their prompts and locality prompts (the edits' own forms). A
+    stream of ``edited`` records that reaches into them keeps only the ones it leaves
+    unedited, and takes the rest of the pool from ZsRE's (NQ questions and ZsRE questions,
+    `load_zsre_irrelevant` and `load_zsre_same_form`): no CounterFact edit uses those."""
     path = _data_file(data_dir, "counterfact/counterfact-train.json")
     records = _read_records(path, None)
-    first = len(records) - COUNTERFACT_POOL
+    first = max(len(records) - COUNTERFACT_POOL, edited)
     out = []
     for i, raw in enumerate(records[first:], start=first + 1):
         where = f"{path}: record {i}"
         out += [_required_text(raw, "prompt", where), _required_text(raw, "locality_prompt", where)]
+    if first > len(records) - COUNTERFACT_POOL:
+        out += load_zsre_irrelevant(data_dir) + load_zsre_same_form(data_dir)
     return out
 
 
