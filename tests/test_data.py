@@ -301,8 +301,8 @@ def test_real_shared_data_counts():
     assert first.loc is not None and first.loc.startswith("nq question: ")
 
 
-def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
-    n = data.COUNTERFACT_POOL + 3
+def _counterfact(folder, n):
+    """A CounterFact file of ``n`` records "P{i} speaks" (locality "Q{i} speaks")."""
     raw = [
         {
             "case_id": i,
@@ -316,8 +316,12 @@ def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
         }
         for i in range(n)
     ]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "counterfact-train.json").write_text(json.dumps(raw))
+    (folder / "counterfact").mkdir()
+    (folder / "counterfact" / "counterfact-train.json").write_text(json.dumps(raw))
+
+
+def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
+    _counterfact(tmp_path, data.COUNTERFACT_POOL + 3)
     records = data.load_dataset("counterfact", tmp_path)
     assert [r.prompt for r in records] == ["P0 speaks", "P1 speaks", "P2 speaks"]
     first = records[0]
@@ -334,18 +338,7 @@ def test_counterfact_keeps_its_tail_as_the_unrelated_pool(tmp_path):
 
 def test_a_counterfact_stream_into_the_pool_takes_the_rest_of_its_pool_from_zsre(tmp_path):
     n = data.COUNTERFACT_POOL + 3
-    raw = [
-        {
-            "prompt": f"P{i} speaks",
-            "target_new": "French",
-            "rephrase_prompt": f"The language of P{i} is",
-            "locality_prompt": f"Q{i} speaks",
-            "locality_ground_truth": "English",
-        }
-        for i in range(n)
-    ]
-    (tmp_path / "counterfact").mkdir()
-    (tmp_path / "counterfact" / "counterfact-train.json").write_text(json.dumps(raw))
+    _counterfact(tmp_path, n)
     (tmp_path / "zsre").mkdir()
     loc = [{"src": "Who made X?", "alt": "Y", "loc": "nq question: where is Z", "loc_ans": "W"}]
     (tmp_path / "zsre" / "zsre_loc_1k.json").write_text(json.dumps(loc))
