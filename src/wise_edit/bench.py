@@ -196,8 +196,9 @@ def _irrelevant_pool(dataset: str, data_dir: Path, edited: int = 0) -> list[str]
     """The unrelated prompts the router is trained against: for ZsRE (and a user's JSONL)
     NQ questions and ZsRE questions about other subjects (the edits' own form), for
     CounterFact its held-out tail (what a stream of ``edited`` records leaves of it, and
-    ZsRE's pool where it takes any: `load_counterfact_pool`), else the training split of the set (as the paper's
-    D_irr). None (the built-in neutral pool) for a JSONL when ZsRE is not there."""
+    ZsRE's pool where it takes any: `load_counterfact_pool`), else the training split of
+    the set (as the paper's D_irr). None (the built-in neutral pool) for a JSONL when ZsRE
+    is not there."""
     if dataset == "counterfact":
         return load_counterfact_pool(data_dir, edited)
     if dataset == "zsre" or dataset.endswith(".jsonl"):
@@ -367,6 +368,11 @@ def markdown_table(result: BenchResult, args: argparse.Namespace) -> str:
         lines.append(
             f"- editor state per edit: {result.extra['saved_kb_per_edit']} KB of saved "
             f"tensors, {result.extra['ram_kb_per_edit']} KB in RAM with its caches"
+        )
+    if result.extra.get("batch"):
+        lines.append(
+            f"- edits made {result.extra['batch']} at a time (`--batch`); seconds per edit "
+            "are each group's time over its size"
         )
     sample = result.extra.get("eval_sample")
     if sample:

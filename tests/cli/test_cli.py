@@ -362,3 +362,17 @@ def test_edit_in_batches_and_memit_mass_in_one_update(model_dir, tmp_path):
     assert main([*base, "--out", str(tmp_path / "mass"), "--method", "memit-mass", *locate]) == 0
     log = read_save(tmp_path / "mass").state["edit_log"]
     assert [e["batch"] for e in log] == [3, 3, 3]  # the method's own: the whole stream
+
+
+def test_bench_in_batches_says_so(model_dir, tmp_path):
+    edits = tmp_path / "mine.jsonl"
+    loc = {"loc": "The bakery sells", "loc_ans": "bread"}
+    edits.write_text("\n".join(json.dumps({"prompt": p, "target": t, **loc}) for p, t in EDITS[:3]))
+    out = tmp_path / "run"
+    argv = ["bench", "--model", model_dir, "--data", str(edits), "--edits", "3"]
+    argv += ["--data-dir", str(tmp_path), "--out", str(out), "--latency-repeats", "1", *FAST]
+    assert main([*argv, "--batch", "0"]) == 2
+    assert main([*argv, "--batch", "2"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["extra"]["batch"] == 2
+    assert "edits made 2 at a time" in (out / "results.md").read_text()
