@@ -9,6 +9,7 @@ rows, capture the frozen lower layers, run `fit`, commit on success, log.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -350,11 +351,12 @@ class EditorBase:
                     lm, answered = lm + old_lm, answered & old_answered
             return StepLoss(draft.loss(lm, state), lm, answered)
 
-        def side_loss_fn() -> torch.Tensor:
-            side = draft.side_loss(draft.layer_state())
-            return side if side is not None else torch.zeros(())
-
-        return fit(loss_fn, draft.update, side_loss_fn=side_loss_fn, **self._fit_settings())
+        return fit(
+            loss_fn,
+            draft.update,
+            side_loss_fn=functools.partial(_side_loss, draft),
+            **self._fit_settings(),
+        )
 
     def _fit_settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -380,15 +382,14 @@ class EditorBase:
         fitted: list[Fitted | None] = [None] * len(drafts)
         for j, draft in enumerate(drafts):
 
-            def side_loss_fn(draft: Draft = draft) -> torch.Tensor:
-                side = draft.side_loss(draft.layer_state())
-                return side if side is not None else torch.zeros(())
-
             def defer(loss: torch.Tensor, j: int = j) -> None:
                 pending.append((j, loss))
 
             runs[j] = fitting(
-                defer, side_update=draft.update, side_loss_fn=side_loss_fn, **self._fit_settings()
+                defer,
+                side_update=draft.update,
+                side_loss_fn=functools.partial(_side_loss, draft),
+                **self._fit_settings(),
             )
             next(runs[j])
         forwards = [0] * len(drafts)
@@ -410,8 +411,7 @@ class EditorBase:
             answered: dict[int, torch.Tensor] = {}
             for (part, _), j, part_logits in zip(segments, owners, logits.split(sizes)):
                 own = part_logits[:, part_logits.shape[1] - part.targets.shape[1] :]
-                loss = fastpath.target_loss(own, part.targets)
-                hits = fastpath.greedy_hits(own, part.targets)
+                loss, hits = _target_fit_of(own, part.targets)
                 lm[j] = lm[j] + loss if j in lm else loss
                 answered[j] = answered[j] & hits if j in answered else hits
             for j in list(runs):
@@ -578,10 +578,7 @@ class EditorBase:
     def _target_fit(self, rows: EditRows, lower: Captured) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' target NLL and whether greedy decoding already says every target
         token (teacher-forced), from one forward of the wrapped layer as it computes now."""
-        logits = self._target_logits(rows, lower)
-        return fastpath.target_loss(logits, rows.targets), fastpath.greedy_hits(
-            logits, rows.targets
-        )
+        return _target_fit_of(self._target_logits(rows, lower), rows.targets)
 
     def _target_logits(self, rows: EditRows, lower: Captured) -> torch.Tensor:
         """Logits (R, n, V) at the positions that predict the rows' n target tokens, from
@@ -728,6 +725,20 @@ def _prompt_target(
     if isinstance(record, (tuple, list)) and len(record) == 2:
         return record[0], record[1], None
     raise ValueError(f"an edit record is a mapping or a (prompt, target) pair, got {record!r}")
+
+
+def _target_fit_of(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target NLL and whether greedy decoding says every target token, from the logits
+    (R, n, V) at the target positions."""
+    return fastpath.target_loss(logits, targets), fastpath.greedy_hits(logits, targets)
+
+
+def _side_loss(draft: Draft) -> torch.Tensor:
+    """The draft's side terms as they stand (`fit`'s ``side_loss_fn``); zero without any."""
+    side = draft.side_loss(draft.layer_state())
+    return side if side is not None else torch.zeros(())
 
 
 def _json_copy(meta: Mapping[str, Any]) -> dict[str, Any]:
