@@ -421,10 +421,8 @@ def _edit_group(
             folder = stack.enter_context(SaveFolder(checkpoint.folder / "editor"))
         unsaved = 0
         for part in _batches(group[done:], batch or editor.edit_batch):
-            if len(part) == 1:
-                results = [editor.edit(part[0].prompt, part[0].target, subject=part[0].subject)]
-            else:  # one update for the part (MEMIT-MASS: the whole group)
-                results = editor.edit_many([r.request() for r in part], batch=len(part))
+            # one update for the part (MEMIT-MASS: the whole group)
+            results = editor.edit_many([r.request() for r in part], batch=len(part))
             unsaved += len(part)
             bar.update(len(part))
             bar.set_postfix(s_per_edit=f"{results[-1].seconds:.2f}")

@@ -124,14 +124,8 @@ def apply_stream(
             group = todo[start : start + batch]
             try:
                 metas = [record_meta(file, line) for line in group]
-                if len(group) == 1:
-                    record = group[0].record
-                    results = [
-                        editor.edit(record.prompt, record.target, metas[0], subject=record.subject)
-                    ]
-                else:
-                    records = [line.record.request() for line in group]
-                    results = editor.edit_many(records, batch=len(group), metas=metas)
+                records = [line.record.request() for line in group]
+                results = editor.edit_many(records, batch=len(group), metas=metas)
             except (ValueError, TypeError, ArithmeticError) as err:
                 where = f"line {group[0].number}"
                 if len(group) > 1:

@@ -129,7 +129,11 @@ class Editor(Protocol):
     ) -> EditResult: ...
 
     def edit_many(
-        self, records: Iterable[Mapping[str, Any] | tuple[str, str]], progress: bool = False
+        self,
+        records: Iterable[Mapping[str, Any] | tuple[str, str]],
+        progress: bool = False,
+        batch: int | None = None,
+        metas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[EditResult]: ...
 
     def routed(self, prompts: Sequence[str]) -> list[int]: ...
