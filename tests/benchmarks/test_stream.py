@@ -4,11 +4,12 @@ eval-only `bench --resume`, and plots every finished point. Checked with a stand
 `wise-edit` on PATH that writes checkpoints as a stream would, so no model runs."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks import with_stand_in
 
 pytest.importorskip("matplotlib")
 
@@ -50,20 +51,9 @@ PY
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "wise-edit"
-    fake.write_text(FAKE_WISE_EDIT)
-    fake.chmod(0o755)
-    return {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "CALLS": str(tmp_path / "calls.txt"),
-        "OUT": str(tmp_path / "out"),
-        "EDITS": "300",
-        "MILESTONES": "100 200",
-        "POLL": "0.1",
-    }
+    return with_stand_in(
+        tmp_path, "wise-edit", FAKE_WISE_EDIT, EDITS="300", MILESTONES="100 200", POLL="0.1"
+    )
 
 
 def stream(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:

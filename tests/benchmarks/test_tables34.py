@@ -5,11 +5,12 @@ run is kept. Checked with
 a stand-in `python` on PATH that records its arguments, so no model runs."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks import with_stand_in
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tables34.sh"
 RUN = "temporal-T3-raw-ft-l"
@@ -29,20 +30,14 @@ fi
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    return {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "CALLS": str(tmp_path / "calls.txt"),
-        "OUT": str(tmp_path / "out"),
-        "KEEP": str(tmp_path / "keep"),
-        "SETS": "temporal:3",
-        "METHODS": "ft-l",
-    }
+    return with_stand_in(
+        tmp_path,
+        "python",
+        FAKE_PYTHON,
+        KEEP=str(tmp_path / "keep"),
+        SETS="temporal:3",
+        METHODS="ft-l",
+    )
 
 
 def tables34(env: dict[str, str], *args: str, **extra: str) -> str:
