@@ -2,8 +2,9 @@
 one stream (benchmarks/stream.sh: its milestones and its end), as one figure and a
 markdown table. A milestone (a folder named ``*-T<N>-of-*``) is the stream's editor
 reloaded and scored without editing, so its RAM figure lacks the replay cache an editing
-run fills (each edit's prompt inputs, rebuilt as the editor edits again): RAM is shown
-for editing runs only.
+run fills (each edit's prompt inputs, rebuilt as the editor edits again) and its peak
+memory is the scoring's: RAM and peak memory are shown for editing runs only. Its s/edit
+is the stream's own (each edit's seconds are in the copied edit log).
 
     python benchmarks/plot_stream.py runs/stream/counterfact-T*-of-10000 \
         runs/stream/counterfact-T10000-defaults --out runs/stream/counterfact-stream.png
@@ -38,7 +39,7 @@ def point(folder: Path) -> dict[str, Any] | None:
         "saved_kb": extra.get("saved_kb_per_edit"),
         "ram_kb": None if reloaded else extra.get("ram_kb_per_edit"),
         "s_per_edit": data["seconds_per_edit"],
-        "peak_mb": data["peak_memory_mb"],
+        "peak_mb": None if reloaded else data["peak_memory_mb"],
         "scored": extra.get("eval_sample", {}).get("records", data["edits"]),
     }
 

@@ -78,7 +78,8 @@ def test_each_milestone_is_the_streams_editor_scored_alone_then_plotted(env):
     assert (out / "counterfact-stream.png").stat().st_size > 0
     assert "| 300 | 300 | 1.00 / 0.50 / 0.90 |" in done.stdout
     # RAM with the replay cache is the editing run's; a reloaded milestone has none
-    assert "| 76.0 / 110.0 |" in done.stdout and "| 76.0 / – |" in done.stdout
+    assert "| 76.0 / 110.0 | 2.50 | 1300 |" in done.stdout
+    assert "| 76.0 / – | 2.50 | – |" in done.stdout
 
 
 def test_a_second_call_runs_nothing_already_finished(env):
