@@ -474,10 +474,15 @@ def _number_or_none(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _kb(value: Any) -> str:
+    return "–" if value is None or not _number_or_none(value) else f"{value:.1f}"
+
+
 def comparison_table(runs: list[str]) -> str:
     """One row per bench run (folder or results.json): every metric kind's Rel/Gen/Loc,
     the set's own metric where a run has one (the paper's Tables 3-4: Hallucination's
-    perplexity, Temporal's OOD Gen), seconds per edit and peak memory, sorted by dataset,
+    perplexity, Temporal's OOD Gen), seconds per edit, the editor's state per edit (saved
+    tensors / RAM with its caches, KB) and peak memory, sorted by dataset,
     T, then the order given. WISE without its router (``routing.gate`` false, the paper's
     Table 7) is named so."""
     rows = []
@@ -490,7 +495,8 @@ def comparison_table(runs: list[str]) -> str:
         rows.append((data["dataset"], data["edits"], order, data))
     own = [m for m in SET_METRICS if any(m in r[3].get("extra", {}) for r in rows)]
     header = ["method", "data", "format", "T", *_header()]
-    header += [f"{SET_METRICS[m]} (pre-edit)" for m in own] + ["s/edit", "peak MB"]
+    header += [f"{SET_METRICS[m]} (pre-edit)" for m in own]
+    header += ["s/edit", "KB/edit saved / RAM", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dataset, edits, _, data in sorted(rows, key=lambda r: r[:3]):
         name = data["method"] + (f"-{data['mode']}" if data.get("mode") else "")
@@ -503,6 +509,8 @@ def comparison_table(runs: list[str]) -> str:
             value = data.get("extra", {}).get(metric)
             cells.append(f"{value['edited']:.2f} ({value['pre_edit']:.2f})" if value else "–")
         cells.append(f"{data['seconds_per_edit']:.2f}")
+        extra = data.get("extra", {})
+        cells.append(f"{_kb(extra.get('saved_kb_per_edit'))} / {_kb(extra.get('ram_kb_per_edit'))}")
         peak = data.get("peak_memory_mb")
         cells.append(f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
         lines.append("| " + " | ".join(cells) + " |")

@@ -171,7 +171,7 @@ def test_bench_runs_every_baseline_and_compare_tabulates_them(model_dir, tmp_pat
     assert main(["compare", *runs, "--out", str(table_file)]) == 0
     table = table_file.read_text()
     assert all(f"| {m.upper()} | zsre | raw | 2 |" in table for m in BASELINE_FAST)
-    assert "| s/edit | peak MB |" in table
+    assert "| s/edit | KB/edit saved / RAM | peak MB |" in table
     # a WISE run without its router (the paper's Table 7) is named so
     ablation = json.loads((Path(runs[0]) / "results.json").read_text())
     ablation.update(method="WISE", mode="retrieve", peak_memory_mb=1234.0)
@@ -273,7 +273,7 @@ def test_compare_reads_runs_written_before_answer_em(tmp_path):
     # answer EM unknown, gen. Loc kept, TF, then the old generated EM as prefix EM
     assert row == (
         "| WISE-merge | zsre | raw | 10 | – | – | 1.00 | 0.94 | 0.81 | 1.00 | 0.70 | 0.60 "
-        "| – | – | 7.93 | – |"
+        "| – | – | 7.93 | – / – | – |"
     )
 
 
@@ -286,17 +286,18 @@ def test_compare_adds_the_sets_own_metric_where_a_run_has_one(tmp_path):
             "perplexity": {"edited": 3.125, "pre_edit": 27.4}}},
         "temporal": {**base, "dataset": "temporal", "extra": {
             "ood_gen": {"edited": 0.5, "pre_edit": 0.25}}},
-        "zsre": {**base, "dataset": "zsre", "extra": {}},
+        "zsre": {**base, "dataset": "zsre", "extra": {
+            "saved_kb_per_edit": 4.2, "ram_kb_per_edit": 9.0}},
     }  # fmt: skip
     for name, data in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(data))
     lines = comparison_table([str(tmp_path / n) for n in runs]).splitlines()
-    header = "| PPL of the edits ↓ (pre-edit) | OOD Gen (pre-edit) | s/edit | peak MB |"
-    assert lines[0].endswith(header)
-    assert lines[2].endswith("| 3.12 (27.40) | – | 1.00 | – |")  # hallucination sorts first
-    assert lines[3].endswith("| – | 0.50 (0.25) | 1.00 | – |")
-    assert lines[4].endswith("| – | – | 1.00 | – |")
+    header = "| PPL of the edits ↓ (pre-edit) | OOD Gen (pre-edit) | s/edit | KB/edit saved / RAM "
+    assert lines[0].endswith(header + "| peak MB |")
+    assert lines[2].endswith("| 3.12 (27.40) | – | 1.00 | – / – | – |")  # hallucination first
+    assert lines[3].endswith("| – | 0.50 (0.25) | 1.00 | – / – | – |")
+    assert lines[4].endswith("| – | – | 1.00 | 4.2 / 9.0 | – |")
     assert "PPL" not in comparison_table([str(tmp_path / "zsre")])
 
 
