@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EDITS, fast_config, tiny_model
-from editors import greedy, unedited
+from editors import greedy, make, unedited
 
 from wise_edit import WiseEditor, load_editor
 
@@ -75,3 +75,19 @@ def test_retracted_wise_state_saves_loads_and_keeps_editing(tokenizer, tmp_path)
     assert again.routed([EDITS[4][0]]) == [len(again.memories) - 1]
     with pytest.raises(ValueError, match="already retracted"):
         again.retract(0)
+
+
+def test_a_memory_emptied_by_retraction_saves_and_loads(tokenizer, tmp_path):
+    # one edit per memory (the compact defaults): a retraction empties its memory, which
+    # then has no threshold; the save must still load (JSON has no infinity)
+    editor = make("wise-compact", **{"shards.size": 1, "max_steps": 5})
+    editor.edit_many(EDITS[:2])
+    tokenizer = editor.tokenizer
+    editor.retract(0)
+    assert editor.memories[0].edit_ids == () and editor.thresholds[0] == float("inf")
+    editor.save_pretrained(tmp_path / "s")
+    assert '"epsilon": null' in (tmp_path / "s" / "editor_state.json").read_text()
+    again = load_editor(tiny_model(), tokenizer, tmp_path / "s")
+    assert again.thresholds == editor.thresholds
+    prompts = [p for p, _ in EDITS[:2]]
+    assert again.routed(prompts) == editor.routed(prompts) and again.routed(prompts)[0] == -1

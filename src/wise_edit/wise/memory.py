@@ -20,6 +20,7 @@ The rest (threshold, edits held, merges done, closed, rank) is small JSON (`meta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,8 @@ class SideMemory(nn.Module):
             memory.masks = memory.masks.new_zeros((int(meta["masks"]), *shape))
             memory.shard_values = memory.shard_values.new_zeros(sum(meta["shard_sizes"]))
             memory._shard_sizes = [int(n) for n in meta["shard_sizes"]]
-        memory._epsilon = float(meta["epsilon"])
+        # None: a memory without edits (all retracted), whose threshold is infinite
+        memory._epsilon = float("inf") if meta["epsilon"] is None else float(meta["epsilon"])
         memory._edit_ids = [int(i) for i in meta["edit_ids"]]
         memory._merges = int(meta["merges"])
         memory._closed = bool(meta["closed"])
@@ -88,7 +90,8 @@ class SideMemory(nn.Module):
     def meta(self) -> dict[str, Any]:
         """The JSON half of a save (the tensors are the ``state_dict``)."""
         return {
-            "epsilon": self._epsilon,
+            # JSON has no infinity: a memory without edits (all retracted) writes None
+            "epsilon": self._epsilon if math.isfinite(self._epsilon) else None,
             "edit_ids": list(self._edit_ids),
             "merges": self._merges,
             "closed": self._closed,
@@ -227,7 +230,11 @@ def check_saved_memories(
         if held & set(ids) or len(set(ids)) != len(ids):
             check.fail(STATE_FILE, f"{where}.edit_ids", "repeats an edit")
         held |= set(ids)
-        check.number(meta, "epsilon", low=0.0)
+        # a memory whose edits were all retracted routes nothing: no threshold (None, or
+        # infinity as JSON's non-standard Infinity)
+        emptied = not ids and meta.get("epsilon", 0.0) in (None, float("inf"))
+        if not emptied:
+            check.number(meta, "epsilon", low=0.0)
         merges = check.integer(meta, "merges")
         if not 0 <= len(ids) - merges * per_group < max(1, per_group):
             check.fail(STATE_FILE, f"{prefix}: edit_ids", f"do not fit {merges} merges")
