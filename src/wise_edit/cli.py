@@ -212,6 +212,41 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retract(args: argparse.Namespace) -> int:
+    """Take edits back from a save folder: every id is checked before any is retracted,
+    and the save is rewritten once, after the last, so a failure leaves it as it was."""
+    out = Path(args.edits)
+    if len(set(args.ids)) != len(args.ids):
+        raise ValueError(f"an edit id is given twice: {args.ids}")
+    with SaveFolder(out) as folder:
+        if save_layout(out) is None:
+            raise ValueError(f"{out}: no editor save in it (a folder written by `wise-edit edit`)")
+        model, tokenizer = models.load(args.model, device=args.device)
+        # a retraction may retrain what held the edit, with the pool it was edited against
+        editor = load_editor(model, tokenizer, out, irrelevant_prompts=_pool(args.data_dir))
+        if not editor.retractable:
+            raise ValueError(
+                f"{out} holds {editor.method} edits, which cannot be retracted: every edit "
+                "changes the same shared weights; re-run the stream without it"
+            )
+        live = set(editor.live_edits())
+        wrong = [i for i in args.ids if i not in live]
+        if wrong:
+            raise ValueError(
+                f"not an applied edit of {out} (it holds {editor.num_edits}, "
+                f"{editor.num_edits - len(live)} already retracted): {wrong}"
+            )
+        for edit_id in args.ids:
+            cost = editor.retract(edit_id)
+            print(
+                f"retracted edit {edit_id} ({editor.edit_log[edit_id]['prompt']!r}): "
+                f"{cost['retrained_edits']} edits retrained in {cost['seconds']:.1f} s"
+            )
+        folder.write(editor.snapshot())
+    print(f"{len(live) - len(args.ids)} edits hold; saved to {out}")
+    return 0
+
+
 def _edit_settings(
     args: argparse.Namespace, out: Path, has_save: bool
 ) -> tuple[type[EditorBase], dict[str, Any]]:
@@ -543,6 +578,25 @@ def _add_compare(sub: Any) -> None:
     compare.set_defaults(func=cmd_compare)
 
 
+def _add_retract(sub: Any) -> None:
+    retract = sub.add_parser(
+        "retract",
+        help="take edits back from a save folder",
+        description="Take edits back from a save written by `wise-edit edit`: afterwards the "
+        "model answers those prompts as if they had never been edited, and every other edit "
+        "holds. Ids are the edits' indices in the save's log: the order they were applied, "
+        "from 0 (the edit_log of the save's editor_state.json). "
+        "WISE and GRACE edits can be retracted; methods that change shared weights cannot.",
+    )
+    _add_model_args(retract)
+    retract.add_argument("--edits", required=True, help="folder written by `wise-edit edit`")
+    retract.add_argument(
+        "--data-dir", default=str(default_data_dir()), help="where the unrelated pool is read"
+    )
+    retract.add_argument("ids", nargs="+", type=int, metavar="ID", help="edit ids to retract")
+    retract.set_defaults(func=cmd_retract)
+
+
 def _add_generate(sub: Any) -> None:
     gen = sub.add_parser("generate", help="greedy answers of a model with saved edits")
     _add_model_args(gen)
@@ -666,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_bench(sub)
     _add_edit(sub)
+    _add_retract(sub)
     _add_compare(sub)
     _add_generate(sub)
     _add_inspect(sub)

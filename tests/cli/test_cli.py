@@ -11,7 +11,9 @@ from wise_edit.cli import build_parser, main
 FAST = ["--set", "max_steps=3", "--set", "prefix_count=1", "--set", "prefix_lengths=[2]"]
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "edit", "generate", "compare", "train-mend"])
+@pytest.mark.parametrize(
+    "command", ["demo", "bench", "edit", "retract", "generate", "compare", "train-mend"]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -377,3 +379,62 @@ def test_bench_in_batches_says_so(model_dir, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["extra"]["batch"] == 2
     assert "edits made 2 at a time" in (out / "results.md").read_text()
+
+
+def _edit_save(model_dir, tmp_path, count, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("\n".join(json.dumps({"prompt": p, "target": t}) for p, t in EDITS[:count]))
+    out = tmp_path / "saved"
+    argv = ["edit", "--model", model_dir, "--edits", str(edits), "--out", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path), *extra]) == 0
+    return out
+
+
+def _loaded(model_dir, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wise_edit import load_editor
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return load_editor(model, AutoTokenizer.from_pretrained(model_dir), out)
+
+
+def test_retract_takes_edits_back_from_a_save_and_keeps_the_rest(model_dir, tmp_path, capsys):
+    out = _edit_save(model_dir, tmp_path, 3, *FAST)
+    before = _loaded(model_dir, out)
+    routed = before.routed([p for p, _ in EDITS[:3]])
+    before.detach()
+    argv = ["retract", "--model", model_dir, "--edits", str(out), "--data-dir", str(tmp_path)]
+    assert main([*argv, "1"]) == 0
+    assert "retracted edit 1" in capsys.readouterr().out
+    after = _loaded(model_dir, out)
+    assert after.live_edits() == [0, 2]
+    assert after.edit_log[1]["retracted"]["retrained_edits"] >= 0
+    now = after.routed([p for p, _ in EDITS[:3]])
+    assert now[1] == -1  # edit 1's prompt reaches no memory: the unedited model answers
+    assert [now[0], now[2]] == [routed[0], routed[2]]  # the others hold where they were
+    after.detach()
+
+
+def test_retract_refuses_bad_ids_and_shared_weight_methods_leaving_the_save(
+    model_dir, tmp_path, capsys
+):
+    out = _edit_save(model_dir, tmp_path, 2, *FAST)
+    argv = ["retract", "--model", model_dir, "--edits", str(out), "--data-dir", str(tmp_path)]
+
+    def refused(*ids: str) -> str:
+        saved = (out / "editor_state.json").read_text()
+        capsys.readouterr()
+        assert main([*argv, *ids]) == 2
+        assert (out / "editor_state.json").read_text() == saved  # nothing half-applied
+        return capsys.readouterr().err
+
+    assert "not an applied edit" in refused("0", "5") and "[5]" in refused("0", "5")
+    assert "given twice" in refused("0", "0")
+    assert main([*argv, "0"]) == 0
+    assert "1 already retracted): [0]" in refused("0")
+    ft = _edit_save(model_dir, tmp_path / "ft", 2, "--method", "ft-l", "--set", "max_steps=2")
+    capsys.readouterr()
+    assert main(["retract", "--model", model_dir, "--edits", str(ft), "0"]) == 2
+    assert "FT-L edits, which cannot be retracted" in capsys.readouterr().err
