@@ -136,8 +136,8 @@ def test_kinds_share_one_decoding_per_prompt(tokenizer, monkeypatch):
 
 
 def test_batched_decoding_scores_as_decoding_alone(tokenizer, monkeypatch):
-    """The protocol with prompts decoded in batches gives the scores of decoding each
-    alone (`--decode-batch 1`), and does batch: fewer decoding calls than prompts."""
+    """The protocol with prompts decoded (and teacher-forced) in batches gives the scores
+    of decoding each alone (`--decode-batch 1`), and does batch: fewer calls than prompts."""
     from wise_edit import metrics
 
     same_length = [EDITS[0][0], "Who designed Turku Town Hall?", "Who designed Lahti Old Hall?"]
@@ -154,6 +154,13 @@ def test_batched_decoding_scores_as_decoding_alone(tokenizer, monkeypatch):
         "greedy_continuations",
         lambda m, f, p, n: calls.append(len(p)) or batched(m, f, p, n),
     )
+    forced = []
+    batched_forced = metrics.batch_target_predictions
+    monkeypatch.setattr(
+        metrics,
+        "batch_target_predictions",
+        lambda m, p, t: forced.append(len(p)) or batched_forced(m, p, t),
+    )
     results = {}
     for batch in (1, 4):
         model = tiny_model()
@@ -163,6 +170,7 @@ def test_batched_decoding_scores_as_decoding_alone(tokenizer, monkeypatch):
             return WiseEditor(model, tokenizer, fast_config(max_steps=20, lr=0.05))  # noqa: B023
 
         calls.clear()
+        forced.clear()
         result, _ = run_protocol(
             model,
             fmt,
@@ -174,6 +182,7 @@ def test_batched_decoding_scores_as_decoding_alone(tokenizer, monkeypatch):
             progress=False,
             decode_batch=batch,
         )
-        results[batch] = (result.scores, result.pre_edit, list(calls))
+        results[batch] = (result.scores, result.pre_edit, list(calls), list(forced))
     assert results[1][:2] == results[4][:2]
     assert set(results[1][2]) == {1} and max(results[4][2]) > 1
+    assert results[1][3] == [] and max(results[4][3]) > 1

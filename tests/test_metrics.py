@@ -253,3 +253,64 @@ def test_prefetch_with_batch_size_one_decodes_nothing_ahead(model, fmt):
     assert decode.decodings == 0
     with pytest.raises(ValueError, match="batch size"):
         metrics.Decoder(model, fmt, batch_size=0)
+
+
+# --- batched teacher forcing (`batch_target_predictions`, `Decoder.prefetch_forced`) -----
+TARGETS = ["Paris", "Rome", "Bern", "Sonck"]  # 4 tokens each with the tiny tokenizer
+
+
+def _forced_alone_and_batched(model, fmt, prompts, targets):
+    alone = [metrics.target_predictions(model, fmt, p, t) for p, t in zip(prompts, targets)]
+    ids = [fmt.prompt_ids(p) for p in prompts]
+    tgts = [fmt.target_ids(t) for t in targets]
+    assert len({len(t) for t in tgts}) == 1
+    return alone, metrics.batch_target_predictions(model, ids, tgts)
+
+
+def test_a_forcing_batch_predicts_each_pair_as_alone(family, tokenizer):
+    fmt = PromptFormat.create(tokenizer, "raw")
+    alone, batched = _forced_alone_and_batched(tiny_model(family), fmt, SAME_LENGTH, TARGETS)
+    assert batched == alone
+
+
+def test_a_forcing_batch_routes_each_row_on_its_prompt(tokenizer):
+    strong = fast_config(max_steps=100, lr=0.05, early_stop_loss=0.01)
+    editor = WiseEditor(tiny_model("llama"), tokenizer, strong)
+    editor.edit(EDITS[0][0], TARGETS[0])
+    assert editor.routed(SAME_LENGTH)[0] == 0 and -1 in editor.routed(SAME_LENGTH)
+    alone, batched = _forced_alone_and_batched(editor.model, editor.format, SAME_LENGTH, TARGETS)
+    assert batched == alone
+    assert batched[0] == editor.format.target_ids(TARGETS[0])  # the edit, teacher-forced
+
+
+def test_a_forcing_batch_refuses_mixed_lengths(model):
+    with pytest.raises(ValueError, match="one length"):
+        metrics.batch_target_predictions(model, [[5, 6, 7], [5, 6]], [[8], [8]])
+    with pytest.raises(ValueError, match="one length"):
+        metrics.batch_target_predictions(model, [[5, 6], [5, 7]], [[8], [8, 9]])
+
+
+def test_prefetch_forced_gives_every_later_call_its_own_predictions(model, fmt, capsys):
+    """Mixed prompt and target lengths, a repeated pair: one batch per pair of lengths,
+    each pair forced once, and later calls read what it would compute alone."""
+    wanted = [*zip(SAME_LENGTH, TARGETS), (EDITS[1][0], "Poseidonia"), (SAME_LENGTH[0], "x")]
+    decode = metrics.Decoder(model, fmt, batch_size=3)
+    decode.prefetch_forced([*wanted, wanted[0]])
+    shown = capsys.readouterr().err
+    assert "teacher forcing:" in shown and f"/{len(wanted)} [" in shown
+    calls = []
+    real = metrics.target_predictions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "target_predictions", lambda *a: calls.append(a) or real(*a))
+        got = [decode.forced(p, t) for p, t in wanted]
+    assert not calls  # all read from the batches
+    assert got == [real(model, fmt, p, t) for p, t in wanted]
+    assert metrics.forced_accuracy(got[0], fmt.target_ids(TARGETS[0])) == metrics.token_accuracy(
+        model, fmt, *wanted[0]
+    )
+
+
+def test_forced_accuracy_counts_positions():
+    assert metrics.forced_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    with pytest.raises(ValueError, match="equal length"):
+        metrics.forced_accuracy([1], [1, 2])

@@ -78,13 +78,16 @@ class MetricKind:
     # to a target, and of a locality probe (None: it reads no decoding)
     answer_budget: Callable[[PromptFormat, str], int] | None = None
     probe_budget: int | None = None
+    # whether it reads teacher-forced predictions (`Decoder.forced`), batched ahead too
+    forced: bool = False
 
     def decodings(
-        self, fmt: PromptFormat, records: Sequence[EditRecord], probes: bool
+        self, fmt: PromptFormat, records: Sequence[EditRecord], probes: bool, answers: bool = True
     ) -> list[tuple[str, int]]:
-        """The (prompt, budget) pairs scoring ``records`` decodes (and their probes)."""
+        """The (prompt, budget) pairs scoring ``records`` decodes (with ``answers``, their
+        prompts' and paraphrases'; with ``probes``, their locality probes')."""
         wanted = []
-        if self.answer_budget is not None:
+        if answers and self.answer_budget is not None:
             for r in records:
                 budget = self.answer_budget(fmt, r.target)
                 wanted += [(p, budget) for p in (r.prompt, r.rephrase) if p]
@@ -92,12 +95,40 @@ class MetricKind:
             wanted += [(r.loc, self.probe_budget) for r in _probed(records)]
         return wanted
 
+    def forcings(
+        self, records: Sequence[EditRecord], probes: bool, answers: bool = True
+    ) -> list[tuple[str, str]]:
+        """The (prompt, target) pairs scoring ``records`` feeds teacher-forced."""
+        if not self.forced:
+            return []
+        wanted = []
+        if answers:
+            wanted += [(p, r.target) for r in records for p in (r.prompt, r.rephrase) if p]
+        if probes:
+            wanted += [(r.loc, r.loc_ans) for r in _probed(records)]
+        return wanted
+
+    def prefetch(
+        self,
+        decode: Decoder,
+        fmt: PromptFormat,
+        records: Sequence[EditRecord],
+        probes: bool,
+        answers: bool = True,
+    ) -> None:
+        """Batch ahead what scoring ``records`` reads (see `decodings`, `forcings`)."""
+        decode.prefetch(self.decodings(fmt, records, probes, answers))
+        decode.prefetch_forced(self.forcings(records, probes, answers))
+
 
 TEACHER_FORCED = MetricKind(
     "teacher_forced",
-    lambda d, prompt, target: metrics.token_accuracy(d.model, d.fmt, prompt, target),
-    lambda d, r: metrics.target_predictions(d.model, d.fmt, r.loc, r.loc_ans),
+    lambda d, prompt, target: metrics.forced_accuracy(
+        d.forced(prompt, target), d.fmt.target_ids(target)
+    ),
+    lambda d, r: d.forced(r.loc, r.loc_ans),
     metrics.agreement,
+    forced=True,
 )
 # Locality in generated form: the probe's continuation (ANSWER_NEW_TOKENS, or until the
 # model stops) is unchanged token for token, in the format the editor uses.
@@ -144,9 +175,9 @@ def locality_baseline(
     a `Decoder` of this model state to share decodings with (a new one when None)."""
     decode = decode or Decoder(model, fmt)
     probed = _probed(records)
-    decode.prefetch(
-        (r.loc, k.probe_budget) for k in kinds_for(fmt) if k.probe_budget for r in probed
-    )
+    for kind in kinds_for(fmt):
+        if kind.probe is not None:
+            kind.prefetch(decode, fmt, probed, probes=True, answers=False)
     return {
         k.name: [k.probe(decode, r) for r in probed] for k in kinds_for(fmt) if k.probe is not None
     }
@@ -166,12 +197,12 @@ def score(
     probed = _probed(records)
     loc = None
     if base is not None and probed and kind.probe is not None and kind.same is not None:
-        decode.prefetch(kind.decodings(fmt, records, probes=True))
+        kind.prefetch(decode, fmt, records, probes=True)
         loc = _mean(
             [kind.same(before, kind.probe(decode, r)) for before, r in zip(base[kind.name], probed)]
         )
     else:
-        decode.prefetch(kind.decodings(fmt, records, probes=False))
+        kind.prefetch(decode, fmt, records, probes=False)
     return Scores(
         rel=_mean([kind.answer(decode, r.prompt, r.target) for r in records]),
         gen=_mean([kind.answer(decode, r.rephrase, r.target) for r in records if r.rephrase]),

@@ -59,11 +59,41 @@ def target_logits(model: nn.Module, prompt: list[int], target: list[int]) -> tor
     return torch.cat([first, rest], dim=1)[0]
 
 
+@torch.no_grad()
+def batch_target_predictions(
+    model: nn.Module, prompts: list[list[int]], targets: list[list[int]]
+) -> list[list[int]]:
+    """`target_logits`' argmax for several (prompt, target) pairs in one batch. All
+    prompts must have one token length and all targets another: without padding a row is
+    attended, positioned and routed as it would be alone (routing reads the prefill), and
+    only the kernels' summation order can differ from scoring it alone."""
+    if len({len(p) for p in prompts}) != 1 or len({len(t) for t in targets}) != 1:
+        raise ValueError("a scoring batch takes prompts of one length and targets of another")
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=device)
+    out = model(input_ids=ids, use_cache=True)
+    first = out.logits[:, -1:]
+    if len(targets[0]) > 1:
+        rest_ids = torch.tensor([t[:-1] for t in targets], device=device)
+        mask = torch.ones((len(prompts), ids.shape[1] + rest_ids.shape[1]), device=device)
+        cache = {cache_argument(model): returned_cache(out)}
+        rest = model(input_ids=rest_ids, attention_mask=mask.long(), use_cache=True, **cache)
+        first = torch.cat([first, rest.logits], dim=1)
+    return first.argmax(-1).tolist()
+
+
 def token_accuracy(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
     """Teacher-forced share of target tokens predicted right (the paper's Rel/Gen)."""
     tgt = fmt.target_ids(target)
     logits = target_logits(model, fmt.prompt_ids(prompt), tgt)
-    return (logits.argmax(-1).cpu() == torch.tensor(tgt)).float().mean().item()
+    return forced_accuracy(logits.argmax(-1).tolist(), tgt)
+
+
+def forced_accuracy(predicted: list[int], target: list[int]) -> float:
+    """Share of target tokens the teacher-forced argmax ``predicted`` gets right."""
+    if len(predicted) != len(target) or not target:
+        raise ValueError("predictions and target must be non-empty and of equal length")
+    return sum(int(a == b) for a, b in zip(predicted, target)) / len(target)
 
 
 def target_predictions(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> list[int]:
@@ -161,6 +191,7 @@ class Decoder:
         self.model, self.fmt, self.batch_size = model, fmt, batch_size
         self.progress = progress
         self._done: dict[str, tuple[int, list[int]]] = {}  # prompt -> (budget, ids)
+        self._forced: dict[tuple[str, str], list[int]] = {}  # (prompt, target) -> argmax
         self.decodings = 0  # how many decodings ran (the rest were cut from these)
 
     def _has(self, prompt: str, max_new_tokens: int) -> bool:
@@ -201,6 +232,42 @@ class Decoder:
                     for (_, prompt, _), row in zip(chunk, rows):
                         self._done[prompt] = (budget, row)
                     self.decodings += len(chunk)
+                    bar.update(len(chunk))
+
+    def forced(self, prompt: str, target: str) -> list[int]:
+        """The argmax token at each target position, the target fed after the prompt
+        (teacher forcing: `target_predictions`)."""
+        key = (prompt, target)
+        if key not in self._forced:
+            self._forced[key] = target_predictions(self.model, self.fmt, prompt, target)
+        return self._forced[key]
+
+    def prefetch_forced(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """`forced` of each (prompt, target) ahead, in batches of ``batch_size`` of one
+        prompt length and one target length (so nothing is padded). A forward is bound by
+        reading the weights on a GPU and by per-call overhead on a CPU for such short
+        rows; a batch pays either once."""
+        if self.batch_size == 1:
+            return
+        groups: dict[tuple[int, int], list[tuple[tuple[str, str], list[int], list[int]]]]
+        groups = defaultdict(list)
+        for key in dict.fromkeys(wanted):
+            if key not in self._forced:
+                prompt_ids, target = self.fmt.prompt_ids(key[0]), self.fmt.target_ids(key[1])
+                groups[len(prompt_ids), len(target)].append((key, prompt_ids, target))
+        total = sum(len(g) for g in groups.values())
+        with tqdm(
+            total=total, desc="teacher forcing", unit="prompt", leave=False,
+            disable=not (self.progress and total),
+        ) as bar:  # fmt: skip
+            for group in groups.values():
+                for i in range(0, len(group), self.batch_size):
+                    chunk = group[i : i + self.batch_size]
+                    rows = batch_target_predictions(
+                        self.model, [c[1] for c in chunk], [c[2] for c in chunk]
+                    )
+                    for (key, _, _), row in zip(chunk, rows):
+                        self._forced[key] = row
                     bar.update(len(chunk))
 
 
