@@ -491,8 +491,8 @@ def _add_bench(sub: Any) -> None:
         type=int,
         default=metrics.DECODE_BATCH,
         metavar="B",
-        help="prompts of one token length decoded together when scoring generated answers "
-        f"(default {metrics.DECODE_BATCH}; 1: each prompt alone)",
+        help="prompts of one token length decoded (and teacher-forced) together when "
+        f"scoring (default {metrics.DECODE_BATCH}; 1: each prompt alone)",
     )
     bench.add_argument(
         "--checkpoint-every",
