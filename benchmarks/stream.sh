@@ -3,8 +3,8 @@
 # milestones on the way, then plotted: answer EM, forward latency and memory per edit
 # against T. Each milestone is the stream's own editor after its first N edits (the
 # checkpoint copied when it holds exactly N), scored on a seeded sample of those N
-# records by an eval-only `wise-edit bench --resume` of the copy; so every point is the
-# same stream, not a separate shorter run.
+# records by an eval-only `wise-edit bench --resume` of the copy, beside the stream as
+# soon as it is copied; so every point is the same stream, not a separate shorter run.
 #
 #   OMP_NUM_THREADS=1 nohup bash benchmarks/stream.sh > runs/stream.log 2>&1 &
 #
@@ -38,7 +38,15 @@ edits_in() {  # edits_in EDITOR_FOLDER: how many edits its log holds
     { grep -o '"index":' "$1/editor_state.json" 2>/dev/null || true; } | wc -l
 }
 
-copy_milestones() {  # while the stream runs: copy each checkpoint that holds a milestone
+score() {  # score M: the eval-only bench of milestone M's copy (once)
+    local point="$OUT/$DATA-T$1-of-$EDITS"
+    [[ -f $point/results.json ]] && return 0
+    echo "$(date -u +%FT%TZ) scoring T = $1"
+    wise-edit bench --data "$DATA" --edits "$1" --eval-sample "$SAMPLE" --out "$point" \
+        --resume > "$point.log" 2>&1 || echo "scoring T = $1 FAILED (see $point.log)"
+}
+
+copy_milestones() {  # while the stream runs: copy (then score) each milestone's checkpoint
     local m dest
     while kill -0 "$1" 2> /dev/null; do
         for m in $MILESTONES; do
@@ -51,6 +59,7 @@ copy_milestones() {  # while the stream runs: copy each checkpoint that holds a 
                 if [[ $(edits_in "$dest.tmp") == "$m" ]]; then
                     rm -f "$dest.tmp"/.*.lock && mv "$dest.tmp" "$dest"
                     echo "$(date -u +%FT%TZ) copied the editor at T = $m"
+                    score "$m" &
                 else
                     rm -rf "$dest.tmp"
                 fi
@@ -68,17 +77,14 @@ if [[ ! -f $stream/results.json ]]; then
     copy_milestones "$pid"
     wait "$pid" || { echo "stream FAILED (see $stream.log)"; exit 1; }
 fi
+wait  # milestones still being scored
 
-for m in $MILESTONES; do
-    point="$OUT/$DATA-T$m-of-$EDITS"
-    [[ -f $point/results.json ]] && continue
-    if [[ ! -d $point/checkpoint/editor ]]; then
+for m in $MILESTONES; do  # copied by an earlier call and not scored yet
+    if [[ -d $OUT/$DATA-T$m-of-$EDITS/checkpoint/editor ]]; then
+        score "$m"
+    elif [[ ! -f $OUT/$DATA-T$m-of-$EDITS/results.json ]]; then
         echo "no copy of the editor at T = $m (the stream had passed it when this started)"
-        continue
     fi
-    echo "$(date -u +%FT%TZ) scoring T = $m"
-    wise-edit bench --data "$DATA" --edits "$m" --eval-sample "$SAMPLE" --out "$point" \
-        --resume > "$point.log" 2>&1 || echo "scoring T = $m FAILED (see $point.log)"
 done
 
 python benchmarks/plot_stream.py "$OUT"/"$DATA"-T*-of-"$EDITS" "$stream" \

@@ -1,6 +1,6 @@
 """benchmarks/stream.sh scores one long stream at its milestones: while the stream runs it
-copies the checkpoint that holds exactly a milestone's edits, scores each copy with an
-eval-only `bench --resume`, and plots every finished point. Checked with a stand-in
+copies the checkpoint that holds exactly a milestone's edits and scores the copy beside
+it with an eval-only `bench --resume`, then plots every finished point. Checked with a stand-in
 `wise-edit` on PATH that writes checkpoints as a stream would, so no model runs."""
 
 import json
@@ -33,6 +33,9 @@ range(int(sys.argv[1]))]}, indent=1))" "$n" > "$out/checkpoint/editor/editor_sta
     done
 else
     ls "$out/checkpoint/editor" >> "$CALLS"
+    # scored while the stream still runs (it writes its results last)?
+    [[ -f $OUT/counterfact-T300-defaults/results.json ]] ||
+        echo "scored T = $edits during" >> "$CALLS"
 fi
 python - "$out" "$edits" <<'PY'
 import json, sys
@@ -75,6 +78,7 @@ def test_each_milestone_is_the_streams_editor_scored_alone_then_plotted(env):
         assert len(log) == m  # the checkpoint as it was at the milestone
         scored = [c for c in calls if f"--out {out}/counterfact-T{m}-of-300" in c]
         assert len(scored) == 1 and f"--edits {m} " in scored[0] and "--resume" in scored[0]
+    assert "scored T = 100 during" in calls  # not after the stream
     assert (out / "counterfact-stream.png").stat().st_size > 0
     assert "| 300 | 300 | 1.00 / 0.50 / 0.90 |" in done.stdout
     # RAM with the replay cache is the editing run's; a reloaded milestone has none
