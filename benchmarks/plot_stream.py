@@ -82,7 +82,8 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     scores.set(ylim=(0, 1.02), ylabel="score", title="scores of the final model")
     latency.plot(ts, [p["latency"] for p in points], "o-")
     latency.axhline(1.10, color="grey", ls=":", label="1.10x")
-    latency.set(ylabel="edited / unedited forward", title="forward latency")
+    top = max([1.15] + [p["latency"] + 0.02 for p in points if p["latency"] is not None])
+    latency.set(ylabel="edited / unedited forward", title="forward latency", ylim=(0.9, top))
     memory.plot(ts, [p["saved_kb"] for p in points], "o-", label="saved")
     ram = [p for p in points if p["ram_kb"] is not None]
     memory.plot([p["T"] for p in ram], [p["ram_kb"] for p in ram], "s", label="RAM (editing)")
