@@ -42,28 +42,17 @@ ANSWER_NEW_TOKENS = 24
 _TRAILING = string.punctuation + " "
 
 
-@torch.no_grad()
 def target_logits(model: nn.Module, prompt: list[int], target: list[int]) -> torch.Tensor:
     """Logits predicting each target token: (n, V). Prefill on the prompt, then the target
     continues the cache, so routing sees only the prompt."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    out = model(input_ids=ids, use_cache=True)
-    first = out.logits[:, -1:]  # predicts target[0]
-    if len(target) == 1:
-        return first[0]
-    rest_ids = torch.tensor([target[:-1]], device=device)
-    mask = torch.ones((1, len(prompt) + len(target) - 1), dtype=torch.long, device=device)
-    cache = {cache_argument(model): returned_cache(out)}
-    rest = model(input_ids=rest_ids, attention_mask=mask, use_cache=True, **cache).logits
-    return torch.cat([first, rest], dim=1)[0]
+    return batch_target_logits(model, [prompt], [target])[0]
 
 
 @torch.no_grad()
-def batch_target_predictions(
+def batch_target_logits(
     model: nn.Module, prompts: list[list[int]], targets: list[list[int]]
-) -> list[list[int]]:
-    """`target_logits`' argmax for several (prompt, target) pairs in one batch. All
+) -> torch.Tensor:
+    """`target_logits` of several (prompt, target) pairs in one batch: (B, n, V). All
     prompts must have one token length and all targets another: without padding a row is
     attended, positioned and routed as it would be alone (routing reads the prefill), and
     only the kernels' summation order can differ from scoring it alone."""
@@ -72,14 +61,23 @@ def batch_target_predictions(
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
     out = model(input_ids=ids, use_cache=True)
-    first = out.logits[:, -1:]
-    if len(targets[0]) > 1:
-        rest_ids = torch.tensor([t[:-1] for t in targets], device=device)
-        mask = torch.ones((len(prompts), ids.shape[1] + rest_ids.shape[1]), device=device)
-        cache = {cache_argument(model): returned_cache(out)}
-        rest = model(input_ids=rest_ids, attention_mask=mask.long(), use_cache=True, **cache)
-        first = torch.cat([first, rest.logits], dim=1)
-    return first.argmax(-1).tolist()
+    first = out.logits[:, -1:]  # predicts target[0]
+    if len(targets[0]) == 1:
+        return first
+    rest_ids = torch.tensor([t[:-1] for t in targets], device=device)
+    mask = torch.ones(
+        (len(prompts), ids.shape[1] + rest_ids.shape[1]), dtype=torch.long, device=device
+    )
+    cache = {cache_argument(model): returned_cache(out)}
+    rest = model(input_ids=rest_ids, attention_mask=mask, use_cache=True, **cache).logits
+    return torch.cat([first, rest], dim=1)
+
+
+def batch_target_predictions(
+    model: nn.Module, prompts: list[list[int]], targets: list[list[int]]
+) -> list[list[int]]:
+    """`batch_target_logits`' argmax: each pair's predicted token at each target position."""
+    return batch_target_logits(model, prompts, targets).argmax(-1).tolist()
 
 
 def token_accuracy(model: nn.Module, fmt: PromptFormat, prompt: str, target: str) -> float:
